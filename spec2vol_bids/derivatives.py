@@ -1,0 +1,158 @@
+"""BIDS-derivative names, sidecars, ``dataset_description.json`` and atomic writes.
+
+Everything spec2vol writes goes through :func:`atomic_path`: data are written to a hidden
+temporary file next to the destination and renamed into place, so a crash, a full disk or a
+SIGKILL never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from spec2vol_bids import __version__
+from spec2vol_bids.errors import EX_CANTCREAT, EX_IOERR, OutputError
+
+PIPELINE_NAME = "spec2vol"
+
+BIDSIGNORE = "logs/\nmodels/\nfigures/\n*.html\n**/figures/\n*_spectrogram.npy\n*_spectrogram.json\n"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; rename it to ``path`` on success.
+
+    The temporary file keeps ``path``'s suffixes (writers such as nibabel choose the format
+    from them) and starts with ``.`` so that BIDS tools ignore it while it exists.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder ({exc.strerror})", path=path.parent) from exc
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        code = EX_IOERR if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else EX_CANTCREAT
+        raise OutputError(f"cannot write file ({exc.strerror or exc})", path=path, code=code) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Mapping) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON file; an unreadable or malformed file gives ``None``-free errors upstream."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def container_info() -> dict | None:
+    """Describe the container the tool runs in, from variables the images set."""
+    kind = os.environ.get("SPEC2VOL_CONTAINER_TYPE")
+    if not kind:
+        return None
+    info = {"Type": kind}
+    tag = os.environ.get("SPEC2VOL_CONTAINER_TAG")
+    if tag:
+        info["Tag"] = tag
+    return info
+
+
+def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> dict:
+    """The ``dataset_description.json`` content of a spec2vol derivative dataset."""
+    generated = {
+        "Name": PIPELINE_NAME,
+        "Version": __version__,
+        "CodeURL": "https://github.com/spec2vol/spec2vol",
+        "Description": "EEG spectrograms, BOLD targets and Spec2VolCAMU-Net synthesised BOLD",
+    }
+    container = container_info()
+    if container:
+        generated["Container"] = container
+    desc = {
+        "Name": f"spec2vol derivatives of {bids_name or Path(bids_dir).name}",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated],
+        "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],
+    }
+    return desc
+
+
+def init_output_dataset(out_dir: str | Path, bids_dir: str | Path) -> Path:
+    """Create ``out_dir`` as a BIDS derivative dataset (idempotent, safe for concurrent jobs).
+
+    ``dataset_description.json`` and ``.bidsignore`` are written only when absent, each by an
+    atomic rename, so two jobs starting together both see an intact file.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "logs").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create the output folder ({exc.strerror}); choose a writable OUTPUT_DIR",
+            path=out_dir,
+        ) from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError("the output folder is not writable; choose another OUTPUT_DIR", path=out_dir)
+    desc_file = out_dir / "dataset_description.json"
+    if not desc_file.exists():
+        bids_name = None
+        with contextlib.suppress(OSError, ValueError):
+            bids_name = read_json(Path(bids_dir) / "dataset_description.json").get("Name")
+        write_json(desc_file, dataset_description(bids_dir, bids_name))
+    ignore = out_dir / ".bidsignore"
+    if not ignore.exists():
+        write_text(ignore, BIDSIGNORE)
+    return out_dir
+
+
+def bids_name(entities: Mapping[str, str | None], suffix: str, extension: str, **extra: str) -> str:
+    """Build a BIDS file name from entities in the standard order.
+
+    >>> bids_name({"subject": "01", "task": "rest", "run": "1"}, "bold", ".nii.gz", desc="synth")
+    'sub-01_task-rest_run-1_desc-synth_bold.nii.gz'
+    """
+    ent = {**{k: v for k, v in entities.items() if v not in (None, "")}, **extra}
+    order = [("subject", "sub"), ("session", "ses"), ("task", "task"), ("acquisition", "acq"),
+             ("run", "run"), ("space", "space"), ("res", "res"), ("desc", "desc")]
+    parts = [f"{key}-{ent[name]}" for name, key in order if ent.get(name) not in (None, "")]
+    return "_".join(parts + [suffix]) + extension
+
+
+def run_dir(out_dir: str | Path, entities: Mapping[str, str | None], datatype: str) -> Path:
+    """``OUT/sub-<s>/[ses-<t>/]<datatype>`` for a run's entities."""
+    path = Path(out_dir) / f"sub-{entities['subject']}"
+    if entities.get("session"):
+        path = path / f"ses-{entities['session']}"
+    return path / datatype

@@ -1,0 +1,334 @@
+"""The participant level: run pairs → EEG spectrograms and BOLD targets → derivatives.
+
+For every selected run this writes the TR-window spectrogram of its EEG and, when the run has
+BOLD, the normalised, resampled target series (DESIGN §2, steps 1–7), then per participant the
+pairing inventory, QC figures and the HTML report. With ``--model`` it also synthesises BOLD from
+the EEG of every run, EEG-only participants included.
+
+Re-running with the same inputs and options skips runs whose outputs are complete: each sidecar
+records a hash of the inputs' names, sizes and modification times and of the options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from spec2vol_bids import __version__
+from spec2vol_bids.derivatives import (
+    atomic_path,
+    bids_name,
+    init_output_dataset,
+    read_json,
+    run_dir,
+    write_json,
+    write_text,
+)
+from spec2vol_bids.errors import DataError, MissingInputError
+
+LOGGER = logging.getLogger("spec2vol.participant")
+
+#: The options that change what a run's derivatives contain (and so its input hash).
+EEG_OPTIONS = ("volume_marker", "eeg_offset", "freq_bins", "fmax", "discard_volumes", "context")
+BOLD_OPTIONS = ("target_grid",)
+
+
+@dataclass
+class RunResult:
+    """What processing one run produced, for the inventory, the report and the log."""
+
+    label: str
+    entities: dict
+    eeg: str | None = None
+    bold: str | None = None
+    spectrogram: str | None = None
+    target: str | None = None
+    synth: str | None = None
+    n_windows: int | None = None
+    n_volumes: int | None = None
+    channels: list = field(default_factory=list)
+    dropped_channels: list = field(default_factory=list)
+    marker: str | None = None
+    t0: float | None = None
+    skipped: bool = False
+
+
+def input_hash(paths: list[Path], options: dict) -> str:
+    """A hash of the inputs (name, size, modification time) and the options that shape outputs."""
+    h = hashlib.sha256()
+    h.update(f"spec2vol {__version__}".encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    for path in sorted(set(paths)):
+        st = path.stat()
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _related_files(path: Path) -> list[Path]:
+    """The data file and its sidecars: every file beside it sharing the run's entity prefix."""
+    stem = path.name.split("_")
+    prefix = "_".join(stem[:-1])
+    return [p for p in path.parent.iterdir() if p.is_file() and p.name.startswith(prefix + "_")]
+
+
+def _is_done(sidecar: Path, data: Path, digest: str) -> bool:
+    if not (sidecar.exists() and data.exists()):
+        return False
+    try:
+        return read_json(sidecar).get("InputHash") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def _relative_source(path: Path, bids_dir: Path) -> str:
+    """A BIDS URI for a source file: ``bids:raw:`` inside BIDS_DIR, else its absolute path."""
+    try:
+        return f"bids:raw:{path.resolve().relative_to(bids_dir.resolve()).as_posix()}"
+    except ValueError:
+        return str(path.resolve())
+
+
+def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunResult) -> None:
+    """Spectrogram of one run's EEG, written as ``.npy`` + JSON sidecar (skipped when done)."""
+    from spec2vol_bids import eeg as eeg_mod
+    from spec2vol_bids import spectra
+
+    out = run_dir(opts["output_dir"], pair.entities, "eeg")
+    npy = out / bids_name(pair.entities, "spectrogram", ".npy", desc="spec2vol")
+    sidecar = npy.with_suffix(".json")
+    options = {k: opts.get(k) for k in EEG_OPTIONS} | {"tr": tr, "n_volumes": n_volumes}
+    digest = input_hash(_related_files(pair.eeg), options)
+    result.spectrogram = str(npy)
+    if _is_done(sidecar, npy, digest):
+        meta = read_json(sidecar)
+        result.skipped = True
+        result.n_windows = meta["NumberOfWindows"]
+        result.channels = meta["Channels"]
+        result.dropped_channels = meta.get("DroppedChannels", [])
+        result.marker, result.t0 = meta.get("VolumeMarker"), meta.get("VolumeOnsetSeconds")
+        LOGGER.info("%s: spectrogram up to date, skipped", pair.label)
+        return
+
+    work = Path(opts["work_dir"]) / "eeg" / pair.label
+    raw = eeg_mod.read_eeg(pair.eeg, work_dir=work, bids_root=pair.bids_root)
+    channels = eeg_mod.canonical_channel_order(eeg_mod.eeg_channels(raw, pair.channels_tsv))
+    timing = eeg_mod.find_volume_onsets(
+        raw, tr, n_volumes=n_volumes, marker=opts.get("volume_marker"),
+        offset=opts.get("eeg_offset"), discard=opts["discard_volumes"], context=opts["context"],
+    )
+    spec, freqs = spectra.tr_spectrogram(
+        raw, channels, t0=timing.t0, tr=tr, n_windows=timing.n_volumes,
+        freq_bins=None if opts.get("fmax") else opts["freq_bins"], fmax=opts.get("fmax"),
+    )
+    spec, channels, flat = eeg_mod.drop_flat_channels(spec, channels, source=pair.eeg)
+    dropped = sorted(set(raw.ch_names) - set(channels))
+    fs = float(raw.info["sfreq"])
+    with atomic_path(npy) as tmp:
+        np.save(tmp, spec.astype(np.float32, copy=False))
+    write_json(sidecar, {
+        "Description": "TR-window EEG amplitude spectra, z-scored across channels per window and bin",
+        "SamplingFrequency": fs,
+        "RepetitionTime": tr,
+        "WindowSamples": int(round(tr * fs)),
+        "FrequencyBinsHz": [float(f) for f in freqs],
+        "Channels": channels,
+        "DroppedChannels": dropped,
+        "FlatChannels": flat,
+        "VolumeOnsetSeconds": float(timing.t0),
+        "VolumeMarker": timing.marker,
+        "NumberOfWindows": int(spec.shape[0]),
+        "DiscardVolumes": opts["discard_volumes"],
+        "Context": opts["context"],
+        "Sources": [_relative_source(pair.eeg, opts["bids_dir"])],
+        "InputHash": digest,
+    })
+    _qc_figures(pair, opts, timing, tr, spec, freqs, channels)
+    result.n_windows, result.channels, result.dropped_channels = spec.shape[0], channels, dropped
+    result.marker, result.t0 = timing.marker, float(timing.t0)
+    LOGGER.info("%s: %d windows x %d channels x %d bins (t0 %.3f s, marker %s)", pair.label,
+                *spec.shape, timing.t0, timing.marker or "none")
+
+
+def _qc_figures(pair, opts, timing, tr, spec, freqs, channels) -> None:
+    from spec2vol_bids import report
+
+    figures = Path(opts["output_dir"]) / f"sub-{pair.subject}" / "figures"
+    report.plot_alignment_qc(
+        timing.onsets, tr, figures / bids_name(pair.entities, "qc", ".svg", desc="alignment"),
+        title=f"{pair.label}: volume marker intervals ({timing.marker or 'no markers'})",
+    )
+    report.plot_spectrogram_qc(
+        spec, freqs, channels, figures / bids_name(pair.entities, "qc", ".svg", desc="spectrogram"),
+        title=f"{pair.label}: EEG spectrogram",
+    )
+
+
+def process_bold(pair, opts: dict, tr: float, result: RunResult) -> None:
+    """Normalised, resampled BOLD target of one run as NIfTI + JSON sidecar (skipped when done)."""
+    import nibabel as nib
+
+    from spec2vol_bids import bold as bold_mod
+
+    out = run_dir(opts["output_dir"], pair.entities, "func")
+    nii = out / bids_name(pair.entities, "bold", ".nii.gz", desc="target")
+    sidecar = out / bids_name(pair.entities, "bold", ".json", desc="target")
+    options = {k: opts.get(k) for k in BOLD_OPTIONS} | {"tr": tr}
+    digest = input_hash([pair.bold, *(p for p in [pair.bold_json] if p)], options)
+    result.target = str(nii)
+    if _is_done(sidecar, nii, digest):
+        result.n_volumes = read_json(sidecar)["NumberOfVolumes"]
+        LOGGER.info("%s: BOLD target up to date, skipped", pair.label)
+        return
+    img = bold_mod.load_bold(pair.bold)
+    grid = tuple(opts["target_grid"] or bold_mod.default_target_grid(img.shape[:3]))
+    data, affine = bold_mod.bold_targets(img, grid)
+    target = nib.Nifti1Image(data, affine)
+    target.header.set_xyzt_units("mm", "sec")
+    target.header["pixdim"][4] = tr
+    with atomic_path(nii) as tmp:
+        nib.save(target, tmp)
+    write_json(sidecar, {
+        "Description": "Measured BOLD resampled to the target grid (3-D DCT) with every volume "
+                       "min-max scaled to [0, 1]: the model's training target",
+        "RepetitionTime": tr,
+        "SkullStripped": False,
+        "TargetGrid": list(grid),
+        "OriginalShape": list(img.shape),
+        "NumberOfVolumes": int(data.shape[3]),
+        "Sources": [_relative_source(pair.bold, opts["bids_dir"])],
+        "InputHash": digest,
+    })
+    result.n_volumes = int(data.shape[3])
+    LOGGER.info("%s: BOLD target %s -> %s, %d volumes", pair.label, img.shape[:3], grid, data.shape[3])
+
+
+def process_run(pair, opts: dict) -> RunResult:
+    """Everything the participant level does for one run (top level so processes can run it)."""
+    from spec2vol_bids import layout
+
+    result = RunResult(label=pair.label, entities=pair.entities,
+                       eeg=str(pair.eeg) if pair.eeg else None,
+                       bold=str(pair.bold) if pair.bold else None)
+    tr, n_volumes = None, None
+    if pair.bold is not None:
+        tr = layout.repetition_time(pair)
+        process_bold(pair, opts, tr, result)
+        n_volumes = result.n_volumes
+    if pair.eeg is not None:
+        if tr is None:
+            tr = _eeg_only_tr(pair, opts)
+        process_eeg(pair, opts, tr, n_volumes, result)
+    if opts.get("model_path") and pair.eeg is not None:
+        _synthesize(pair, opts, tr, result)
+    return result
+
+
+def _eeg_only_tr(pair, opts: dict) -> float:
+    """The TR of a run without BOLD: its sidecar's, else the trained model's."""
+    from spec2vol_bids import layout
+
+    tr = layout.eeg_repetition_time(pair)
+    if tr is None and opts.get("model_tr"):
+        tr = opts["model_tr"]
+    if tr is None:
+        raise DataError("this EEG run has no BOLD, no RepetitionTime in its sidecars and no model "
+                        "to take one from; add RepetitionTime to its _eeg.json", path=pair.eeg)
+    return float(tr)
+
+
+def _synthesize(pair, opts: dict, tr: float, result: RunResult) -> None:
+    from spec2vol_bids import synthesize
+
+    out = run_dir(opts["output_dir"], pair.entities, "func")
+    nii = out / bids_name(pair.entities, "bold", ".nii.gz", desc="synth")
+    synthesize.synthesize_from_checkpoint(
+        opts["model_path"], Path(result.spectrogram), nii,
+        target=Path(result.target) if result.target else None, tr=tr,
+        sources=[_relative_source(pair.eeg, opts["bids_dir"])],
+    )
+    result.synth = str(nii)
+    LOGGER.info("%s: synthesised BOLD written to %s", pair.label, nii)
+
+
+def _inventory(out_dir: Path, subject: str, results: list[RunResult], notes: list[str]) -> Path:
+    """``sub-<label>/sub-<label>_runs.tsv``: what was found, paired and produced for a participant."""
+    lines = ["run\teeg\tbold\tstatus\tnote"]
+    for r in results:
+        status = "paired" if r.eeg and r.bold else ("eeg-only" if r.eeg else "bold-only")
+        note = f"{r.n_windows} windows, {len(r.channels)} channels" if r.n_windows else ""
+        if r.skipped:
+            note += " (up to date)"
+        lines.append("\t".join([r.label, r.eeg or "n/a", r.bold or "n/a", status, note.strip()]))
+    for text in notes:
+        if f"sub-{subject}" in text:
+            lines.append("\t".join(["n/a", "n/a", "n/a", "not paired", text.replace("\t", " ")]))
+    return write_text(out_dir / f"sub-{subject}" / f"sub-{subject}_runs.tsv", "\n".join(lines) + "\n")
+
+
+def _check_model(opts) -> float | None:
+    """Load ``--model`` once before any output is written; return the TR it was trained at."""
+    from spec2vol_bids.models import load_checkpoint
+
+    if not opts.model_path.is_file():
+        raise MissingInputError("model file not found; give the model.pt written by the group "
+                                "level (OUTPUT_DIR/models/final/model.pt)", path=opts.model_path)
+    _, meta = load_checkpoint(opts.model_path)
+    return (meta.get("extra") or {}).get("RepetitionTime")
+
+
+def run_participant(opts) -> int:
+    """Run the participant level for the selected participants; return the exit code."""
+    from spec2vol_bids import layout, provenance
+    from spec2vol_bids.cli import add_log_file
+
+    started = datetime.now(timezone.utc)
+    layout.check_output_dir(opts.bids_dir, opts.output_dir)
+    if not opts.skip_bids_validation:
+        layout.validate_bids_dir(opts.bids_dir)
+    else:
+        layout.check_bids_dir(opts.bids_dir)
+    filters = layout.load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else None
+    pairs, notes = layout.find_run_pairs(
+        opts.bids_dir, participant_labels=opts.participant_label, session_labels=opts.session_label,
+        task=opts.task, bids_filters=filters, eeg_derivatives=opts.eeg_derivatives,
+        work_dir=opts.work_dir,
+    )
+    model_tr = _check_model(opts) if opts.model_path else None
+    init_output_dataset(opts.output_dir, opts.bids_dir)
+    log_file = add_log_file(opts.output_dir, "participant")
+    LOGGER.info("spec2vol %s participant level; log: %s", __version__, log_file)
+    LOGGER.info("runs found:\n%s", layout.format_pair_table(pairs))
+    for text in notes:
+        LOGGER.warning("%s", text)
+
+    run_opts = {k: v for k, v in vars(opts).items() if k != "argv"} | {"model_tr": model_tr}
+    pairs = [p for p in pairs if p.eeg is not None or p.bold is not None]
+    if opts.nprocs > 1 and len(pairs) > 1:
+        with ProcessPoolExecutor(max_workers=min(opts.nprocs, len(pairs))) as pool:
+            results = list(pool.map(process_run, pairs, [run_opts] * len(pairs)))
+    else:
+        results = [process_run(pair, run_opts) for pair in pairs]
+
+    from spec2vol_bids import report
+
+    subjects = sorted({r.entities["subject"] for r in results})
+    for subject in subjects:
+        _inventory(opts.output_dir, subject, [r for r in results if r.entities["subject"] == subject], notes)
+        path = report.write_participant_report(opts.output_dir, subject)
+        LOGGER.info("report: %s", path)
+    provenance.write_provenance(
+        opts.output_dir, level="participant", argv=opts.argv, config=run_opts,
+        seeds={"seed": opts.seed}, started=started, finished=datetime.now(timezone.utc),
+        stages={"runs": [asdict(r) for r in results]},
+    )
+    LOGGER.info("participant level done: %d runs of %d participants in %s", len(results),
+                len(subjects), opts.output_dir)
+    return 0
