@@ -20,6 +20,9 @@ from spec2vol_bids.errors import EX_CANTCREAT, EX_IOERR, OutputError
 
 PIPELINE_NAME = "spec2vol"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 BIDSIGNORE = "logs/\nmodels/\nfigures/\n*.html\n**/figures/\n*_spectrogram.npy\n*_spectrogram.json\n"
 
 
@@ -39,6 +42,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    # mkstemp creates 0600 files; outputs should get the permissions any new file would.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, path)

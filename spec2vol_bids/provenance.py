@@ -140,16 +140,51 @@ def _span(started, finished) -> dict:
     return span
 
 
-def _stage_span(value) -> dict:
+def _is_time(value) -> bool:
+    if value is None or isinstance(value, (dt.datetime, int, float)):
+        return not isinstance(value, bool)
+    if isinstance(value, str):
+        try:
+            dt.datetime.fromisoformat(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _stage_record(value):
+    """A stage's ``(started, finished)`` or ``{"started", "finished", ...}`` as a time span with
+    its duration; any other record (e.g. a list of per-run results) is kept as given."""
+    if isinstance(value, Mapping) and ("started" in value or "finished" in value):
+        extra = {k: _jsonable(v) for k, v in value.items() if k not in ("started", "finished")}
+        return {**_span(value.get("started"), value.get("finished")), **extra}
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_time, value))
+            and any(v is not None for v in value)):
+        return _span(*value)
+    return _jsonable(value)
+
+
+def _jsonable(value):
+    """``value`` with dates, paths, sets and NumPy values turned into JSON types."""
     if isinstance(value, Mapping):
-        return _span(value.get("started"), value.get("finished"))
-    started, finished = value
-    return _span(started, finished)
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_jsonable(v) for v in value), key=str)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
 
 
 def run_log_dir(output_dir: str | Path, level: str, started: dt.datetime | float | str) -> Path:
     """``OUTPUT_DIR/logs/<level>-<YYYYmmdd-HHMMSS>-<pid>`` for a run that began at ``started``."""
-    stamp = _as_datetime(started).strftime("%Y%m%d-%H%M%S")
+    # local time, like the names of the log files the command line writes next to it
+    stamp = _as_datetime(started).astimezone().strftime("%Y%m%d-%H%M%S")
     return Path(output_dir) / "logs" / f"{level}-{stamp}-{os.getpid()}"
 
 
@@ -172,7 +207,9 @@ def write_provenance(output_dir: str | Path, *, level: str, argv: list[str], con
     started, finished : datetime | float | str
         Start and end of the run (datetimes, POSIX times or ISO strings; naive means local).
     stages : dict
-        Stage name -> ``(started, finished)`` or ``{"started": ..., "finished": ...}``.
+        Stage name -> ``(started, finished)`` or ``{"started": ..., "finished": ..., ...}``
+        (recorded with the duration in seconds), or any other record, e.g. a list of per-run
+        results (recorded as given, made JSON-able).
 
     Returns
     -------
@@ -185,9 +222,9 @@ def write_provenance(output_dir: str | Path, *, level: str, argv: list[str], con
     record = {
         "Level": level,
         "CommandLine": [str(a) for a in argv],
-        "Seeds": seeds,
+        "Seeds": _jsonable(seeds),
         **{k.capitalize(): v for k, v in _span(started, finished).items()},
-        "Stages": {str(name): _stage_span(span) for name, span in stages.items()},
+        "Stages": {str(name): _stage_record(value) for name, value in stages.items()},
         "Versions": package_versions(),
         "Platform": platform.platform(),
         "Host": platform.node(),
