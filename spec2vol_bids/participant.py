@@ -292,14 +292,13 @@ def run_participant(opts) -> int:
     started = datetime.now(timezone.utc)
     layout.check_output_dir(opts.bids_dir, opts.output_dir)
     if not opts.skip_bids_validation:
-        layout.validate_bids_dir(opts.bids_dir)
+        layout.validate_bids_dir(opts.bids_dir, participant_labels=opts.participant_label)
     else:
         layout.check_bids_dir(opts.bids_dir)
     filters = layout.load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else None
     pairs, notes = layout.find_run_pairs(
         opts.bids_dir, participant_labels=opts.participant_label, session_labels=opts.session_label,
         task=opts.task, bids_filters=filters, eeg_derivatives=opts.eeg_derivatives,
-        work_dir=opts.work_dir,
     )
     model_tr = _check_model(opts) if opts.model_path else None
     init_output_dataset(opts.output_dir, opts.bids_dir)
