@@ -27,7 +27,7 @@ from spec2vol_bids.errors import (
     UsageError,
 )
 
-LOGGER = logging.getLogger("spec2vol")
+LOGGER = logging.getLogger("spec2vol_bids")
 MODEL_NAMES = ("spec2vol", "e2fnet")
 
 
@@ -259,11 +259,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
+class _NoTracebackFormatter(logging.Formatter):
+    """Console format: tracebacks go to the log file (and to stderr only with -vv, once)."""
+
+    def format(self, record):
+        record = logging.makeLogRecord(record.__dict__)
+        record.exc_info = record.exc_text = None
+        return super().format(record)
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose >= 1 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("spec2vol")
+    handler.setFormatter(_NoTracebackFormatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("spec2vol_bids")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG)
     handler.setLevel(level)
@@ -279,7 +288,7 @@ def add_log_file(output_dir: Path, level: str) -> Path:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s | %(message)s"))
-    logging.getLogger("spec2vol").addHandler(handler)
+    logging.getLogger("spec2vol_bids").addHandler(handler)
     logging.getLogger("mne").addHandler(handler)
     return path
 

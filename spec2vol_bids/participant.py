@@ -34,7 +34,7 @@ from spec2vol_bids.derivatives import (
 )
 from spec2vol_bids.errors import DataError, MissingInputError
 
-LOGGER = logging.getLogger("spec2vol.participant")
+LOGGER = logging.getLogger(__name__)
 
 #: The options that change what a run's derivatives contain (and so its input hash).
 EEG_OPTIONS = ("volume_marker", "eeg_offset", "freq_bins", "fmax", "discard_volumes", "context")
