@@ -1,0 +1,344 @@
+"""Lazy, memory-mapped EEG→BOLD pairs over the participant-level derivatives.
+
+A training sample ``j`` of a run pairs the spectrogram windows ``[j - context, j)`` with the
+target volume ``j`` (see ``notes/interfaces.md``). Consecutive samples share 19 of their 20
+windows, so materialising every ``(context, C, F)`` input would multiply the spectrogram data by
+the context length; instead each run's spectrogram is memory-mapped and a sample is sliced from
+it on demand. Targets are stored as compressed NIfTI, which cannot be memory-mapped, so each is
+cached once as an uncompressed ``(V, D, H, W)`` float32 array in the work directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from spec2vol_bids.derivatives import atomic_path, read_json
+from spec2vol_bids.errors import DataError, MissingInputError, NothingSelectedError
+
+logger = logging.getLogger(__name__)
+
+SPECTROGRAM_SUFFIX = "_desc-spec2vol_spectrogram.npy"
+TARGET_SUFFIX = "_desc-target_bold.nii.gz"
+#: entities that identify a run; ``space`` and ``desc`` only qualify a file of that run
+RUN_ENTITIES = ("subject", "session", "task", "acquisition", "run")
+_KEYS = {"sub": "subject", "ses": "session", "task": "task", "acq": "acquisition", "run": "run",
+         "space": "space", "desc": "desc"}
+#: mapped bytes read before a dataset drops its memory maps: pages of a mapping count in the
+#: process's resident set until it is unmapped, although the OS keeps them in its page cache
+MAP_RECYCLE_BYTES = 128 * 1024**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run's participant-level derivatives.
+
+    ``n_volumes`` is the number of paired volumes (EEG windows and BOLD volumes both present),
+    or the number of EEG windows for a run without BOLD.
+    """
+
+    entities: dict
+    spectrogram: Path
+    meta: dict
+    target: Path | None
+    n_volumes: int
+
+    @property
+    def subject(self) -> str:
+        return self.entities["subject"]
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.meta["Channels"])
+
+    @property
+    def discard(self) -> int:
+        return int(self.meta.get("DiscardVolumes", 6))
+
+    @property
+    def context(self) -> int:
+        return int(self.meta.get("Context", 20))
+
+    @property
+    def first_sample(self) -> int:
+        """Index (in source volumes) of the first volume that has a full context."""
+        return self.discard + self.context
+
+    @property
+    def sample_volumes(self) -> np.ndarray:
+        """Source volume indices of this run's samples."""
+        return np.arange(self.first_sample, max(self.first_sample, self.n_volumes))
+
+    @property
+    def name(self) -> str:
+        return self.spectrogram.name[: -len(SPECTROGRAM_SUFFIX)]
+
+
+def parse_entities(filename: str) -> dict:
+    """Entities of a BIDS file name, under pybids' long names (``sub`` → ``subject`` …)."""
+    stem = filename.split(".")[0]
+    out = {}
+    for part in stem.split("_")[:-1]:
+        key, sep, value = part.partition("-")
+        if sep and key in _KEYS:
+            out[_KEYS[key]] = value
+    return out
+
+
+def _run_key(entities: dict) -> tuple:
+    return tuple(entities.get(name) for name in RUN_ENTITIES)
+
+
+def find_runs(out_dir: str | Path, *, participant_label: Sequence[str] | None = None,
+              session_label: Sequence[str] | str | None = None,
+              task: Sequence[str] | str | None = None) -> list[Run]:
+    """Find the runs with a spectrogram under ``out_dir`` and pair each with its target.
+
+    Parameters
+    ----------
+    out_dir : path
+        The spec2vol derivative dataset (OUTPUT_DIR).
+    participant_label, session_label, task : str | list of str | None
+        Keep only these (labels without their ``sub-``/``ses-`` prefix).
+
+    Returns
+    -------
+    runs : list of Run
+        Sorted by entities; ``target`` is ``None`` for runs without BOLD.
+    """
+    out_dir = Path(out_dir)
+    wanted = {"subject": _as_set(participant_label, "sub-"), "session": _as_set(session_label, "ses-"),
+              "task": _as_set(task, "task-")}
+    targets = {}
+    for path in sorted(out_dir.glob(f"sub-*/**/func/*{TARGET_SUFFIX}")):
+        key = _run_key(parse_entities(path.name))
+        if key in targets:
+            raise DataError(f"two targets for one run ({targets[key].name} and {path.name}); "
+                            "remove one", path=path.parent)
+        targets[key] = path
+    runs = []
+    for path in sorted(out_dir.glob(f"sub-*/**/eeg/*{SPECTROGRAM_SUFFIX}")):
+        entities = {k: v for k, v in parse_entities(path.name).items() if k in RUN_ENTITIES}
+        if any(sel is not None and entities.get(k) not in sel for k, sel in wanted.items()):
+            continue
+        sidecar = path.with_suffix(".json")
+        try:
+            meta = read_json(sidecar)
+        except FileNotFoundError as exc:
+            raise MissingInputError("the spectrogram's JSON sidecar is missing; rerun the "
+                                    "participant level", path=sidecar) from exc
+        except ValueError as exc:
+            raise DataError(f"malformed JSON ({exc}); rerun the participant level", path=sidecar) from exc
+        if "Channels" not in meta:
+            raise DataError("the sidecar has no Channels list; rerun the participant level", path=sidecar)
+        n_windows = int(_open_npy(path).shape[0])
+        target = targets.get(_run_key(entities))
+        n_volumes = n_windows
+        if target is not None:
+            n_volumes = min(n_windows, int(nib.load(target).shape[3]))
+        runs.append(Run(entities, path, meta, target, n_volumes))
+    return runs
+
+
+def _as_set(value, prefix: str) -> set | None:
+    if value is None or (not isinstance(value, str) and len(value) == 0):
+        return None
+    values = [value] if isinstance(value, str) else value
+    return {v[len(prefix):] if v.startswith(prefix) else v for v in values}
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read the spectrogram ({exc}); rerun the participant level",
+                        path=path) from exc
+
+
+def resolve_channels(runs: Sequence[Run], channels: Sequence[str] | None = None) -> list[str]:
+    """The EEG channels (names, in order) that every run provides.
+
+    Without ``channels`` all runs must have the same channel list; with it, each run must
+    contain every named channel (they are then selected by name).
+    """
+    if not runs:
+        raise NothingSelectedError("no runs to read")
+    if channels:
+        for run in runs:
+            missing = [ch for ch in channels if ch not in run.channels]
+            if missing:
+                raise DataError(f"run {run.name} lacks channel(s) {', '.join(missing)} named by "
+                                "--channels", path=run.spectrogram)
+        return list(channels)
+    reference = runs[0].channels
+    differing = [run.name for run in runs if run.channels != reference]
+    if differing:
+        shown = ", ".join(differing[:5]) + (" …" if len(differing) > 5 else "")
+        raise DataError(f"runs have different EEG channel sets: {runs[0].name} has {len(reference)} "
+                        f"channels, but {shown} differ; name a common set with --channels")
+    return list(reference)
+
+
+def channel_index(run: Run, channels: Sequence[str]) -> np.ndarray | slice:
+    """Indices of ``channels`` in ``run``'s spectrogram (a plain slice when they coincide)."""
+    if list(channels) == run.channels:
+        return slice(None)
+    position = {name: i for i, name in enumerate(run.channels)}
+    return np.array([position[name] for name in channels])
+
+
+def cache_target(path: str | Path, work_dir: str | Path) -> Path:
+    """Cache a target NIfTI as an uncompressed ``(V, D, H, W)`` float32 ``.npy``; return its path.
+
+    The cache key is the source's resolved path, size and modification time, so a rewritten
+    target gets a new cache file; the file is written atomically, so concurrent jobs may share
+    one work directory.
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = Path(work_dir) / "targets" / f"{path.name[: -len('.nii.gz')]}-{key}.npy"
+    if cached.exists():
+        return cached
+    try:
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise DataError(f"cannot read the target ({exc}); rerun the participant level", path=path) from exc
+    if data.ndim != 4:
+        raise DataError(f"the target is {data.ndim}-D, expected 4-D", path=path)
+    # (X, Y, Z, V) -> (V, Z, X, Y): one sample's volume becomes one contiguous (D, H, W) block
+    with atomic_path(cached) as tmp:
+        np.save(tmp, np.ascontiguousarray(data.transpose(3, 2, 0, 1)))
+    return cached
+
+
+def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64) -> dict:
+    """EEG min and max over the windows the runs' samples use, read in chunks.
+
+    Sample ``j`` reads windows ``[j - context, j)``, so a run's samples use windows
+    ``[discard, n_volumes - 1)``; windows before ``discard`` are never model input.
+    """
+    lo, hi = np.inf, -np.inf
+    for run in runs:
+        spec = _open_npy(run.spectrogram)
+        index = channel_index(run, channels)
+        stop = run.n_volumes - 1
+        for start in range(run.discard, stop, chunk):
+            block = np.asarray(spec[start:min(start + chunk, stop)])[:, index]
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        del spec
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise DataError("no EEG windows to compute the normalisation from (runs too short for "
+                        "discard + context volumes)")
+    if hi <= lo:
+        raise DataError("the EEG spectrograms are constant; check the participant-level output")
+    return {"min": lo, "max": hi}
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Samples ``(x, y)`` of a set of runs, sliced from memory maps on demand.
+
+    Parameters
+    ----------
+    runs : list of Run
+        The runs; they need targets when ``work_dir`` is given.
+    channels : list of str
+        EEG channels, in model order, selected from each run by name.
+    norm : dict
+        ``{"min": float, "max": float}`` EEG scaling (from training subjects only).
+    work_dir : path | None
+        Where targets are cached; ``None`` gives inputs only (``y`` is omitted).
+
+    Notes
+    -----
+    ``x`` is ``(context, C, F)`` scaled to ``[0, 1]`` with ``norm``; ``y`` is ``(D, H, W)``.
+    Memory maps are opened lazily in each process (they are not pickled to DataLoader workers)
+    and dropped after :data:`MAP_RECYCLE_BYTES` of reads so that resident memory stays bounded.
+    """
+
+    def __init__(self, runs: Sequence[Run], channels: Sequence[str], norm: dict,
+                 work_dir: str | Path | None = None):
+        self.runs = list(runs)
+        self.channels = list(channels)
+        self.norm = {"min": float(norm["min"]), "max": float(norm["max"])}
+        self.with_target = work_dir is not None
+        if self.with_target:
+            missing = [run.name for run in self.runs if run.target is None]
+            if missing:
+                raise DataError(f"run(s) without a BOLD target cannot be used for training or "
+                                f"evaluation: {', '.join(missing)}")
+            self._targets = [cache_target(run.target, work_dir) for run in self.runs]
+        self._index = [channel_index(run, self.channels) for run in self.runs]
+        counts = [len(run.sample_volumes) for run in self.runs]
+        self._run_of = np.repeat(np.arange(len(self.runs)), counts)
+        self._volume_of = np.concatenate([run.sample_volumes for run in self.runs] or [np.zeros(0, int)])
+        self._maps: dict = {}
+        self._mapped_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._run_of)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"], state["_mapped_bytes"] = {}, 0
+        return state
+
+    def sample(self, i: int) -> tuple[int, int]:
+        """``(run index, source volume index)`` of sample ``i``."""
+        return int(self._run_of[i]), int(self._volume_of[i])
+
+    def _map(self, key, path):
+        if self._mapped_bytes > MAP_RECYCLE_BYTES:
+            self._maps.clear()
+            self._mapped_bytes = 0
+        if key not in self._maps:
+            self._maps[key] = np.load(path, mmap_mode="r")
+        return self._maps[key]
+
+    def __getitem__(self, i: int):
+        r, j = self.sample(i)
+        run = self.runs[r]
+        spec = self._map(("x", r), run.spectrogram)
+        block = spec[j - run.context:j]
+        self._mapped_bytes += block.nbytes
+        x = np.array(block[:, self._index[r]], dtype=np.float32)
+        x -= self.norm["min"]
+        x /= self.norm["max"] - self.norm["min"]
+        if not self.with_target:
+            return torch.from_numpy(x)
+        volume = self._map(("y", r), self._targets[r])[j]
+        self._mapped_bytes += volume.nbytes
+        return torch.from_numpy(x), torch.from_numpy(np.array(volume, dtype=np.float32))
+
+    def target_shape(self) -> tuple[int, int, int]:
+        """``(D, H, W)`` of the targets."""
+        return tuple(np.load(self._targets[0], mmap_mode="r").shape[1:])
+
+    def freq_bins(self) -> int:
+        return int(_open_npy(self.runs[0].spectrogram).shape[2])
+
+    def mean_target(self) -> np.ndarray:
+        """Mean target volume over all samples, ``(D, H, W)`` float32 (the mean-volume baseline)."""
+        total, count = None, 0
+        for r, run in enumerate(self.runs):
+            vols = np.load(self._targets[r], mmap_mode="r")
+            for start in range(run.first_sample, run.n_volumes, 32):
+                part = np.asarray(vols[start:min(start + 32, run.n_volumes)], dtype=np.float64)
+                total = part.sum(axis=0) if total is None else total + part.sum(axis=0)
+                count += len(part)
+            del vols
+        if not count:
+            raise DataError("no samples to average (runs too short for discard + context volumes)")
+        return (total / count).astype(np.float32)
+
+
+def subjects_of(runs: Iterable[Run]) -> list[str]:
+    """Sorted unique subject labels."""
+    return sorted({run.subject for run in runs})

@@ -1,0 +1,321 @@
+"""The group level: cross-validation folds → training → evaluation → synthesis, final model.
+
+Each fold holds out its test subject(s) completely: the EEG scaling, the training data and the
+checkpoint selection never see them (``--select val`` holds out one more, *training*, subject).
+Folds are independent jobs: ``--folds`` runs a subset (e.g. one per SLURM array task), a file
+lock per fold lets concurrent jobs share one OUTPUT_DIR, a finished fold (its ``done.json`` is
+written last) is skipped, and whichever job finds every fold finished writes the group table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+
+from spec2vol_bids import evaluate, synthesize, train
+from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
+from spec2vol_bids.derivatives import bids_name, run_dir, write_json, write_text
+from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
+from spec2vol_bids.models import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+MEAN = "mean"
+
+
+@dataclasses.dataclass
+class Fold:
+    """A train/test split: ``label`` names it (``models/fold-<label>``)."""
+
+    label: str
+    test: list[str]
+
+
+def plan_folds(subjects: Sequence[str], split: str = "loso",
+               test_subjects: Sequence[str] | None = None) -> list[Fold]:
+    """Leave-one-subject-out folds (one per subject), or one ``fixed`` fold."""
+    if split == "fixed":
+        test = sorted({s.removeprefix("sub-") for s in test_subjects or []})
+        if not test:
+            raise UsageError("--split fixed needs --test-subjects")
+        unknown = [s for s in test if s not in subjects]
+        if unknown:
+            raise UsageError(f"--test-subjects {' '.join(unknown)}: no paired EEG-BOLD derivatives "
+                             f"for them (have: {' '.join(subjects)})")
+        if len(test) == len(subjects):
+            raise UsageError("--test-subjects names every subject; nothing is left to train on")
+        return [Fold("fixed", test)]
+    if split != "loso":
+        raise UsageError(f"--split must be loso or fixed, not {split!r}")
+    return [Fold(s, [s]) for s in subjects]
+
+
+def split_validation(runs: Sequence[Run], select: str) -> tuple[list[Run], list[Run]]:
+    """``(train, val)``: with ``select="val"`` the last training subject (sorted) is held out."""
+    if select != "val":
+        return list(runs), []
+    subjects = subjects_of(runs)
+    if len(subjects) < 2:
+        raise DataError("--select val needs at least two training subjects in every fold")
+    val = subjects[-1]
+    return [r for r in runs if r.subject != val], [r for r in runs if r.subject == val]
+
+
+def run_group(opts) -> int:
+    """Run the group level as ``opts`` (the command line's namespace) asks; return 0.
+
+    Raises
+    ------
+    Spec2VolError
+        For missing derivatives, inconsistent channels or impossible options.
+    """
+    out_dir, work_dir = Path(opts.output_dir), Path(opts.work_dir)
+    if getattr(opts, "omp_nthreads", None):
+        torch.set_num_threads(int(opts.omp_nthreads))
+    config = train.TrainConfig.from_options(opts)
+    config.check()
+    train.resolve_device(config.device)  # starts the process group under torchrun
+    runs = find_runs(out_dir, participant_label=opts.participant_label,
+                     session_label=getattr(opts, "session_label", None), task=getattr(opts, "task", None))
+    paired = [r for r in runs if r.target is not None]
+    if not paired:
+        raise NothingSelectedError("no paired EEG spectrogram and BOLD target derivatives found; "
+                                   "run the participant level first", path=out_dir)
+    subjects = subjects_of(paired)
+    if len(subjects) < 2:
+        raise DataError(f"training needs at least two subjects with paired EEG and BOLD; found "
+                        f"{len(subjects)} ({' '.join(subjects)})", path=out_dir)
+    channels = resolve_channels(paired, getattr(opts, "channels", None))
+    folds = plan_folds(subjects, opts.split, getattr(opts, "test_subjects", None))
+    chosen = folds
+    if opts.folds:
+        wanted = {f.removeprefix("sub-") for f in opts.folds}
+        unknown = sorted(wanted - {f.label for f in folds})
+        if unknown:
+            raise UsageError(f"--folds {' '.join(unknown)}: no such fold (folds: "
+                             f"{' '.join(f.label for f in folds)})")
+        chosen = [f for f in folds if f.label in wanted]
+    models = [config.model] + [m for m in (getattr(opts, "compare", None) or []) if m != config.model]
+    logger.info("group level: %d subjects, %d runs, %d channels; folds %s; models %s",
+                len(subjects), len(paired), len(channels), " ".join(f.label for f in chosen),
+                ", ".join(models + [MEAN]))
+
+    for fold in chosen:
+        _locked_once(out_dir / "models" / f"fold-{fold.label}",
+                     lambda fold=fold: run_fold(fold, paired, channels, config, models,
+                                                out_dir=out_dir, work_dir=work_dir))
+    if train.is_main() and all(_done(out_dir, f.label) for f in folds):
+        with FileLock(str(_lock_path(out_dir / "models" / "group"))):
+            aggregate(out_dir, [f.label for f in folds])
+    elif train.is_main():
+        pending = [f.label for f in folds if not _done(out_dir, f.label)]
+        logger.info("folds still to run: %s; the group table is written when all have finished",
+                    " ".join(pending))
+    if not getattr(opts, "no_final", False) and not opts.folds:
+        final_runs, final_val = split_validation(paired, config.select)
+        _locked_once(out_dir / "models" / "final",
+                     lambda: _train_final(final_runs, final_val, channels, config,
+                                          out_dir=out_dir, work_dir=work_dir))
+    train.barrier()
+    return 0
+
+
+def _train_final(train_runs, val_runs, channels, config, *, out_dir: Path, work_dir: Path) -> dict:
+    """The all-subject model, ``models/final`` (what ``participant --model`` applies)."""
+    train_and_save(train_runs, val_runs, channels, config, config.model, out_dir / "models" / "final",
+                   work_dir=work_dir, checkpoint=work_dir / "checkpoints" / "final" / config.model,
+                   extra={"Fold": "final", "TestSubjects": []})
+    return {"Fold": "final", "TrainSubjects": subjects_of([*train_runs, *val_runs])}
+
+
+def _lock_path(folder: Path) -> Path:
+    """The lock of ``folder``: next to it in OUTPUT_DIR, so every job writing there sees it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _done(out_dir: Path, label: str) -> bool:
+    return (out_dir / "models" / f"fold-{label}" / "done.json").exists()
+
+
+def _locked_once(folder: Path, job) -> None:
+    """Run ``job`` unless ``folder/done.json`` exists, holding a lock; then write the marker.
+
+    Under torchrun rank 0 takes the lock and decides; every rank runs the job (training is
+    collective) and only rank 0 writes.
+    """
+    lock = FileLock(str(_lock_path(folder))) if train.is_main() else contextlib.nullcontext()
+    with lock:
+        skip = _broadcast((folder / "done.json").exists())
+        if skip:
+            logger.info("%s is finished; skipping it (delete the folder to redo it)", folder)
+            return
+        info = job() or {}
+        if train.is_main():
+            write_json(folder / "done.json", {**info, "Finished": datetime.now(timezone.utc).isoformat()})
+        train.barrier()
+
+
+def _broadcast(value):
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels: Sequence[str],
+                   config: train.TrainConfig, model_name: str, folder: Path, *, work_dir: Path,
+                   checkpoint: Path, extra: dict) -> train.TrainResult:
+    """Train one model and store it as ``folder/model.pt`` + ``model.json`` + ``history.tsv``."""
+    cfg = dataclasses.replace(config, model=model_name)
+    label = f"{extra.get('Fold')} {model_name}"
+    result = train.train(train_runs, channels, cfg, work_dir=work_dir,
+                         checkpoint=checkpoint / "checkpoint.pt", val_runs=val_runs, description=label)
+    if not train.is_main():
+        return result
+    ref = train_runs[0]
+    target_img = _target_header(ref)
+    meta = {
+        **extra,
+        "Model": model_name,
+        "Config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "num_workers")},
+        "Channels": list(channels),
+        "NormStats": result.norm,
+        "TrainSubjects": subjects_of(train_runs),
+        "ValSubjects": subjects_of(val_runs),
+        "Epochs": cfg.epochs,
+        "Selection": cfg.select,
+        "SelectedEpoch": result.selected_epoch,
+        "RepetitionTime": float(ref.meta["RepetitionTime"]),
+        "Context": ref.context,
+        "DiscardVolumes": ref.discard,
+        "TargetShape": list(target_img.shape[:3]),
+        "TargetAffine": target_img.affine.tolist(),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "model.pt", result.model, model_name=model_name, channels=list(channels),
+                    norm_stats=result.norm, extra=meta)
+    write_json(folder / "model.json", meta)
+    history = pd.DataFrame(result.history, columns=["epoch", "step", "train_loss", "val_loss",
+                                                    "val_ssim", "lr", "seconds"])
+    write_text(folder / "history.tsv", history.to_csv(sep="\t", index=False, na_rep="n/a",
+                                                      float_format="%.6g"))
+    logger.info("%s: model written to %s (epoch %d selected)", label, folder / "model.pt",
+                result.selected_epoch)
+    return result
+
+
+def _target_header(run: Run) -> nib.Nifti1Image:
+    return nib.load(run.target)
+
+
+def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config: train.TrainConfig,
+             models: Sequence[str], *, out_dir: Path, work_dir: Path) -> dict:
+    """Train, evaluate and synthesise one fold; write ``models/fold-<label>/metrics.tsv``."""
+    folder = out_dir / "models" / f"fold-{fold.label}"
+    training = [r for r in paired if r.subject not in fold.test]
+    testing = [r for r in paired if r.subject in fold.test]
+    train_runs, val_runs = split_validation(training, config.select)
+    extra = {"Fold": fold.label, "TestSubjects": list(fold.test)}
+    trained = {}
+    for name in models:
+        sub = folder if name == config.model else folder / name
+        trained[name] = train_and_save(train_runs, val_runs, channels, config, name, sub,
+                                       work_dir=work_dir,
+                                       checkpoint=work_dir / "checkpoints" / f"fold-{fold.label}" / name,
+                                       extra=extra)
+    if not train.is_main():
+        return {}
+    device = train.resolve_device(config.device)
+    # the mean-volume baseline averages every training subject's targets (validation included)
+    mean_volume = PairedDataset(training, channels, trained[config.model].norm, work_dir).mean_target()
+    rows = []
+    for subject in fold.test:
+        per_model = {name: [] for name in [*models, MEAN]}
+        for run in [r for r in testing if r.subject == subject]:
+            for name in per_model:
+                result = evaluate_model_on_run(run, channels, trained.get(name), mean_volume,
+                                               work_dir=work_dir, device=device)
+                per_model[name].append(result)
+                if name == config.model:
+                    write_run_outputs(run, result, out_dir=out_dir, model_name=name, fold=fold.label,
+                                      model_path=folder / "model.pt")
+        for name, results in per_model.items():
+            rows.append(evaluate.subject_row(subject, name, fold.label, results))
+            logger.info("fold %s sub-%s %s: SSIM %.3f, PSNR %.2f, dynamics %.3f", fold.label,
+                        subject, name, rows[-1]["ssim"], rows[-1]["psnr"], rows[-1]["dynamics"])
+    evaluate.write_table(rows, folder / "metrics.tsv")
+    return {"Fold": fold.label, "TestSubjects": list(fold.test), "Models": [*models, MEAN]}
+
+
+def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.TrainResult | None,
+                          mean_volume: np.ndarray, *, work_dir: Path, device: torch.device) -> dict:
+    """Predictions of a trained model (or the mean volume when ``result`` is None) and metrics."""
+    target = np.load(cache_target(run.target, work_dir), mmap_mode="r")[run.sample_volumes]
+    target = np.asarray(target, dtype=np.float32)
+    if result is None:
+        pred = np.broadcast_to(mean_volume, target.shape)
+    else:
+        dataset = PairedDataset([run], channels, result.norm, work_dir)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
+        pred = synthesize.predict(result.model, loader, device)
+    metrics = evaluate.evaluate_run(pred, target, _target_header(run).affine)
+    metrics["pred"] = pred
+    return metrics
+
+
+def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str, fold: str,
+                      model_path: Path) -> None:
+    """``desc-synth_bold.nii.gz`` and ``desc-dynamics_statmap.nii.gz`` of a held-out run."""
+    img = _target_header(run)
+    folder = run_dir(out_dir, run.entities, "func")
+    sources = [f"bids::{_relative(run.spectrogram, out_dir)}", f"bids::{_relative(run.target, out_dir)}",
+               f"bids::{_relative(model_path, out_dir)}"]
+    metrics = {"SSIM": float(result["ssim"].mean()), "PSNR": float(result["psnr"].mean()),
+               "SSIM3D": float(result["ssim3d"].mean()), "Dynamics": result["dynamics"]}
+    synthesize.write_synth(result["pred"], folder / bids_name(run.entities, "bold", ".nii.gz", desc="synth"),
+                           affine=img.affine, tr=float(run.meta["RepetitionTime"]),
+                           first_volume=int(run.sample_volumes[0]),
+                           sidecar={"Model": model_name, "Fold": fold, "Sources": sources,
+                                    "Metrics": metrics})
+    synthesize.write_statmap(
+        result["dynamics_map"], folder / bids_name(run.entities, "statmap", ".nii.gz", desc="dynamics"),
+        affine=img.affine,
+        sidecar={"Description": "Voxel-wise Pearson correlation of the synthesised and measured BOLD "
+                                "time series (each voxel's mean removed); 0 outside the brain mask "
+                                "computed from the measured mean volume and where a series is constant.",
+                 "Model": model_name, "Fold": fold, "Sources": sources,
+                 "SourceVolumes": [int(run.sample_volumes[0]), int(run.sample_volumes[-1])],
+                 "MeanInMask": result["dynamics"]})
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def aggregate(out_dir: Path, labels: Sequence[str]) -> dict:
+    """Concatenate the folds' tables into ``group_metrics.tsv`` and summarise per model."""
+    tables = [evaluate.read_table(out_dir / "models" / f"fold-{label}" / "metrics.tsv") for label in labels]
+    table = pd.concat(tables, ignore_index=True)
+    summary = evaluate.summarise(table)
+    # group_metrics.json is both the TSV's column sidecar and the per-model summary
+    evaluate.write_table(table.to_dict("records"), out_dir / "group_metrics.tsv",
+                         sidecar={"Folds": list(labels), "Summary": summary})
+    logger.info("group metrics (mean ± std over %d subjects):\n%s", len(table["participant_id"].unique()),
+                "\n".join(evaluate.summary_lines(summary)))
+    return summary

@@ -1,0 +1,232 @@
+"""Apply a trained model to preprocessed EEG and write synthetic BOLD as 4-D NIfTI.
+
+A run's synthetic series covers source volumes ``discard + context`` … ``n − 1``: the first
+volumes have no full EEG context and are omitted (the sidecar's ``SourceVolumes`` says which
+volumes the series covers). Volumes are written in the target grid (its affine), float32, with
+the repetition time in ``pixdim[4]`` (units: seconds) and in the sidecar.
+
+For a run recorded with other electrodes than the model's, channels are matched by name; up to
+20 % of the model's channels may be missing and are interpolated from the others with MNE's
+spherical splines on the standard 10-05 montage, per (window, frequency bin).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import mne
+import nibabel as nib
+import numpy as np
+import torch
+
+from spec2vol_bids.data import parse_entities
+from spec2vol_bids.derivatives import atomic_path, read_json, write_json
+from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.models import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+#: the largest fraction of the model's channels that may be missing and interpolated
+MAX_MISSING = 0.2
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable, device: str | torch.device = "cpu") -> np.ndarray:
+    """Run ``model`` over batches of inputs (tensors, or ``(x, y)`` pairs); ``(N, D, H, W)``."""
+    device = torch.device(device)
+    model.eval().to(device)
+    out = []
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(x.to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def write_synth(pred: np.ndarray, path: str | Path, *, affine: np.ndarray, tr: float,
+                first_volume: int, sidecar: dict) -> Path:
+    """Write ``(N, D, H, W)`` predictions as a 4-D NIfTI ``(X, Y, Z, N)`` with its sidecar.
+
+    ``first_volume`` is the source volume index of the first prediction; the series covers
+    source volumes ``first_volume`` … ``first_volume + N − 1``.
+    """
+    data = np.ascontiguousarray(np.asarray(pred, dtype=np.float32).transpose(2, 3, 1, 0))
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_zooms(img.header.get_zooms()[:3] + (float(tr),))
+    img.header.set_data_dtype(np.float32)
+    _save(img, path)
+    write_json(_sidecar_path(path), {
+        "RepetitionTime": float(tr), "SkullStripped": False,
+        "SourceVolumes": [int(first_volume), int(first_volume + len(pred) - 1)],
+        **sidecar})
+    return Path(path)
+
+
+def write_statmap(rmap: np.ndarray, path: str | Path, *, affine: np.ndarray, sidecar: dict) -> Path:
+    """Write a ``(D, H, W)`` map as a 3-D float32 NIfTI ``(X, Y, Z)`` with its sidecar."""
+    img = nib.Nifti1Image(np.ascontiguousarray(rmap.astype(np.float32).transpose(1, 2, 0)), affine)
+    img.header.set_xyzt_units("mm")
+    _save(img, path)
+    write_json(_sidecar_path(path), sidecar)
+    return Path(path)
+
+
+def _save(img, path):
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def _sidecar_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.split(".")[0] + ".json")
+
+
+def _montage() -> mne.channels.DigMontage:
+    name = "colin27_1005" if "colin27_1005" in mne.channels.get_builtin_montages() else "standard_1005"
+    return mne.channels.make_standard_montage(name)
+
+
+def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Sequence[str], *,
+                   path: str | Path | None = None) -> np.ndarray:
+    """Reorder a ``(V, C, F)`` spectrogram to the model's channels, interpolating missing ones.
+
+    Channels are matched by name (case-insensitively); extra channels are dropped. Missing ones
+    (at most 20 % of the model's) are interpolated with spherical splines on the standard 10-05
+    montage from the present channels that lie on it; the result is z-scored again across
+    channels per (window, bin), as the participant level does.
+
+    Raises
+    ------
+    DataError
+        More than 20 % missing, or a missing channel that is not on the montage.
+    """
+    lower = {name.lower(): i for i, name in enumerate(channels)}
+    present = [name for name in model_channels if name.lower() in lower]
+    missing = [name for name in model_channels if name.lower() not in lower]
+    if not missing:
+        if list(channels) == list(model_channels):
+            return np.asarray(spec, dtype=np.float32)
+        return np.asarray(spec, dtype=np.float32)[:, [lower[n.lower()] for n in model_channels]]
+    if len(missing) > MAX_MISSING * len(model_channels):
+        raise DataError(f"{len(missing)} of the model's {len(model_channels)} EEG channels are missing "
+                        f"({', '.join(missing)}); at most {MAX_MISSING:.0%} can be interpolated",
+                        path=path)
+    montage = _montage()
+    on_montage = {name.lower() for name in montage.ch_names}
+    off = [name for name in missing if name.lower() not in on_montage]
+    if off:
+        raise DataError(f"missing channel(s) {', '.join(off)} are not on the standard 10-05 montage "
+                        "and cannot be interpolated", path=path)
+    logger.warning("%s: interpolating %d missing EEG channel(s) with spherical splines: %s",
+                   path, len(missing), ", ".join(missing))
+    # the interpolation uses the present channels that have a standard position
+    donors = [name for name in present if name.lower() in on_montage]
+    names = donors + missing
+    V, _, F = spec.shape
+    data = np.zeros((len(names), V * F))
+    for k, name in enumerate(donors):
+        data[k] = np.asarray(spec[:, lower[name.lower()]], dtype=np.float64).reshape(-1)
+    info = mne.create_info(names, sfreq=1.0, ch_types="eeg")
+    raw = mne.io.RawArray(data, info, verbose="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw.set_montage(montage, match_case=False, verbose="error")
+        raw.info["bads"] = list(missing)
+        raw.interpolate_bads(reset_bads=True, origin="auto", verbose="error")
+    filled = dict(zip(names, raw.get_data()))
+    out = np.empty((V, len(model_channels), F), dtype=np.float64)
+    for k, name in enumerate(model_channels):
+        out[:, k] = (filled[name] if name in filled else
+                     np.asarray(spec[:, lower[name.lower()]], dtype=np.float64).reshape(-1)).reshape(V, F)
+    out -= out.mean(axis=1, keepdims=True)
+    std = out.std(axis=1, keepdims=True)
+    out /= np.where(std > 0, std, 1.0)
+    return out.astype(np.float32)
+
+
+def context_batches(spec: np.ndarray, volumes: np.ndarray, context: int, norm: dict,
+                    batch_size: int) -> Iterable[torch.Tensor]:
+    """Batches of min–max-scaled ``(B, context, C, F)`` inputs for the given volume indices."""
+    scale = norm["max"] - norm["min"]
+    for start in range(0, len(volumes), batch_size):
+        x = np.stack([spec[j - context:j] for j in volumes[start:start + batch_size]])
+        yield torch.from_numpy((x - norm["min"]) / scale).float()
+
+
+def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, out_path: str | Path,
+                               *, target: str | Path | None = None, tr: float | None = None,
+                               sources: Sequence[str] = (), device: str = "cpu",
+                               batch_size: int = 16) -> Path:
+    """Synthesise a run's BOLD series from its spectrogram with a stored model.
+
+    Parameters
+    ----------
+    model_path : path
+        A ``model.pt`` written by the group level (e.g. ``OUT/models/final/model.pt``).
+    spectrogram : path
+        The run's ``*_desc-spec2vol_spectrogram.npy`` (its JSON sidecar next to it).
+    out_path : path
+        The ``*_desc-synth_bold.nii.gz`` to write (a JSON sidecar is written next to it).
+    target : path | None
+        The run's ``*_desc-target_bold.nii.gz``: its affine is used and the series stops at its
+        last volume. Without it (EEG-only runs) the grid the model was trained on is used.
+    tr : float | None
+        Repetition time in seconds (default: the spectrogram sidecar's ``RepetitionTime``).
+    sources : list of str
+        Extra ``Sources`` for the sidecar (e.g. the raw EEG file's BIDS URI).
+    device : str
+        Torch device.
+    batch_size : int
+        Volumes per forward pass.
+
+    Returns
+    -------
+    out_path : Path
+
+    Notes
+    -----
+    Channels are matched by name to the model's list; missing ones are interpolated (with a
+    warning naming them) and more than 20 % missing is refused (see :func:`match_channels`).
+    """
+    spectrogram = Path(spectrogram)
+    if not Path(model_path).is_file():
+        raise MissingInputError("the model file does not exist", path=model_path)
+    model, meta = load_checkpoint(model_path, map_location=device)
+    extra = meta.get("extra") or {}
+    side = read_json(spectrogram.with_suffix(".json"))
+    spec = np.load(spectrogram, mmap_mode="r")
+    spec = match_channels(spec, side["Channels"], meta["channels"], path=spectrogram)
+    context = int(side.get("Context", extra.get("Context", 20)))
+    first = int(side.get("DiscardVolumes", extra.get("DiscardVolumes", 6))) + context
+    n_volumes = spec.shape[0]
+    if target is not None:
+        ref = nib.load(target)
+        affine, n_volumes = ref.affine, min(n_volumes, ref.shape[3])
+    elif "TargetAffine" in extra:
+        affine = np.asarray(extra["TargetAffine"], dtype=float)
+    else:
+        raise DataError("the model stores no target grid; give the run's target", path=model_path)
+    volumes = np.arange(first, n_volumes)
+    if not len(volumes):
+        raise DataError(f"the run has {spec.shape[0]} EEG windows, too few for discard + context "
+                        f"({first}) + 1", path=spectrogram)
+    pred = predict(model, context_batches(spec, volumes, context, meta["norm_stats"], batch_size), device)
+    entities = parse_entities(spectrogram.name)
+    return write_synth(pred, out_path, affine=affine,
+                       tr=float(tr if tr is not None else side["RepetitionTime"]),
+                       first_volume=first, sidecar={
+                           "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
+                           "Sources": [f"bids::{_relative(spectrogram, entities)}", *sources,
+                                       str(model_path)],
+                       })
+
+
+def _relative(spectrogram: Path, entities: dict) -> str:
+    """The spectrogram's path relative to the derivative dataset root."""
+    parts = spectrogram.parts
+    start = parts.index(f"sub-{entities['subject']}") if f"sub-{entities['subject']}" in parts else -1
+    return "/".join(parts[start:])

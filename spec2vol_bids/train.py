@@ -1,0 +1,348 @@
+"""One training run: the published protocol, checkpoint/resume and DDP.
+
+Defaults follow the authors: loss 0.5·(1 − SSIM) + 0.5·MSE, AdamW (lr 1e-3, weight decay
+1e-2), batch 16 with 2-step gradient accumulation, 50 epochs, cosine schedule with hard restarts
+every 10 epochs after 50 warm-up steps, gradient clipping at 1.0. Checkpoint selection never
+looks at test data: the last epoch, or the best SSIM on one held-out *training* subject.
+
+Every epoch ends with an atomic checkpoint (weights, optimiser, schedule, RNG states, history)
+and the data order of an epoch is a pure function of ``(seed, epoch)``, so a fold killed at any
+moment resumes at its last finished epoch and ends with the same weights as an uninterrupted run.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same code trains with DistributedDataParallel: each
+rank takes every ``world``-th sample of the epoch's order, gradients are averaged, only rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchmetrics.functional.image import structural_similarity_index_measure
+from tqdm import tqdm
+
+from spec2vol_bids.data import PairedDataset, Run, norm_stats
+from spec2vol_bids.derivatives import atomic_path
+from spec2vol_bids.errors import DataError, UsageError
+from spec2vol_bids.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training options (defaults: the published protocol)."""
+
+    model: str = "spec2vol"
+    size: str = "full"
+    epochs: int = 50
+    batch_size: int = 16
+    grad_accum: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 50
+    restart_epochs: int = 10
+    clip_grad: float = 1.0
+    select: str = "last"
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, opts, **changes) -> "TrainConfig":
+        """Build from the command line's namespace (``model_config`` → ``size``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"size", "progress", "num_workers"}
+        values = {name: getattr(opts, name) for name in names if getattr(opts, name, None) is not None}
+        values["size"] = getattr(opts, "model_config", None) or cls.size
+        values["progress"] = getattr(opts, "verbose", 1) > 0
+        values.update(changes)
+        return cls(**values)
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "restart_epochs"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
+            raise UsageError("--lr must be positive; --weight-decay, --warmup-steps and "
+                             "--clip-grad must not be negative")
+        if self.select not in ("last", "val"):
+            raise UsageError(f"--select must be 'last' or 'val', not {self.select!r}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """A trained model with what is needed to store and describe it."""
+
+    model: torch.nn.Module
+    norm: dict
+    history: list[dict]
+    selected_epoch: int
+    out_shape: tuple
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+def distributed() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from torchrun's environment (``(0, 1, 0)`` without it)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main() -> bool:
+    return distributed()[0] == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device auto|cpu|cuda``; starts the process group under torchrun."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    _, world, local_rank = distributed()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# -- protocol ---------------------------------------------------------------------------------
+
+def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5·(1 − SSIM) + 0.5·MSE, SSIM in 2-D with the D slices as channels (data range 1)."""
+    pred = pred.float()
+    ssim = structural_similarity_index_measure(pred, target, data_range=1.0, kernel_size=11, sigma=1.5)
+    return 0.5 * (1.0 - ssim) + 0.5 * torch.nn.functional.mse_loss(pred, target)
+
+
+def lr_factor(step: int, *, warmup_steps: int, cycle_steps: int) -> float:
+    """Linear warm-up, then cosine decay restarted every ``cycle_steps`` optimiser steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    phase = ((step - warmup_steps) % cycle_steps) / cycle_steps
+    return 0.5 * (1.0 + math.cos(math.pi * phase))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The sample order of one epoch, a function of ``(seed, epoch)`` only."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def shard(order: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s share of ``order``, padded by wrapping so every rank has as many steps."""
+    if world == 1:
+        return order
+    total = math.ceil(len(order) / world) * world
+    padded = (order * math.ceil(total / max(len(order), 1)))[:total]
+    return padded[rank::world]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)),
+                                                      pos, has_gauss, gauss],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_tuples(state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    """Python's RNG state with the tuples a weights-only load may have turned into lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# -- training ---------------------------------------------------------------------------------
+
+def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfig, *,
+          work_dir: str | Path, checkpoint: str | Path, val_runs: Sequence[Run] = (),
+          description: str = "") -> TrainResult:
+    """Train one model on ``train_runs`` and return it with its normalisation and history.
+
+    Parameters
+    ----------
+    train_runs : list of Run
+        Training runs (with targets); the EEG min–max scaling comes from these only.
+    channels : list of str
+        EEG channels in model order.
+    config : TrainConfig
+        The protocol.
+    work_dir : path
+        Where targets are cached.
+    checkpoint : path
+        The per-epoch checkpoint file; training resumes from it when it exists and was made with
+        the same configuration and data.
+    val_runs : list of Run
+        A held-out training subject's runs for ``select="val"``.
+    description : str
+        Shown on the progress bar and in log lines (e.g. ``"fold 01 spec2vol"``).
+    """
+    config.check()
+    if config.select == "val" and not val_runs:
+        raise DataError("--select val needs a held-out training subject; there are too few subjects")
+    device = resolve_device(config.device)
+    rank, world, local_rank = distributed()
+    norm = norm_stats(train_runs, channels)
+    train_set = PairedDataset(train_runs, channels, norm, work_dir)
+    if len(train_set) == 0:
+        raise DataError("no training samples: runs are shorter than discard + context + 1 volumes")
+    val_set = PairedDataset(val_runs, channels, norm, work_dir) if config.select == "val" else None
+    out_shape = train_set.target_shape()
+    context = train_runs[0].context
+
+    seed_everything(config.seed)
+    model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
+                        out_shape=out_shape, context=context, size=config.size).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    local_batch = max(1, config.batch_size // world)
+    batches = math.ceil(math.ceil(len(train_set) / world) / local_batch)
+    steps_per_epoch = math.ceil(batches / config.grad_accum)
+    cycle = max(1, config.restart_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps=config.warmup_steps, cycle_steps=cycle))
+    fingerprint = json.dumps({**dataclasses.asdict(config), "progress": None, "num_workers": None,
+                              "device": None, "world": world, "channels": list(channels),
+                              "runs": [str(r.spectrogram.name) for r in train_runs],
+                              "val": [str(r.spectrogram.name) for r in val_runs], "norm": norm},
+                             sort_keys=True)
+    history, best, start_epoch = [], {"ssim": -math.inf, "epoch": 0, "state": None}, 0
+    checkpoint = Path(checkpoint)
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            history, best, start_epoch = state["history"], state["best"], state["epoch"]
+            logger.info("%s: resuming after epoch %d from %s", description, start_epoch, checkpoint)
+        else:
+            logger.warning("%s: ignoring checkpoint %s, made with other options or data",
+                           description, checkpoint)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    for epoch in range(start_epoch, config.epochs):
+        tic = time.perf_counter()
+        indices = shard(epoch_order(config.seed, epoch, len(train_set)), rank, world)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=indices,
+                                             num_workers=config.num_workers,
+                                             pin_memory=device.type == "cuda")
+        train_loss = _train_epoch(net, model, loader, optimizer, scheduler, config, device,
+                                  desc=f"{description} epoch {epoch + 1}/{config.epochs}",
+                                  show=config.progress and rank == 0)
+        row = {"epoch": epoch + 1, "step": scheduler.last_epoch, "train_loss": train_loss,
+               "val_loss": float("nan"), "val_ssim": float("nan"),
+               "lr": optimizer.param_groups[0]["lr"]}
+        if val_set is not None:
+            row["val_loss"], row["val_ssim"] = validate(model, val_set, device, local_batch)
+            if row["val_ssim"] > best["ssim"]:
+                best = {"ssim": row["val_ssim"], "epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        row["seconds"] = time.perf_counter() - tic
+        history.append(row)
+        logger.info("%s epoch %d/%d: train loss %.4f, val SSIM %.4f, %.1f s", description,
+                    epoch + 1, config.epochs, train_loss, row["val_ssim"], row["seconds"])
+        if rank == 0:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"fingerprint": fingerprint, "epoch": epoch + 1,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                            "history": history, "best": best}, tmp)
+        barrier()
+
+    selected = config.epochs
+    if config.select == "val":
+        model.load_state_dict(best["state"])
+        selected = best["epoch"]
+    model.eval()
+    return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
+                       out_shape=out_shape)
+
+
+def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, desc, show) -> float:
+    net.train()
+    total, count, seen, tic = 0.0, 0, 0, time.perf_counter()
+    n_batches = len(loader)
+    bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, file=sys.stderr,
+               disable=not show or None, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # the last group of an epoch may hold fewer than grad_accum batches
+        group = min(config.grad_accum, n_batches - (i // config.grad_accum) * config.grad_accum)
+        stepping = (i + 1) % config.grad_accum == 0 or i + 1 == n_batches
+        sync = net.no_sync() if (not stepping and net is not model) else contextlib.nullcontext()
+        with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(net(x), y)
+        with sync:
+            (loss / group).backward()
+        if stepping:
+            if config.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+        seen += len(x)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / count:.4f}",
+                        samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}")
+    bar.close()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def validate(model, dataset: PairedDataset, device: torch.device, batch_size: int) -> tuple[float, float]:
+    """Mean loss and mean 2-D SSIM of ``model`` over ``dataset``."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loss_sum, ssim_sum, n = 0.0, 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(x)
+        pred = pred.float()
+        ssim = structural_similarity_index_measure(pred, y, data_range=1.0, kernel_size=11,
+                                                   sigma=1.5, reduction="none")
+        loss_sum += float(loss_fn(pred, y)) * len(x)
+        ssim_sum += float(ssim.sum())
+        n += len(x)
+    return loss_sum / n, ssim_sum / n
