@@ -1,0 +1,428 @@
+"""Every bad input is answered with an exit code and one line naming the culprit.
+
+Each case damages a private copy of a small simulated dataset in one way and runs the BIDS-App
+as a user would (``python -m spec2vol_bids`` in a subprocess). It asserts the exit code, a single
+``spec2vol: error:`` line naming the file or option, no traceback, and that OUTPUT_DIR holds no
+temporary file, no file that fails to load and no output of the failing run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import PARTICIPANT_OPTIONS, assert_clean_failure, partial_files, run_spec2vol, unreadable_outputs
+
+def eeg_file(bids: Path, subject: str = "01", ext: str = ".vhdr") -> Path:
+    return bids / f"sub-{subject}" / "eeg" / f"sub-{subject}_task-rest_eeg{ext}"
+
+
+def bold_file(bids: Path, subject: str = "01", ext: str = ".nii.gz") -> Path:
+    return bids / f"sub-{subject}" / "func" / f"sub-{subject}_task-rest_bold{ext}"
+
+
+def spectrogram(out: Path, subject: str = "01") -> Path:
+    return out / f"sub-{subject}" / "eeg" / f"sub-{subject}_task-rest_desc-spec2vol_spectrogram.npy"
+
+
+def target(out: Path, subject: str = "01") -> Path:
+    return out / f"sub-{subject}" / "func" / f"sub-{subject}_task-rest_desc-target_bold.nii.gz"
+
+
+def synth(out: Path, subject: str = "01") -> Path:
+    return out / f"sub-{subject}" / "func" / f"sub-{subject}_task-rest_desc-synth_bold.nii.gz"
+
+
+def participant(bids: Path, out: Path, *extra, label: str = "01"):
+    """The participant level for one participant, with the options that fit the simulation."""
+    return run_spec2vol(bids, out, "participant", "--participant-label", label, *PARTICIPANT_OPTIONS, *extra)
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its size and modification time."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- BrainVision helpers --------------------------------------------------------------------
+
+def vhdr_entries(vhdr: Path) -> dict:
+    text = vhdr.read_text(encoding="utf-8")
+    return dict(re.findall(r"^(\w+)=(.*)$", text, flags=re.M))
+
+
+def set_vhdr_entry(vhdr: Path, key: str, value: str) -> None:
+    text = vhdr.read_text(encoding="utf-8")
+    text, n = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+    assert n == 1
+    vhdr.write_text(text, encoding="utf-8")
+
+
+def eeg_samples(vhdr: Path) -> np.memmap:
+    """The multiplexed float32 samples of a simulated recording, writable in place."""
+    entries = vhdr_entries(vhdr)
+    assert entries["BinaryFormat"] == "IEEE_FLOAT_32" and entries["DataOrientation"] == "MULTIPLEXED"
+    n_channels = int(entries["NumberOfChannels"])
+    data_file = vhdr.parent / entries["DataFile"]
+    return np.memmap(data_file, dtype="<f4", mode="r+").reshape(-1, n_channels)
+
+
+def channel_index(vhdr: Path, name: str) -> int:
+    entries = vhdr_entries(vhdr)
+    return next(int(k[2:]) - 1 for k, v in entries.items() if k.startswith("Ch") and v.split(",")[0] == name)
+
+
+# -- the dataset and its place --------------------------------------------------------------
+
+def test_bids_dir_missing(tmp_path):
+    out = tmp_path / "out"
+    proc = run_spec2vol(tmp_path / "nowhere", out, "participant")
+    assert_clean_failure(proc, 66, "BIDS_DIR", "nowhere")
+    assert not out.exists()
+
+
+def test_bids_dir_is_a_file(tmp_path):
+    bids = tmp_path / "dataset.zip"
+    bids.write_bytes(b"PK\x03\x04")
+    proc = run_spec2vol(bids, tmp_path / "out", "participant")
+    assert_clean_failure(proc, 66, "BIDS_DIR", "dataset.zip")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_dataset_description(simulated_bids, tmp_path):
+    (simulated_bids / "dataset_description.json").unlink()
+    proc = participant(simulated_bids, tmp_path / "out")
+    assert_clean_failure(proc, 16, "dataset_description.json", str(simulated_bids))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", [".", "sub-01/spec2vol", "derivatives"])
+def test_output_dir_in_the_raw_tree(simulated_bids, where):
+    before = snapshot(simulated_bids)
+    out = (simulated_bids / where)
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 64, "OUTPUT_DIR")
+    assert snapshot(simulated_bids) == before
+
+
+def test_output_dir_not_writable(simulated_bids, tmp_path):
+    # root ignores permissions, so use a path that nobody can create: one below a regular file
+    (tmp_path / "plain-file").write_text("not a folder")
+    out = tmp_path / "plain-file" / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 73, "plain-file")
+
+
+def test_participant_label_not_in_dataset(simulated_bids, tmp_path):
+    proc = participant(simulated_bids, tmp_path / "out", label="09")
+    assert_clean_failure(proc, 18, "09", out_dir=tmp_path / "out")
+    assert not list((tmp_path / "out").glob("sub-*"))
+
+
+@pytest.mark.parametrize("label", ["../01", "01/../02", "sub-01/eeg", "..", "01\\02"])
+def test_label_with_path_separator(simulated_bids, tmp_path, label):
+    proc = participant(simulated_bids, tmp_path / "out", label=label)
+    assert_clean_failure(proc, 64, "--participant-label")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_option_in_config_file(simulated_bids, tmp_path):
+    config = tmp_path / "spec2vol.toml"
+    config.write_text('participant-label = ["01"]\nlearning-rate-warmup = 3\n', encoding="utf-8")
+    proc = run_spec2vol(simulated_bids, tmp_path / "out", "participant", "--config-file", config)
+    assert_clean_failure(proc, 64, "learning-rate-warmup", str(config))
+    assert not (tmp_path / "out").exists()
+
+
+# -- EEG ------------------------------------------------------------------------------------
+
+def test_brainvision_data_file_missing(simulated_bids, tmp_path):
+    eeg_file(simulated_bids, ext=".eeg").unlink()
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, eeg_file(simulated_bids).name, "DataFile", out_dir=out)
+    assert not spectrogram(out).exists()
+
+
+def test_brainvision_wrong_data_file_name_is_recovered(simulated_bids, tmp_path):
+    vhdr = eeg_file(simulated_bids)
+    set_vhdr_entry(vhdr, "DataFile", "recording-renamed.eeg")
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "recording-renamed.eeg" in line]
+    assert warning and "WARNING" in warning[0] and eeg_file(simulated_bids, ext=".eeg").name in warning[0]
+    spec = np.load(spectrogram(out))
+    assert spec.shape[:2] == (20, 16) and np.isfinite(spec).all()
+    assert vhdr.read_text(encoding="utf-8").count("recording-renamed.eeg") == 1  # input untouched
+
+
+def test_eeg_truncated_mid_sample(simulated_bids, tmp_path):
+    data = eeg_file(simulated_bids, ext=".eeg")
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size - 6)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, data.name, "truncated", out_dir=out)
+    assert not spectrogram(out).exists()
+
+
+def test_eeg_shorter_than_the_volumes(simulated_bids, tmp_path):
+    # keep 2 s before the first volume and 5 TR windows: discard 2 + context 4 + 1 = 7 are needed
+    vhdr = eeg_file(simulated_bids)
+    n_channels = int(vhdr_entries(vhdr)["NumberOfChannels"])
+    keep = int((2.0 + 5 * 2.0) * 250)
+    data = eeg_file(simulated_bids, ext=".eeg")
+    with open(data, "r+b") as fh:
+        fh.truncate(keep * n_channels * 4)
+    set_vhdr_entry(vhdr, "DataPoints", str(keep))
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, "sub-01_task-rest_eeg.", "covers", out_dir=out)
+    assert not spectrogram(out).exists()
+
+
+def test_real_raw_eeg_shorter_than_its_bold_series(filled_noddi_source, tmp_path):
+    """The NODDI layout's real headers: 10 s of raw 5 kHz EEG, no volume markers, 300 volumes."""
+    out = tmp_path / "out"
+    proc = run_spec2vol(filled_noddi_source, out, "participant", "--participant-label", "32",
+                        "--skip-bids-validation", "--omp-nthreads", "1")
+    assert_clean_failure(proc, 65, "sub-32_task-rest_eeg.", "covers", out_dir=out)
+    assert "no volume markers found" in proc.stderr
+    assert not list(out.glob("sub-32/eeg/*"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nan_or_inf_in_eeg(simulated_bids, tmp_path, value):
+    vhdr = eeg_file(simulated_bids)
+    samples = eeg_samples(vhdr)
+    samples[3000:3010, channel_index(vhdr, "C4")] = value
+    samples.flush()
+    del samples
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, "sub-01_task-rest_eeg.", "NaN or infinite", out_dir=out)
+    assert not spectrogram(out).exists()
+
+
+def test_flat_channel_is_dropped_with_a_warning(simulated_bids, tmp_path):
+    vhdr = eeg_file(simulated_bids)
+    samples = eeg_samples(vhdr)
+    samples[:, channel_index(vhdr, "C3")] = 12.5
+    samples.flush()
+    del samples
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert any("WARNING" in line and "flat" in line and "C3" in line for line in proc.stderr.splitlines())
+    sidecar = json.loads(spectrogram(out).with_suffix(".json").read_text())
+    assert "C3" not in sidecar["Channels"] and len(sidecar["Channels"]) == 15
+    assert "C3" in sidecar["DroppedChannels"]
+    spec = np.load(spectrogram(out))
+    assert spec.shape == (20, 15, 16) and np.isfinite(spec).all()
+
+
+def test_marker_spacing_disagrees_with_repetition_time(simulated_bids, tmp_path):
+    # volume markers every 2.2 s, in the .vmrk and in events.tsv, for a RepetitionTime of 2.0 s
+    vmrk = eeg_file(simulated_bids, ext=".vmrk")
+    lines = vmrk.read_text(encoding="utf-8").splitlines()
+    k = 0
+    for i, line in enumerate(lines):
+        if re.match(r"Mk\d+=Response,R128,", line):
+            fields = line.split(",")
+            fields[2] = str(501 + k * 550)
+            lines[i], k = ",".join(fields), k + 1
+    assert k == 20
+    vmrk.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    events = eeg_file(simulated_bids, ext=".tsv").with_name("sub-01_task-rest_events.tsv")
+    rows = events.read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 21 and rows[0].split("\t")[0] == "onset"
+    rows[1:] = [f"{2.0 + k * 2.2:.3f}\t0.004\tResponse/R128\t1\t{500 + k * 550}" for k in range(20)]
+    events.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, "sub-01_task-rest_eeg.", "RepetitionTime", out_dir=out)
+    assert not spectrogram(out).exists()
+
+
+# -- BOLD -----------------------------------------------------------------------------------
+
+def test_zero_byte_nifti(simulated_bids, tmp_path):
+    bold_file(simulated_bids).write_bytes(b"")
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, bold_file(simulated_bids).name, "empty", out_dir=out)
+    assert not target(out).exists() and not spectrogram(out).exists()
+
+
+@pytest.mark.parametrize("damage", ["not-gzip", "mid-stream"])
+def test_corrupt_gzip(simulated_bids, tmp_path, damage):
+    bold = bold_file(simulated_bids)
+    raw = bytearray(bold.read_bytes())
+    if damage == "not-gzip":
+        raw = bytearray(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8)
+    else:  # the header decompresses, the volumes do not
+        middle = len(raw) // 2
+        raw[middle:middle + 4096] = bytes(4096)
+    bold.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, bold.name, out_dir=out)
+    assert not target(out).exists()
+
+
+def test_three_dimensional_bold(simulated_bids, tmp_path):
+    bold = bold_file(simulated_bids)
+    img = nib.load(bold)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., 0]), img.affine, img.header), bold)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, bold.name, "4-D", out_dir=out)
+    assert not target(out).exists()
+
+
+def test_repetition_time_missing_from_sidecar_and_header(simulated_bids, tmp_path):
+    sidecar = bold_file(simulated_bids, ext=".json")
+    meta = json.loads(sidecar.read_text())
+    del meta["RepetitionTime"]
+    sidecar.write_text(json.dumps(meta))
+    bold = bold_file(simulated_bids)
+    img = nib.load(bold)
+    header = img.header.copy()
+    header["pixdim"][4] = 0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header), bold)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, bold.name, "RepetitionTime", out_dir=out)
+    assert not target(out).exists()
+
+
+def test_target_grid_the_network_cannot_produce(simulated_bids_source, tmp_path):
+    """Targets of 16x16 in-plane are fine for the participant level, not for Spec2VolCAMU-Net."""
+    out = tmp_path / "out"
+    options = list(PARTICIPANT_OPTIONS)
+    options[options.index("--target-grid") + 1:options.index("--target-grid") + 3] = ["16", "16"]
+    proc = run_spec2vol(simulated_bids_source, out, "participant", "--participant-label", "01", "02", *options)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_spec2vol(simulated_bids_source, out, "group", "--model-config", "tiny", "--epochs", "1",
+                        "--omp-nthreads", "1", "--no-final")
+    assert proc.returncode in (64, 65), proc.stderr
+    assert_clean_failure(proc, proc.returncode, "grid", out_dir=out)
+    assert not list(out.glob("models/*/model.pt"))
+
+
+# -- trained models (participant --model) ----------------------------------------------------
+
+def save_tiny_model(path: Path, channels: list[str], *, freq_bins: int = 16, context: int = 4) -> Path:
+    """An untrained tiny Spec2VolCAMU-Net stored as the group level stores its models."""
+    from spec2vol_bids.models import build_model, save_checkpoint
+
+    model = build_model("spec2vol", eeg_channels=len(channels), freq_bins=freq_bins,
+                        out_shape=(8, 32, 32), context=context, size="tiny")
+    extra = {"Fold": "final", "RepetitionTime": 2.0, "Context": context, "DiscardVolumes": 2,
+             "TargetShape": [32, 32, 8], "TargetAffine": np.eye(4).tolist()}
+    return save_checkpoint(path, model, model_name="spec2vol", channels=channels,
+                           norm_stats={"min": -3.0, "max": 3.0}, extra=extra)
+
+
+@pytest.fixture()
+def model_channels(participant_outputs_source) -> list[str]:
+    return json.loads(spectrogram(participant_outputs_source).with_suffix(".json").read_text())["Channels"]
+
+
+def test_good_model_synthesises(simulated_bids, participant_outputs, model_channels, tmp_path):
+    """The control of the model cases below: a sound model file synthesises BOLD (exit 0)."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels)
+    proc = participant(simulated_bids, participant_outputs, "--model", model)
+    assert proc.returncode == 0, proc.stderr
+    assert nib.load(synth(participant_outputs)).shape == (32, 32, 8, 20 - 6)
+    assert partial_files(participant_outputs) == []
+
+
+def test_too_many_model_channels_missing(simulated_bids, participant_outputs, model_channels, tmp_path):
+    # the model knows 5 channels the recording lacks: 5 of 21 (24 %) are missing
+    extra = ["Fz", "Pz", "Oz", "FC1", "FC2"]
+    assert not set(extra) & set(model_channels)
+    model = save_tiny_model(tmp_path / "model.pt", model_channels + extra)
+    proc = participant(simulated_bids, participant_outputs, "--model", model)
+    assert_clean_failure(proc, 65, "missing", "Fz", out_dir=participant_outputs)
+    assert not synth(participant_outputs).exists()
+
+
+def test_model_weights_do_not_fit_its_configuration(simulated_bids, tmp_path, model_channels):
+    import torch
+
+    model = save_tiny_model(tmp_path / "model.pt", model_channels)
+    payload = torch.load(model, weights_only=True)
+    payload["config"]["width"] = 2 * payload["config"]["width"]
+    torch.save(payload, model)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out, "--model", model)
+    assert_clean_failure(proc, 65, str(model), out_dir=out)
+    assert not synth(out).exists()
+
+
+def test_model_from_another_preprocessing(simulated_bids, participant_outputs, model_channels, tmp_path):
+    # trained on 32 frequency bins and 6 windows of context; these spectrograms have 16 and 4
+    model = save_tiny_model(tmp_path / "model.pt", model_channels, freq_bins=32, context=6)
+    proc = participant(simulated_bids, participant_outputs, "--model", model)
+    assert_clean_failure(proc, 65, "model.pt", out_dir=participant_outputs)
+    assert not synth(participant_outputs).exists()
+
+
+class _Payload:
+    """Unpickling this object runs ``open(marker, "w")``, creating the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_model_file_that_runs_code_is_never_executed(simulated_bids, tmp_path, writer):
+    import torch
+
+    marker = tmp_path / "pwned"
+    model = tmp_path / "model.pt"
+    payload = {"format": "spec2vol-model", "format_version": 1, "config": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(payload, model)
+    else:
+        model.write_bytes(pickle.dumps(payload, protocol=2))
+    assert not marker.exists()
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out, "--model", model)
+    assert_clean_failure(proc, 65, str(model), out_dir=out)
+    assert not marker.exists()
+    assert not out.exists() or not list(out.glob("sub-*"))
+
+
+def test_unpickling_the_payload_would_create_the_marker(tmp_path):
+    """The check above is meaningful: an unsafe load of such a file does run its code."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps({"config": _Payload(marker)}, protocol=2))["config"].close()
+    assert marker.exists()
+
+
+def test_no_partial_files_helper_sees_partial_writes(tmp_path):
+    """The 'nothing half-written' checks catch what they look for."""
+    (tmp_path / "sub-01").mkdir()
+    (tmp_path / "sub-01" / ".x_bold.nii.gz.abc123.tmp.nii.gz").write_bytes(b"")
+    with gzip.open(tmp_path / "sub-01" / "x_bold.nii.gz", "wb") as fh:
+        fh.write(b"\x00" * 100)
+    np.save(tmp_path / "ok.npy", np.zeros(3))
+    (tmp_path / "bad.npy").write_bytes(np.load(tmp_path / "ok.npy").tobytes()[:5])
+    assert [p.name for p in partial_files(tmp_path)] == [".x_bold.nii.gz.abc123.tmp.nii.gz"]
+    assert [line.split(":")[0] for line in unreadable_outputs(tmp_path)] == [
+        str(tmp_path / "bad.npy"), str(tmp_path / "sub-01" / "x_bold.nii.gz")]
