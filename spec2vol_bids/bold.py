@@ -27,7 +27,7 @@ MAX_NATIVE_SLICES = 40
 
 # What nibabel and the decompressors raise on corrupt, truncated or non-NIfTI files.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-                nib.filebasedimages.ImageFileError)
+                nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
 
 
 def load_bold(path):
@@ -60,8 +60,8 @@ def load_bold(path):
         img = nib.load(path, keep_file_open=True)
     except _READ_ERRORS as exc:
         raise DataError(f"cannot read the BOLD file ({_one_line(exc)})", path=path) from exc
-    if len(img.shape) != 4 or img.shape[3] < 1:
-        raise DataError(f"a BOLD series must be 4-D; this image is {'×'.join(map(str, img.shape))}",
+    if len(img.shape) != 4 or min(img.shape) < 1:
+        raise DataError(f"a BOLD series must be 4-D with no empty dimension; this image is {'×'.join(map(str, img.shape))}",
                         path=path)
     return img
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -39,7 +40,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise OutputError(f"cannot create folder ({exc.strerror})", path=path.parent) from exc
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}",
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp creates 0600 files; outputs should get the permissions any new file would.
@@ -52,6 +54,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise OutputError(f"cannot write file ({exc.strerror or exc})", path=path, code=code) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files that killed processes left behind under ``folder``.
+
+    A temporary file of :func:`atomic_path` carries its writer's process id; it is stale when
+    no process of that id is running (a live writer, e.g. a concurrent job, is left alone).
+    """
+    removed = []
+    for path in Path(folder).rglob(".*.tmp*"):
+        match = _TEMPORARY.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path.
+
+    Serialisers that report a failed write in their own way (``torch.save`` raises
+    ``RuntimeError`` on a full disk) should serialise to memory and write through this, so a full
+    disk is reported as exit 74 like any other write.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -130,6 +172,7 @@ def init_output_dataset(out_dir: str | Path, bids_dir: str | Path) -> Path:
         ) from exc
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError("the output folder is not writable; choose another OUTPUT_DIR", path=out_dir)
+    remove_stale_temporaries(out_dir)
     desc_file = out_dir / "dataset_description.json"
     if not desc_file.exists():
         bids_name = None

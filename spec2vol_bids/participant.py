@@ -131,6 +131,8 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     spec, channels, flat = eeg_mod.drop_flat_channels(spec, channels, source=pair.eeg)
     dropped = sorted(set(raw.ch_names) - set(channels))
     fs = float(raw.info["sfreq"])
+    # Figures and array first, sidecar last: the sidecar's hash marks the run as done.
+    _qc_figures(pair, opts, timing, tr, spec, freqs, channels)
     with atomic_path(npy) as tmp:
         np.save(tmp, spec.astype(np.float32, copy=False))
     write_json(sidecar, {
@@ -150,7 +152,6 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
         "Sources": [_relative_source(pair.eeg, opts["bids_dir"])],
         "InputHash": digest,
     })
-    _qc_figures(pair, opts, timing, tr, spec, freqs, channels)
     result.n_windows, result.channels, result.dropped_channels = spec.shape[0], channels, dropped
     result.marker, result.t0 = timing.marker, float(timing.t0)
     LOGGER.info("%s: %d windows x %d channels x %d bins (t0 %.3f s, marker %s)", pair.label,

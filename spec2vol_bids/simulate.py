@@ -829,7 +829,8 @@ def simulate_dataset(
     out_dir = Path(out_dir)
     replace = _check_output(out_dir, overwrite)
     target = out_dir.absolute()
-    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    # No ".<name>" pattern: mne-bids takes any path containing ".ds" for a CTF recording.
+    partial = target.parent / f".partial-{os.getpid()}-{target.name}"
     try:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

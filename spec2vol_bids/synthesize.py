@@ -199,8 +199,14 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     extra = meta.get("extra") or {}
     side = read_json(spectrogram.with_suffix(".json"))
     spec = np.load(spectrogram, mmap_mode="r")
+    config = meta["config"]
+    if spec.shape[2] != config["freq_bins"]:
+        raise DataError(f"the model was trained on {config['freq_bins']} frequency bins but "
+                        f"{spectrogram.name} has {spec.shape[2]}; rerun the participant level with "
+                        f"--freq-bins {config['freq_bins']}", path=model_path)
     spec = match_channels(spec, side["Channels"], meta["channels"], path=spectrogram)
-    context = int(side.get("Context", extra.get("Context", 20)))
+    # The windows do not depend on the context length: the model's own context is what it needs.
+    context = int(config["context"])
     first = int(side.get("DiscardVolumes", extra.get("DiscardVolumes", 6))) + context
     n_volumes = spec.shape[0]
     if target is not None:

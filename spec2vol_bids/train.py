@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 from spec2vol_bids.data import PairedDataset, Run, norm_stats
-from spec2vol_bids.derivatives import atomic_path
+from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.models import build_model
 
@@ -225,8 +226,16 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
     context = train_runs[0].context
 
     seed_everything(config.seed)
-    model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
-                        out_shape=out_shape, context=context, size=config.size).to(device)
+    try:
+        model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
+                            out_shape=out_shape, context=context, size=config.size).to(device)
+    except ValueError as exc:
+        # The network cannot produce this grid or take these inputs: the participant-level
+        # options (--target-grid, --freq-bins) have to change, not the code.
+        raise DataError(f"{config.model} cannot be built for targets of shape {tuple(out_shape)} "
+                        f"from {len(channels)} channels x {train_set.freq_bins()} bins ({exc}); rerun "
+                        "the participant level with another --target-grid or --freq-bins",
+                        path=train_runs[0].spectrogram) from exc
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     local_batch = max(1, config.batch_size // world)
     batches = math.ceil(math.ceil(len(train_set) / world) / local_batch)
@@ -280,11 +289,12 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
         logger.info("%s epoch %d/%d: train loss %.4f, val SSIM %.4f, %.1f s", description,
                     epoch + 1, config.epochs, train_loss, row["val_ssim"], row["seconds"])
         if rank == 0:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"fingerprint": fingerprint, "epoch": epoch + 1,
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                            "history": history, "best": best}, tmp)
+            buffer = io.BytesIO()
+            torch.save({"fingerprint": fingerprint, "epoch": epoch + 1,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                        "history": history, "best": best}, buffer)
+            write_bytes(checkpoint, buffer.getbuffer())
         barrier()
 
     selected = config.epochs
