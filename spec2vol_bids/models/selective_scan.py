@@ -17,9 +17,9 @@ backend:
   once more over the ``T`` positions from the carried states: ``2T + nc`` Python steps instead
   of ``L``. Every product is the same ``exp(delta * A) * h + ...`` as in the sequential scan,
   never a ratio of cumulative decays, so it is exact for any ``delta * A`` (from 0 to -inf)
-  and any length. Its backward is hand-written (:class:`_ChunkedScan`): it keeps only the
-  inputs and recomputes the states, then runs the adjoint recurrence backwards with the
-  same chunking.
+  and any length. Its backward is hand-written (:class:`_ChunkedScan`): it keeps the
+  per-step decays and the states (not autograd's dozens of intermediate tensors) and runs
+  the adjoint recurrence backwards with the same chunking.
 * ``"mamba"`` -- mamba-ssm's fused CUDA kernel; needs the package and CUDA tensors.
 
 The automatic choice is ``"mamba"`` for CUDA tensors when mamba-ssm imports, ``"fast"``
@@ -123,10 +123,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         B = B[:, None]
     if C.dim() == 3:
         C = C[:, None]
-    if backend == "sequential":
-        y = _sequential(u, delta, A, B, C)
-    else:
-        y = _ChunkedScan.apply(u, delta, A, B, C)
+    # Autocast would run the contractions over states in half precision: keep it off.
+    with torch.autocast(u.device.type, enabled=False):
+        if backend == "sequential":
+            y = _sequential(u, delta, A, B, C)
+        else:
+            y = _ChunkedScan.apply(u, delta, A, B, C)
     if D is not None:
         y = y + u * D.to(work)[:, None]
     if z is not None:
@@ -152,49 +154,47 @@ def _sequential(u, delta, A, B, C):
 
 def _chunking(length: int) -> tuple[int, int]:
     """Chunk length T and chunk count nc for a sequence of ``length`` steps (T * nc >= L)."""
-    chunk = max(1, math.isqrt(length - 1) + 1) if length > 1 else 1
+    chunk = math.isqrt(length - 1) + 1 if length > 1 else 1
     return chunk, -(-length // chunk)
 
 
-def _to_chunks(x, chunk, n_chunks):
-    """(batch, c, L) -> (T, batch, c, nc), zero-padded at the end."""
+# Chunked layout: (T, batch, groups, nc, per_group, states). Position t of chunk c is
+# x[t, :, :, c]; a slice x[t] is contiguous for the recurrences, and every sum over states or
+# over the channels of a group is a batched matrix product over (T, batch, groups, nc).
+
+
+def _to_chunks(x, groups, chunk, n_chunks):
+    """(batch, groups * k, L) -> (T, batch, groups, nc, k), zero-padded at the end."""
     pad = chunk * n_chunks - x.shape[-1]
     if pad:
         x = F.pad(x, (0, pad))
-    return x.unflatten(-1, (n_chunks, chunk)).permute(3, 0, 1, 2)
+    x = x.view(x.shape[0], groups, -1, n_chunks, chunk)
+    return x.permute(4, 0, 1, 3, 2).contiguous()
 
 
 def _from_chunks(x, length):
-    """(T, batch, c, nc) -> (batch, c, L)."""
-    return x.permute(1, 2, 3, 0).flatten(-2)[..., :length]
+    """(T, batch, groups, nc, k) -> (batch, groups * k, L)."""
+    x = x.permute(1, 2, 4, 3, 0)
+    return x.reshape(x.shape[0], -1, x.shape[3] * x.shape[4])[..., :length]
 
 
-def _grouped(x, chunk, n_chunks):
-    """(batch, groups, states, L) -> (T, batch, groups, 1, nc, states)."""
-    x = _to_chunks(x.flatten(1, 2), chunk, n_chunks)  # (T, batch, groups*states, nc)
-    return x.unflatten(2, (-1, x.shape[2] // x.shape[2] if False else None) if False else
-                       (-1, 1)).squeeze(-1) if False else x
+def _scan_states(decay, drive):
+    """Run h[t] = decay[t] * h[t - 1] + drive[t] (h[-1] = 0) over chunked tensors.
 
-
-def _scan_states(decay, drive, chunk_first=None):
-    """Run h[t] = decay[t] * h[t-1] + drive[t] over the leading axis of chunked tensors.
-
-    ``decay`` and ``drive`` are (T, batch, channels, nc, states): position t of every chunk.
-    Returns the states at every position, (T, batch, channels, nc, states), with each chunk
-    starting from the state carried over from the end of the previous chunk.
+    Returns the states at every position, in the chunked layout.
     """
-    chunk = decay.shape[0]
+    chunk, n_chunks = decay.shape[0], decay.shape[3]
     # Pass 1: every chunk from a zero state, keeping only the chunk ends.
-    h = drive[0].clone()
+    h = drive[0]
     for t in range(1, chunk):
         h = torch.addcmul(drive[t], decay[t], h)
-    # The decay over a whole chunk is the product of its per-step decays.
+    # Across chunks: carry[:, :, c] is the true state just before chunk c; the decay over a
+    # whole chunk is the product of its per-step decays.
     total = decay.prod(0)
-    # Across chunks: carry[c] is the true state just before chunk c.
-    n_chunks = decay.shape[3]
     carry = torch.zeros_like(h)
     for c in range(1, n_chunks):
-        carry[:, :, c] = torch.addcmul(h[:, :, c - 1], total[:, :, c - 1], carry[:, :, c - 1])
+        torch.addcmul(h[:, :, c - 1], total[:, :, c - 1], carry[:, :, c - 1],
+                      out=carry[:, :, c])
     # Pass 2: the chunks again, from the carried states, keeping every state.
     states = torch.empty_like(drive)
     torch.addcmul(drive[0], decay[0], carry, out=states[0])
@@ -203,8 +203,31 @@ def _scan_states(decay, drive, chunk_first=None):
     return states
 
 
+def _scan_adjoint(decay, seed):
+    """Run g[t] = seed[t] + decay[t + 1] * g[t + 1] (zero past the end) backwards.
+
+    The adjoint of :func:`_scan_states`: the same passes, from the last position to the first.
+    """
+    chunk, n_chunks = decay.shape[0], decay.shape[3]
+    g = seed[chunk - 1]
+    for t in range(chunk - 2, -1, -1):
+        g = torch.addcmul(seed[t], decay[t + 1], g)
+    # carry[:, :, c] is what flows into the last position of chunk c from the right: the
+    # decay at the first position of chunk c + 1 times the true adjoint there.
+    total = decay.prod(0)
+    carry = torch.zeros_like(g)
+    for c in range(n_chunks - 1, 0, -1):
+        torch.addcmul(decay[0, :, :, c] * g[:, :, c], total[:, :, c], carry[:, :, c],
+                      out=carry[:, :, c - 1])
+    adjoint = torch.empty_like(seed)
+    torch.add(seed[chunk - 1], carry, out=adjoint[chunk - 1])
+    for t in range(chunk - 2, -1, -1):
+        torch.addcmul(seed[t], decay[t + 1], adjoint[t + 1], out=adjoint[t])
+    return adjoint
+
+
 class _ChunkedScan(torch.autograd.Function):
-    """Chunked selective scan (see the module docstring) with a recomputing backward.
+    """Chunked selective scan (see the module docstring) with a hand-written backward.
 
     Shapes: u, delta (batch, channels, L); A (channels, states); B, C (batch, groups,
     states, L). Returns y without the D skip and the gate, (batch, channels, L).
@@ -212,66 +235,56 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def _prepare(u, delta, A, B, C):
-        batch, channels, length = u.shape
         groups, states = B.shape[1], B.shape[2]
-        chunk, n_chunks = _chunking(length)
-        per_group = channels // groups
-        # (T, batch, groups, per_group, nc, 1) views of the per-channel sequences ...
-        delta_c = _to_chunks(delta, chunk, n_chunks).unflatten(2, (groups, per_group))[..., None]
-        du_c = _to_chunks(delta * u, chunk, n_chunks).unflatten(2, (groups, per_group))[..., None]
-        # ... and (T, batch, groups, 1, nc, states) views of the per-group projections.
-        B_c = _to_chunks(B.flatten(1, 2), chunk, n_chunks).unflatten(2, (groups, states))
-        B_c = B_c.permute(0, 1, 2, 4, 3)[:, :, :, None]
-        C_c = _to_chunks(C.flatten(1, 2), chunk, n_chunks).unflatten(2, (groups, states))
-        C_c = C_c.permute(0, 1, 2, 4, 3)[:, :, :, None]
-        A_c = A.unflatten(0, (groups, per_group))[:, :, None, :]  # (groups, per_group, 1, states)
-        decay = torch.exp(delta_c * A_c)  # (T, batch, groups, per_group, nc, states)
-        drive = du_c * B_c
-        return chunk, n_chunks, delta_c, du_c, A_c, B_c, C_c, decay, drive
+        chunk, n_chunks = _chunking(u.shape[-1])
+        u_c, delta_c = (_to_chunks(x, groups, chunk, n_chunks)[..., None] for x in (u, delta))
+        B_c, C_c = (_to_chunks(x.flatten(1, 2), groups, chunk, n_chunks)[..., None, :]
+                    for x in (B, C))  # (T, batch, groups, nc, 1, states)
+        A_c = A.view(groups, 1, -1, states)  # (groups, 1, per_group, states)
+        decay = (delta_c * A_c).exp_()
+        drive = (delta_c * u_c) * B_c
+        return u_c, delta_c, A_c, B_c, C_c, decay, drive
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        chunk, n_chunks, _, _, _, _, C_c, decay, drive = _ChunkedScan._prepare(u, delta, A, B, C)
-        shape = decay.shape
-        states = _scan_states(decay.flatten(2, 3), drive.flatten(2, 3)).view(shape)
-        y = (states * C_c).sum(-1).flatten(2, 3)  # (T, batch, channels, nc)
-        ctx.save_for_backward(u, delta, A, B, C)
-        return _from_chunks(y, u.shape[-1])
+        u_c, delta_c, A_c, B_c, C_c, decay, drive = _ChunkedScan._prepare(u, delta, A, B, C)
+        states = _scan_states(decay, drive)
+        y = torch.matmul(states, C_c.transpose(-1, -2))  # sum over the states
+        # The decays and states are kept (the backward needs them and not the drive):
+        # recomputing them would cost more time than they take memory.
+        ctx.save_for_backward(u_c, delta_c, A_c, B_c, C_c, decay, states)
+        ctx.length = u.shape[-1]
+        return _from_chunks(y.squeeze(-1), u.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, delta, A, B, C = ctx.saved_tensors
-        length = u.shape[-1]
-        chunk, n_chunks, delta_c, du_c, A_c, B_c, C_c, decay, drive = _ChunkedScan._prepare(
-            u, delta, A, B, C)
-        shape = decay.shape
-        states = _scan_states(decay.flatten(2, 3), drive.flatten(2, 3)).view(shape)
-        gy = _to_chunks(grad_y.contiguous(), chunk, n_chunks).unflatten(
-            2, (delta_c.shape[2], delta_c.shape[3]))[..., None]
-        # Adjoint recurrence: g[t] = gy[t] * C[t] + decay[t + 1] * g[t + 1], run backwards by
-        # flipping the whole sequence (positions within chunks and the chunk order).
-        seed = gy * C_c
-        flip = (lambda x: x.flip(0).flip(4))  # noqa: E731 - reverse the sequence order
-        next_decay = flip(decay)  # decay[t + 1] aligned with position t after the flip ...
-        next_decay = _shift_sequence(next_decay)  # ... by moving each element one step later
-        gstates = flip(_scan_states(next_decay.flatten(2, 3),
-                                    flip(seed).flatten(2, 3)).view(shape))
-        prev_states = flip(_shift_sequence(flip(states)))  # h[t - 1], zero at t = 0
-        # d/d decay[t] = g[t] * h[t - 1]; decay = exp(delta * A).
-        g_log_decay = gstates * prev_states * decay  # d/d (delta * A)
-        g_drive = gstates  # d/d (delta * u * B)
-        g_delta_c = (g_log_decay * A_c).sum(-1)
-        gBu = (g_drive * B_c).sum(-1)  # d/d (delta * u)
-        g_A = (g_log_decay * delta_c).sum((0, 1, 4))  # (groups, per_group, states)
-        g_B_c = (g_drive * du_c).sum(3)  # (T, batch, groups, nc, states)
-        g_C_c = (states * gy).sum(3)
-        g_delta_c = g_delta_c + gBu * u_chunks(u, chunk, n_chunks, delta_c)
-        g_u_c = gBu * delta_c[..., 0]
-        g_delta = _from_chunks(g_delta_c.flatten(2, 3), length)
-        g_u = _from_chunks(g_u_c.flatten(2, 3), length)
+        u_c, delta_c, A_c, B_c, C_c, decay, states = ctx.saved_tensors
+        length, groups = ctx.length, B_c.shape[2]
+        chunk, n_chunks = decay.shape[0], decay.shape[3]
+        gy = _to_chunks(grad_y, groups, chunk, n_chunks)[..., None]  # (..., per_group, 1)
+        gstates = _scan_adjoint(decay, gy * C_c)
+        g_delta_u = torch.matmul(gstates, B_c.transpose(-1, -2))  # d/d (delta * u)
+        g_B_c = torch.matmul((delta_c * u_c).transpose(-1, -2), gstates)  # (..., 1, states)
+        g_C_c = torch.matmul(gy.transpose(-1, -2), states)
+        # h[t] = decay[t] * h[t - 1] + drive[t] with decay = exp(delta * A), so the gradient
+        # with respect to delta * A is g[t] * decay[t] * h[t - 1]. (Not g[t] * (h[t] - drive[t]):
+        # that difference cancels catastrophically where the decay is tiny.) It is built in
+        # gstates' memory, which is not needed any more: fresh large tensors cost page faults.
+        g_log_decay = gstates.mul_(decay)
+        g_log_decay[1:] *= states[:-1]
+        # The state before the first position of chunk c is the last one of chunk c - 1.
+        g_log_decay[0, :, :, 1:] *= states[-1, :, :, :-1]
+        g_log_decay[0, :, :, 0] = 0
+        # Summing the leading axes first is 3x faster than one reduction over (0, 1, 3).
+        g_A = (g_log_decay * delta_c).flatten(0, 1).sum(0).sum(1)  # (groups, per_group, states)
+        g_delta_c = g_log_decay.mul_(A_c).sum(-1, keepdim=True) + g_delta_u * u_c
+        g_u_c = g_delta_u * delta_c
 
-        def back(g):  # (T, batch, groups, nc, states) -> (batch, groups, states, L)
-            g = g.permute(0, 1, 2, 4, 3).flatten(2, 3)
-            return _from_chunks(g, length).unflatten(1, (B.shape[1], B.shape[2]))
+        def channels(g):  # (T, batch, groups, nc, per_group, 1) -> (batch, channels, L)
+            return _from_chunks(g.squeeze(-1), length)
 
-        return g_u, g_delta, g_A.flatten(0, 1), back(g_B_c), back(g_C_c)
+        def projections(g):  # (T, batch, groups, nc, 1, states) -> (batch, groups, states, L)
+            return _from_chunks(g.squeeze(-2), length).unflatten(1, (groups, -1))
+
+        return (channels(g_u_c), channels(g_delta_c), g_A.flatten(0, 1), projections(g_B_c),
+                projections(g_C_c))

@@ -1,0 +1,40 @@
+"""Model configurations: plain dataclasses, JSON-serialisable with ``dataclasses.asdict``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """What every model needs to know about its inputs and outputs.
+
+    Attributes
+    ----------
+    name : str
+        Registry name of the model (``spec2vol``, ``e2fnet``, ``mean``).
+    context : int
+        TR windows per input sample.
+    eeg_channels : int
+        EEG channels per window.
+    freq_bins : int
+        Frequency bins per channel.
+    out_shape : tuple of int
+        Output volume (D, H, W), slices first.
+    """
+
+    name: str
+    context: int
+    eeg_channels: int
+    freq_bins: int
+    out_shape: tuple[int, int, int]
+
+    def __post_init__(self):
+        # JSON brings tuples back as lists.
+        self.out_shape = tuple(int(n) for n in self.out_shape)
+        for field in ("context", "eeg_channels", "freq_bins"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if len(self.out_shape) != 3 or min(self.out_shape) < 1:
+            raise ValueError(f"out_shape must be three positive sizes (D, H, W), "
+                             f"got {self.out_shape}")
