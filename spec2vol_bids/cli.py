@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON filters per modality in fMRIPrep's format, e.g. {\"bold\": {\"run\": 1}}")
     g.add_argument("--eeg-derivatives", type=Path, metavar="PATH",
                    help="take EEG from this (artefact-corrected) derivative folder instead of the raw tree")
+    g.add_argument("--bold-derivatives", type=Path, action="append", metavar="PATH",
+                   help="take preprocessed BOLD (*_desc-preproc_bold) from this derivative dataset, "
+                        "e.g. fMRIPrep's; repeatable")
+    g.add_argument("--bold-space", metavar="SPACE[:res-N]",
+                   help="the space of --bold-derivatives to use, in fMRIPrep's --output-spaces "
+                        "syntax, e.g. MNI152NLin2009cAsym:res-2 (needed when several exist)")
     g.add_argument("--skip-bids-validation", action="store_true",
                    help="do not validate BIDS_DIR before processing")
 
@@ -202,7 +208,7 @@ def _coerce(action: argparse.Action, value):
             raise TypeError("expected true or false")
         return value
     convert = action.type or (lambda v: v)
-    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*") or isinstance(action.nargs, int):
         values = value if isinstance(value, list) else [value]
         out = [convert(str(v)) if action.type else str(v) for v in values]
     else:
@@ -247,6 +253,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         opts.model = None
     if opts.split == "fixed" and not opts.test_subjects:
         raise UsageError("--split fixed needs --test-subjects")
+    derivatives = opts.bold_derivatives or []
+    if isinstance(derivatives, Path):  # one path given in --config-file
+        derivatives = [derivatives]
+    opts.bold_derivatives = [p.expanduser().absolute() for p in derivatives]
+    if opts.bold_space is not None:
+        from spec2vol_bids.layout import parse_space
+
+        name, res = parse_space(opts.bold_space)
+        opts.bold_space = f"{name}:res-{res}" if res is not None else name
     opts.bids_dir = opts.bids_dir.expanduser().absolute()
     opts.output_dir = opts.output_dir.expanduser().absolute()
     if opts.work_dir is None:

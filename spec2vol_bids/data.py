@@ -30,7 +30,7 @@ TARGET_SUFFIX = "_desc-target_bold.nii.gz"
 #: entities that identify a run; ``space`` and ``desc`` only qualify a file of that run
 RUN_ENTITIES = ("subject", "session", "task", "acquisition", "run")
 _KEYS = {"sub": "subject", "ses": "session", "task": "task", "acq": "acquisition", "run": "run",
-         "space": "space", "desc": "desc"}
+         "space": "space", "res": "res", "desc": "desc"}
 #: mapped bytes read before a dataset drops its memory maps: pages of a mapping count in the
 #: process's resident set until it is unmapped, although the OS keeps them in its page cache
 MAP_RECYCLE_BYTES = 128 * 1024**2

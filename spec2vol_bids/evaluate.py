@@ -88,8 +88,11 @@ def brain_mask(mean_volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def evaluate_run(pred: np.ndarray, target: np.ndarray, affine: np.ndarray,
-                 batch_size: int = 32) -> dict:
+                 batch_size: int = 32, mask: np.ndarray | None = None) -> dict:
     """All metrics of one run's synthesised ``(N, D, H, W)`` volumes against the measured ones.
+
+    ``mask`` (``(D, H, W)``, e.g. fMRIPrep's brain mask on the target grid) replaces the mask
+    computed from the measured mean volume.
 
     Returns
     -------
@@ -105,7 +108,7 @@ def evaluate_run(pred: np.ndarray, target: np.ndarray, affine: np.ndarray,
         for name, value in values.items():
             parts[name].append(value)
     result = {name: np.concatenate(value) for name, value in parts.items()}
-    mask = brain_mask(target.mean(axis=0), affine)
+    mask = brain_mask(target.mean(axis=0), affine) if mask is None else np.asarray(mask, bool)
     rmap = dynamics_map(pred, target)
     rmap[~mask] = 0.0
     result.update(dynamics=float(rmap[mask].mean()) if mask.any() else 0.0, dynamics_map=rmap,

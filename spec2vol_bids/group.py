@@ -24,7 +24,8 @@ import torch.distributed as dist
 from filelock import FileLock
 
 from spec2vol_bids import evaluate, synthesize, train
-from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
+from spec2vol_bids.data import (PairedDataset, Run, cache_target, find_runs, parse_entities,
+                                resolve_channels, subjects_of)
 from spec2vol_bids.derivatives import bids_name, run_dir, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.models import save_checkpoint
@@ -271,27 +272,41 @@ def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.Train
         dataset = PairedDataset([run], channels, result.norm, work_dir)
         loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
         pred = synthesize.predict(result.model, loader, device)
-    metrics = evaluate.evaluate_run(pred, target, _target_header(run).affine)
+    metrics = evaluate.evaluate_run(pred, target, _target_header(run).affine, mask=_run_mask(run))
     metrics["pred"] = pred
     return metrics
 
 
+def _run_mask(run: Run) -> np.ndarray | None:
+    """The ``desc-brain_mask`` the participant level wrote beside the target, as ``(D, H, W)``."""
+    path = run.target.with_name(run.target.name.replace("_desc-target_bold.nii.gz",
+                                                        "_desc-brain_mask.nii.gz"))
+    if not path.is_file():
+        return None
+    return np.asarray(nib.load(path).dataobj).astype(bool).transpose(2, 0, 1)
+
+
 def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str, fold: str,
                       model_path: Path) -> None:
-    """``desc-synth_bold.nii.gz`` and ``desc-dynamics_statmap.nii.gz`` of a held-out run."""
+    """``desc-synth_bold.nii.gz`` and ``desc-dynamics_statmap.nii.gz`` of a held-out run.
+
+    They keep the target's ``space``/``res`` entities, so they overlay on the same template.
+    """
     img = _target_header(run)
-    folder = run_dir(out_dir, run.entities, "func")
+    entities = {**run.entities, **{k: v for k, v in parse_entities(run.target.name).items()
+                                   if k in ("space", "res")}}
+    folder = run_dir(out_dir, entities, "func")
     sources = [f"bids::{_relative(run.spectrogram, out_dir)}", f"bids::{_relative(run.target, out_dir)}",
                f"bids::{_relative(model_path, out_dir)}"]
     metrics = {"SSIM": float(result["ssim"].mean()), "PSNR": float(result["psnr"].mean()),
                "SSIM3D": float(result["ssim3d"].mean()), "Dynamics": result["dynamics"]}
-    synthesize.write_synth(result["pred"], folder / bids_name(run.entities, "bold", ".nii.gz", desc="synth"),
+    synthesize.write_synth(result["pred"], folder / bids_name(entities, "bold", ".nii.gz", desc="synth"),
                            affine=img.affine, tr=float(run.meta["RepetitionTime"]),
                            first_volume=int(run.sample_volumes[0]),
                            sidecar={"Model": model_name, "Fold": fold, "Sources": sources,
                                     "Metrics": metrics})
     synthesize.write_statmap(
-        result["dynamics_map"], folder / bids_name(run.entities, "statmap", ".nii.gz", desc="dynamics"),
+        result["dynamics_map"], folder / bids_name(entities, "statmap", ".nii.gz", desc="dynamics"),
         affine=img.affine,
         sidecar={"Description": "Voxel-wise Pearson correlation of the synthesised and measured BOLD "
                                 "time series (each voxel's mean removed); 0 outside the brain mask "

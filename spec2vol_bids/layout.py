@@ -38,7 +38,10 @@ EEG_EXTENSIONS = (".vhdr", ".edf", ".bdf", ".set", ".fif")  # order = preference
 BOLD_EXTENSIONS = (".nii.gz", ".nii")
 RUN_ENTITIES = ("subject", "session", "task", "acquisition", "run")
 _ABBREVIATIONS = {"subject": "sub", "session": "ses", "task": "task", "acquisition": "acq",
-                  "run": "run"}
+                  "run": "run", "space": "space", "res": "res"}
+# fMRIPrep's non-standard output spaces: no TemplateFlow template behind them
+NONSTANDARD_SPACES = frozenset({"T1w", "T2w", "anat", "fsnative", "func", "run", "bold", "boldref",
+                                "sbref", "session"})
 
 # Query names of fMRIPrep/sMRIPrep filter files that do not concern spec2vol: a filter file
 # written for fMRIPrep is accepted and these parts are ignored (with a note).
@@ -87,6 +90,11 @@ class RunPair:
         sidecars its BOLD run would inherit (e.g. a top-level ``task-rest_bold.json``).
     channels_tsv, events_tsv : Path | None
         The EEG recording's ``*_channels.tsv`` and ``*_events.tsv``.
+    space, res : str | None
+        The ``space-`` and ``res-`` entities of preprocessed BOLD taken from a derivative dataset
+        (``--bold-derivatives``); ``None`` for raw BOLD.
+    bold_mask : Path | None
+        The derivative's ``*_desc-brain_mask.nii.gz`` of that BOLD series, when it has one.
     """
 
     subject: str
@@ -102,11 +110,15 @@ class RunPair:
     bold_sidecars: tuple[Path, ...] = field(default=())
     channels_tsv: Path | None = None
     events_tsv: Path | None = None
+    space: str | None = None
+    res: str | None = None
+    bold_mask: Path | None = None
 
     @property
     def entities(self) -> dict[str, str]:
-        """The run entities that are set, among subject, session, task, acquisition and run."""
-        return {name: getattr(self, name) for name in RUN_ENTITIES
+        """The entities that are set, among subject, session, task, acquisition, run, space and
+        res (the last two name the BOLD outputs' space; EEG outputs leave them out)."""
+        return {name: getattr(self, name) for name in (*RUN_ENTITIES, "space", "res")
                 if getattr(self, name) is not None}
 
     @property
@@ -391,6 +403,8 @@ def find_run_pairs(
     task: Iterable[str] | str | None = None,
     bids_filters: Mapping[str, Mapping] | None = None,
     eeg_derivatives: str | Path | None = None,
+    bold_derivatives: Iterable[str | Path] | str | Path | None = None,
+    bold_space: str | None = None,
 ) -> tuple[list[RunPair], list[str]]:
     """Find the selected EEG recordings and pair each with its BOLD run.
 
@@ -410,6 +424,14 @@ def find_run_pairs(
         A folder of processed EEG laid out like a BIDS dataset (``sub-*/[ses-*/]eeg/``), with or
         without its own ``dataset_description.json``. Its recordings replace the raw ones of the
         same runs; runs it lacks keep their raw EEG (with a note).
+    bold_derivatives : path or iterable of paths | None
+        BIDS derivative datasets of preprocessed BOLD, such as fMRIPrep's
+        (``*_space-<space>[_res-<r>]_desc-preproc_bold.nii.gz``, with its
+        ``*_desc-brain_mask.nii.gz``). When given, their BOLD replaces the raw BOLD: runs they
+        lack become EEG-only (with a note), so that every target lies in one space.
+    bold_space : str | None
+        The space to take, in fMRIPrep's ``--output-spaces`` syntax
+        (``MNI152NLin2009cAsym:res-2``); needed when the derivatives hold several.
 
     Returns
     -------
@@ -421,8 +443,9 @@ def find_run_pairs(
     Raises
     ------
     UsageError (64)
-        A label is not a plain BIDS label (a path separator, ``..``, ``_``, ...), or the filters
-        are malformed.
+        A label is not a plain BIDS label (a path separator, ``..``, ``_``, ...), the filters
+        are malformed, or the BOLD derivatives hold several spaces and ``bold_space`` does not
+        choose one of them.
     MissingInputError (66)
         BIDS_DIR or ``eeg_derivatives`` is not a readable folder.
     NothingSelectedError (18)
@@ -443,6 +466,11 @@ def find_run_pairs(
     if eeg_derivatives is not None:
         deriv_root = _existing_dir(eeg_derivatives, "the EEG derivative folder")
         deriv_eeg, _, deriv_subjects, deriv_sessions = _index(deriv_root, derivative=True)
+    if isinstance(bold_derivatives, (str, os.PathLike)):
+        bold_derivatives = [bold_derivatives]
+    bold_derivatives = list(bold_derivatives or [])
+    if bold_derivatives:
+        bold = _preproc_bold(bold_derivatives, bold_space, notes)
 
     _require_known(subjects, raw_subjects | deriv_subjects, "participant label", bids_dir)
     _require_known(sessions, raw_sessions | deriv_sessions, "session label", bids_dir)
@@ -481,7 +509,7 @@ def find_run_pairs(
             notes.append(f"{e.describe()}: its BOLD run is excluded by the bids filter; "
                          "run left out")
             continue
-        pairs.append(_make_pair(e, b, bids_dir))
+        pairs.append(_make_pair(e, b, bids_dir, derivative_bold=bool(bold_derivatives)))
     used = {id(b) for b in matched.values()}
     for key, b in sorted(bold_runs.items(), key=lambda item: _sort_key(item[0])):
         if id(b) not in used:
@@ -495,8 +523,12 @@ def find_run_pairs(
     return pairs, notes
 
 
-def _index(root: Path, *, derivative: bool) -> tuple[list[_File], list[_File], set, set]:
-    """Index ``root`` with pybids; return its EEG files, BOLD files, subjects and sessions."""
+def _index(root: Path, *, derivative: bool,
+           preproc_bold: bool = False) -> tuple[list[_File], list[_File], set, set]:
+    """Index ``root`` with pybids; return its EEG files, BOLD files, subjects and sessions.
+
+    A derivative folder yields BOLD only with ``preproc_bold``: its ``desc-preproc`` series.
+    """
     from bids import BIDSLayout, BIDSLayoutIndexer
 
     config = ["bids", "derivatives"] if derivative else ["bids"]
@@ -512,18 +544,84 @@ def _index(root: Path, *, derivative: bool) -> tuple[list[_File], list[_File], s
     except Exception as exc:  # pybids raises plain ValueError/BIDSError on unusable trees
         raise DataError(f"pybids cannot index this folder ({_one_line(exc)})", path=root) from exc
 
-    def files(suffix: str, datatype: str, extensions) -> list[_File]:
+    def files(suffix: str, datatype: str, extensions, **query) -> list[_File]:
         # file names, not BIDSFile objects: building those is most of pybids' query time
         found = layout.get(suffix=suffix, datatype=datatype, extension=list(extensions),
-                           return_type="filename")
+                           return_type="filename", **query)
         return [_File(Path(f), root, _parse_entities(f), derivative) for f in sorted(found)]
 
     eeg = files("eeg", "eeg", EEG_EXTENSIONS)
-    bold = [] if derivative else files("bold", "func", BOLD_EXTENSIONS)
+    if preproc_bold:
+        bold = files("bold", "func", BOLD_EXTENSIONS, desc="preproc")
+        for f in bold:  # described by their path, not as EEG derivatives
+            f.derivative = False
+    else:
+        bold = [] if derivative else files("bold", "func", BOLD_EXTENSIONS)
     # from the folder names: pybids' get_subjects() builds every file object and is slow
     subjects = {p.name[4:] for p in root.glob("sub-*") if p.is_dir()}
     sessions = {p.name[4:] for p in root.glob("sub-*/ses-*") if p.is_dir()}
     return eeg, bold, subjects, sessions
+
+
+def parse_space(text: str) -> tuple[str, str | None]:
+    """Split fMRIPrep's ``--output-spaces`` syntax: ``"MNI152NLin2009cAsym:res-2"`` →
+    ``("MNI152NLin2009cAsym", "2")``.
+
+    Raises
+    ------
+    UsageError (64)
+        The text is not ``SPACE`` or ``SPACE:res-N`` with BIDS labels.
+    """
+    name, _, modifier = str(text).strip().partition(":")
+    res = None
+    if modifier:
+        key, _, res = modifier.partition("-")
+        if key != "res" or not _LABEL_RE.match(res):
+            raise UsageError(f"--bold-space {text!r}: write SPACE or SPACE:res-N, e.g. "
+                             "MNI152NLin2009cAsym:res-2")
+        if res.isdigit():  # res-02 is res-2
+            res = res.lstrip("0") or "0"
+    if not _LABEL_RE.match(name):
+        raise UsageError(f"--bold-space {text!r}: the space is a BIDS label (letters and digits), "
+                         "e.g. MNI152NLin2009cAsym")
+    return name, res
+
+
+def _format_space(space, res) -> str:
+    return f"{space or 'no space entity'}{f':res-{res}' if res is not None else ''}"
+
+
+def _preproc_bold(roots, bold_space: str | None, notes: list[str]) -> list[_File]:
+    """The ``desc-preproc`` BOLD of the derivative datasets, in the one space chosen."""
+    found: list[_File] = []
+    for root in roots:
+        root = _existing_dir(root, "the BOLD derivative folder")
+        _, bold, _, _ = _index(root, derivative=True, preproc_bold=True)
+        if not bold:
+            notes.append(f"{root}: no *_desc-preproc_bold.nii[.gz] in this BOLD derivative folder")
+        found += bold
+
+    def space_of(f: _File) -> tuple:
+        res = f.entities.get("res")
+        return (_str_or_none(f.entities.get("space")),
+                None if res is None else (str(res).lstrip("0") or "0"))
+
+    spaces = sorted({space_of(f) for f in found}, key=lambda s: (str(s[0]), str(s[1])))
+    listed = ", ".join(_format_space(*s) for s in spaces) or "none"
+    if bold_space is None:
+        if len(spaces) > 1:
+            raise UsageError(f"the BOLD derivatives hold several spaces ({listed}); choose one with "
+                             "--bold-space SPACE[:res-N]")
+        return found
+    name, res = parse_space(bold_space)
+    chosen = [s for s in spaces if s[0] == name and (res is None or s[1] == res)]
+    if not chosen:
+        raise UsageError(f"--bold-space {bold_space}: no preprocessed BOLD in that space; the BOLD "
+                         f"derivatives hold {listed}")
+    if len(chosen) > 1:
+        raise UsageError(f"--bold-space {bold_space}: several resolutions exist "
+                         f"({', '.join(_format_space(*s) for s in chosen)}); add :res-N")
+    return [f for f in found if space_of(f) == chosen[0]]
 
 
 def _prefer_derivatives(raw: list[_File], deriv: list[_File], notes: list[str]) -> list[_File]:
@@ -593,10 +691,20 @@ def _compatible(a: Mapping, b: Mapping) -> bool:
     return True
 
 
-def _make_pair(e: _File, b: _File | None, bids_dir: Path) -> RunPair:
+def _make_pair(e: _File, b: _File | None, bids_dir: Path, *,
+               derivative_bold: bool = False) -> RunPair:
     ent = e.entities
     run_entities = {k: ent.get(k) for k in RUN_ENTITIES}
     bold_entities = dict(b.entities) if b else {**run_entities, "datatype": "func"}
+    bold_sidecars = _sidecars(bids_dir, bold_entities, "bold", ".json")
+    space = res = mask = None
+    if derivative_bold and b is not None:
+        # the raw sidecars first, the derivative's last: its RepetitionTime wins
+        raw_entities = {**{k: b.entities.get(k) for k in RUN_ENTITIES}, "datatype": "func"}
+        bold_sidecars = (_sidecars(bids_dir, raw_entities, "bold", ".json")
+                         + _sidecars(b.root, bold_entities, "bold", ".json"))
+        space, res = _str_or_none(b.entities.get("space")), _str_or_none(b.entities.get("res"))
+        mask = _brain_mask_of(b.path)
     return RunPair(
         subject=str(ent["subject"]),
         session=_str_or_none(ent.get("session")),
@@ -608,10 +716,25 @@ def _make_pair(e: _File, b: _File | None, bids_dir: Path) -> RunPair:
         bids_root=e.root,
         eeg_from_derivatives=e.derivative,
         eeg_sidecars=tuple(_sidecars(e.root, ent, "eeg", ".json")),
-        bold_sidecars=tuple(_sidecars(bids_dir, bold_entities, "bold", ".json")),
+        bold_sidecars=tuple(bold_sidecars),
         channels_tsv=_last(_sidecars(e.root, ent, "channels", ".tsv")),
         events_tsv=_last(_sidecars(e.root, ent, "events", ".tsv")),
+        space=space,
+        res=res,
+        bold_mask=mask,
     )
+
+
+def _brain_mask_of(bold: Path) -> Path | None:
+    """The ``*_desc-brain_mask`` beside a ``*_desc-preproc_bold`` file, if there is one."""
+    for ext in BOLD_EXTENSIONS:
+        if bold.name.endswith(f"_desc-preproc_bold{ext}"):
+            stem = bold.name[: -len(f"_desc-preproc_bold{ext}")]
+            for mask_ext in BOLD_EXTENSIONS:
+                mask = bold.with_name(f"{stem}_desc-brain_mask{mask_ext}")
+                if mask.is_file():
+                    return mask
+    return None
 
 
 def _sidecars(root: Path, entities: Mapping, suffix: str, extension: str) -> list[Path]:

@@ -102,7 +102,7 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     from spec2vol_bids import spectra
 
     out = run_dir(opts["output_dir"], pair.entities, "eeg")
-    npy = out / bids_name(pair.entities, "spectrogram", ".npy", desc="spec2vol")
+    npy = out / bids_name(_eeg_entities(pair), "spectrogram", ".npy", desc="spec2vol")
     sidecar = npy.with_suffix(".json")
     options = {k: opts.get(k) for k in EEG_OPTIONS} | {"tr": tr, "n_volumes": n_volumes}
     digest = input_hash(_related_files(pair.eeg), options)
@@ -158,16 +158,21 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
                 *spec.shape, timing.t0, timing.marker or "none")
 
 
+def _eeg_entities(pair) -> dict:
+    """The run's entities without ``space``/``res``: the EEG is in no image space."""
+    return {k: v for k, v in pair.entities.items() if k not in ("space", "res")}
+
+
 def _qc_figures(pair, opts, timing, tr, spec, freqs, channels) -> None:
     from spec2vol_bids import report
 
     figures = Path(opts["output_dir"]) / f"sub-{pair.subject}" / "figures"
     report.plot_alignment_qc(
-        timing.onsets, tr, figures / bids_name(pair.entities, "qc", ".svg", desc="alignment"),
+        timing.onsets, tr, figures / bids_name(_eeg_entities(pair), "qc", ".svg", desc="alignment"),
         title=f"{pair.label}: volume marker intervals ({timing.marker or 'no markers'})",
     )
     report.plot_spectrogram_qc(
-        spec, freqs, channels, figures / bids_name(pair.entities, "qc", ".svg", desc="spectrogram"),
+        spec, freqs, channels, figures / bids_name(_eeg_entities(pair), "qc", ".svg", desc="spectrogram"),
         title=f"{pair.label}: EEG spectrogram",
     )
 
@@ -182,7 +187,8 @@ def process_bold(pair, opts: dict, tr: float, result: RunResult) -> None:
     nii = out / bids_name(pair.entities, "bold", ".nii.gz", desc="target")
     sidecar = out / bids_name(pair.entities, "bold", ".json", desc="target")
     options = {k: opts.get(k) for k in BOLD_OPTIONS} | {"tr": tr}
-    digest = input_hash([pair.bold, *(p for p in [pair.bold_json] if p)], options)
+    mask_source = _mask_source(pair)
+    digest = input_hash([pair.bold, *(p for p in [pair.bold_json, mask_source] if p)], options)
     result.target = str(nii)
     if _is_done(sidecar, nii, digest):
         result.n_volumes = read_json(sidecar)["NumberOfVolumes"]
@@ -196,6 +202,9 @@ def process_bold(pair, opts: dict, tr: float, result: RunResult) -> None:
     target.header["pixdim"][4] = tr
     with atomic_path(nii) as tmp:
         nib.save(target, tmp)
+    if mask_source is not None:
+        _write_mask(mask_source, target, out / bids_name(pair.entities, "mask", ".nii.gz",
+                                                              desc="brain"))
     write_json(sidecar, {
         "Description": "Measured BOLD resampled to the target grid (3-D DCT) with every volume "
                        "min-max scaled to [0, 1]: the model's training target",
@@ -204,11 +213,42 @@ def process_bold(pair, opts: dict, tr: float, result: RunResult) -> None:
         "TargetGrid": list(grid),
         "OriginalShape": list(img.shape),
         "NumberOfVolumes": int(data.shape[3]),
-        "Sources": [_relative_source(pair.bold, opts["bids_dir"])],
+        "Sources": [_relative_source(p, opts["bids_dir"]) for p in [pair.bold, mask_source] if p],
         "InputHash": digest,
     })
     result.n_volumes = int(data.shape[3])
     LOGGER.info("%s: BOLD target %s -> %s, %d volumes", pair.label, img.shape[:3], grid, data.shape[3])
+
+
+def _mask_source(pair) -> Path | None:
+    """The brain mask of a run's BOLD: the derivative's, else its template's (TemplateFlow)."""
+    from spec2vol_bids import layout, templates
+
+    if pair.bold_mask is not None:
+        return pair.bold_mask
+    if pair.space is not None and pair.space not in layout.NONSTANDARD_SPACES:
+        return templates.template_mask(pair.space, pair.res)
+    return None
+
+
+def _write_mask(source: Path, target_img, path: Path) -> None:
+    """The brain mask on the target grid: copied when the grids agree, else resampled
+    (nearest neighbour) to the target's affine and shape."""
+    import nibabel as nib
+    from nilearn.image import resample_img
+
+    mask = nib.load(source)
+    same = (mask.shape[:3] == target_img.shape[:3]
+            and np.allclose(mask.affine, target_img.affine, atol=1e-4))
+    if not same:
+        mask = resample_img(mask, target_affine=target_img.affine,
+                            target_shape=target_img.shape[:3], interpolation="nearest",
+                            force_resample=True, copy_header=True)
+    data = np.asarray(mask.dataobj)[..., 0] if mask.ndim == 4 else np.asarray(mask.dataobj)
+    out = nib.Nifti1Image((data > 0).astype(np.uint8), target_img.affine)
+    out.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(out, tmp)
 
 
 def process_run(pair, opts: dict) -> RunResult:
@@ -300,6 +340,8 @@ def run_participant(opts) -> int:
     pairs, notes = layout.find_run_pairs(
         opts.bids_dir, participant_labels=opts.participant_label, session_labels=opts.session_label,
         task=opts.task, bids_filters=filters, eeg_derivatives=opts.eeg_derivatives,
+        bold_derivatives=getattr(opts, "bold_derivatives", None),
+        bold_space=getattr(opts, "bold_space", None),
     )
     model_tr = _check_model(opts) if opts.model_path else None
     init_output_dataset(opts.output_dir, opts.bids_dir)

@@ -1,0 +1,74 @@
+"""Brain masks of standard spaces from TemplateFlow, with explicit offline behaviour.
+
+fMRIPrep-style outputs in a template space (``space-MNI152NLin2009cAsym``) come with their own
+brain mask; when one is missing, the template's mask is taken from TemplateFlow. TemplateFlow
+downloads missing files from its S3 host on first use, which on a compute node without network
+would end in a ``requests`` traceback. Here nothing is downloaded when the file is in
+``TEMPLATEFLOW_HOME`` already, and a failed download is one :class:`MissingInputError` (exit 66)
+that says how to pre-fetch the file on a machine with network.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from spec2vol_bids.errors import MissingInputError
+
+# TemplateFlow's own default (a few seconds per try) would be several minutes of retries
+_DOWNLOAD_TIMEOUT_S = 10
+
+
+def prefetch_command(space: str, res: str | None) -> str:
+    """The shell command that puts a template's brain mask into ``TEMPLATEFLOW_HOME``."""
+    resolution = f", resolution={int(res)}" if res is not None and str(res).isdigit() else ""
+    return (f"python -c \"import templateflow.api as tf; tf.get('{space}'{resolution}, "
+            "desc='brain', suffix='mask')\"")
+
+
+def template_mask(space: str, res: str | None = None) -> Path:
+    """The ``tpl-<space>[_res-<r>]_desc-brain_mask.nii.gz`` of a TemplateFlow template.
+
+    Parameters
+    ----------
+    space : str
+        The template's name, e.g. ``MNI152NLin2009cAsym``.
+    res : str | None
+        The resolution label as in fMRIPrep's file names (``2`` for ``res-2``, which TemplateFlow
+        stores as ``res-02``); ``None`` takes the finest one available.
+
+    Returns
+    -------
+    path : Path
+        The mask in ``TEMPLATEFLOW_HOME`` (downloaded only when it was missing).
+
+    Raises
+    ------
+    MissingInputError (66)
+        The mask is not in ``TEMPLATEFLOW_HOME`` and cannot be downloaded (no network, or no
+        such template or resolution); the message gives the pre-fetch command.
+    """
+    home = os.environ.get("TEMPLATEFLOW_HOME", str(Path.home() / ".cache" / "templateflow"))
+    hint = (f"the {space} brain mask{f' at res-{res}' if res is not None else ''} is not in "
+            f"TEMPLATEFLOW_HOME ({home}) and could not be downloaded; pre-fetch it on a machine "
+            f"with network with TEMPLATEFLOW_HOME={home} {prefetch_command(space, res)}, or give "
+            "a derivative dataset that has *_desc-brain_mask files")
+    query = {"desc": "brain", "suffix": "mask", "extension": ".nii.gz"}
+    if res is not None:
+        query["resolution"] = int(res) if str(res).isdigit() else res
+    try:
+        with warnings.catch_warnings():
+            # TemplateFlow warns (ResourceWarning) when it populates an empty home
+            warnings.simplefilter("ignore")
+            from templateflow import api, conf
+
+            conf._cache.config.timeout = _DOWNLOAD_TIMEOUT_S
+            found = api.get(space, raise_empty=True, **query)
+    except Exception as exc:  # requests, OSError, or TemplateFlow's own errors: all mean "missing"
+        raise MissingInputError(f"{hint} ({type(exc).__name__})") from exc
+    paths = sorted(Path(p) for p in (found if isinstance(found, list) else [found]))
+    paths = [p for p in paths if p.is_file() and p.stat().st_size > 0]
+    if not paths:
+        raise MissingInputError(hint)
+    return paths[0]

@@ -1,0 +1,170 @@
+"""spec2vol in fMRIPrep-style workflows: preprocessed BOLD in a template space from a derivative
+dataset (``--bold-derivatives``/``--bold-space``), brain masks from the derivative or TemplateFlow,
+and fMRIPrep's ``--bids-filter-file`` format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import GROUP_OPTIONS, PARTICIPANT_OPTIONS, SIMULATION, assert_clean_failure, cli_env, \
+    run_spec2vol, spec2vol_command
+
+from spec2vol_bids.errors import UsageError
+from spec2vol_bids.layout import find_run_pairs, repetition_time
+
+SPACE = "MNI152NLin2009cAsym"
+#: the crop of nilearn's 2 mm MNI grid the simulated fMRIPrep BOLD lies on: the simulated grid's
+#: shape, at the left edge of the field of view so that the brain mask has voxels on both sides
+CROP = (slice(8, 8 + SIMULATION["grid"][0]), slice(40, 72), slice(40, 40 + SIMULATION["grid"][2]))
+
+
+def _mni():
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+
+    return load_mni152_template(resolution=2), load_mni152_brain_mask(resolution=2)
+
+
+def _crop_affine(affine: np.ndarray) -> np.ndarray:
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ np.array([s.start for s in CROP]) + affine[:3, 3]
+    return out
+
+
+def _fmriprep(bids: Path, root: Path, *, masks: bool = True, extra_space: bool = False) -> Path:
+    """An fMRIPrep-like derivative dataset of the simulated runs, in MNI152NLin2009cAsym res-2."""
+    template, mask = _mni()
+    affine = _crop_affine(template.affine)
+    anatomy = np.asarray(template.dataobj, dtype=np.float32)[CROP]
+    brain = np.asarray(mask.dataobj)[CROP] > 0
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({
+        "Name": "fMRIPrep - fMRI PREProcessing workflow", "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.1"}]}))
+    for raw in sorted(bids.glob("sub-*/func/*_bold.nii.gz")):
+        stem = raw.name.replace("_bold.nii.gz", "")
+        func = root / raw.parent.relative_to(bids)
+        func.mkdir(parents=True)
+        data = np.asarray(nib.load(raw).dataobj, dtype=np.float32)
+        # template anatomy modulated by the simulated (EEG-coupled) dynamics
+        bold = (anatomy[..., None] + 1.0) * (data / data.mean())
+        prefix = func / f"{stem}_space-{SPACE}_res-2"
+        img = nib.Nifti1Image(bold.astype(np.float32), affine)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, f"{prefix}_desc-preproc_bold.nii.gz")
+        Path(f"{prefix}_desc-preproc_bold.json").write_text(json.dumps(
+            {"RepetitionTime": SIMULATION.get("tr", 2.0), "SkullStripped": False}))
+        if masks:
+            nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), f"{prefix}_desc-brain_mask.nii.gz")
+        if extra_space and stem.startswith("sub-01"):
+            other = func / f"{stem}_space-T1w"
+            nib.save(nib.Nifti1Image(data, np.eye(4)), f"{other}_desc-preproc_bold.nii.gz")
+            Path(f"{other}_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": 1.5}))
+    return root
+
+
+def test_choosing_the_space(simulated_bids_source, tmp_path):
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep", extra_space=True)
+    with pytest.raises(UsageError, match=f"several spaces .*{SPACE}:res-2, T1w"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=[deriv])
+    with pytest.raises(UsageError, match="no preprocessed BOLD in that space.*T1w"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=[deriv], bold_space=f"{SPACE}:res-1")
+
+    pairs, _ = find_run_pairs(simulated_bids_source, bold_derivatives=[deriv],
+                              bold_space=f"{SPACE}:res-02")
+    assert [(p.space, p.res) for p in pairs] == [(SPACE, "2")] * 3
+    assert all(p.bold.is_relative_to(deriv) and p.bold_mask.is_file() for p in pairs)
+    assert pairs[0].entities == {"subject": "01", "task": "rest", "space": SPACE, "res": "2"}
+
+    pairs, _ = find_run_pairs(simulated_bids_source, bold_derivatives=[deriv], bold_space="T1w")
+    t1w = [p for p in pairs if p.bold is not None]
+    assert [p.subject for p in t1w] == ["01"] and t1w[0].bold_mask is None
+    assert repetition_time(t1w[0]) == 1.5  # the derivative's sidecar, not the raw one
+    assert [p.bold for p in pairs if p.subject != "01"] == [None, None]
+
+
+def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_path):
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep")
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
+                        "--bold-derivatives", deriv, "--bold-space", f"{SPACE}:res-2")
+    assert proc.returncode == 0, proc.stderr
+    template, mask = _mni()
+    for sub in ("01", "02", "03"):
+        func = out / f"sub-{sub}" / "func"
+        target = nib.load(func / f"sub-{sub}_task-rest_space-{SPACE}_res-2_desc-target_bold.nii.gz")
+        np.testing.assert_allclose(target.affine, _crop_affine(template.affine), atol=1e-5)
+        written = nib.load(func / f"sub-{sub}_task-rest_space-{SPACE}_res-2_desc-brain_mask.nii.gz")
+        np.testing.assert_array_equal(np.asarray(written.dataobj) > 0, np.asarray(mask.dataobj)[CROP] > 0)
+        assert (out / f"sub-{sub}" / "eeg" / f"sub-{sub}_task-rest_desc-spec2vol_spectrogram.npy").is_file()
+        assert json.loads((func / f"sub-{sub}_task-rest_space-{SPACE}_res-2_desc-target_bold.json")
+                          .read_text())["RepetitionTime"] == 2.0
+    assert not list(out.glob("sub-*/eeg/*space-*"))
+
+    proc = run_spec2vol(simulated_bids_source, out, "group", *GROUP_OPTIONS, "--epochs", "1",
+                        "--no-final", "--folds", "01", "--skip-bids-validation")
+    assert proc.returncode == 0, proc.stderr
+    func = out / "sub-01" / "func"
+    synth = nib.load(func / f"sub-01_task-rest_space-{SPACE}_res-2_desc-synth_bold.nii.gz")
+    np.testing.assert_allclose(synth.affine, _crop_affine(template.affine), atol=1e-5)
+    stat = np.asarray(nib.load(func / f"sub-01_task-rest_space-{SPACE}_res-2_desc-dynamics_statmap.nii.gz")
+                      .dataobj)
+    outside = np.asarray(mask.dataobj)[CROP] == 0
+    assert outside.any() and np.all(stat[outside] == 0) and np.any(stat[~outside] != 0)
+
+
+def _templateflow_home(home: Path) -> Path:
+    """A TemplateFlow home holding the MNI152NLin2009cAsym res-2 brain mask, laid out as
+    TemplateFlow lays it out."""
+    _, mask = _mni()
+    tpl = home / f"tpl-{SPACE}"
+    tpl.mkdir(parents=True)
+    (tpl / "template_description.json").write_text(json.dumps({"Name": SPACE, "Identifier": SPACE}))
+    nib.save(mask, tpl / f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz")
+    return home
+
+
+def test_templateflow_mask_and_fmriprep_filter_file(simulated_bids_source, tmp_path):
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep", masks=False)
+    home = _templateflow_home(tmp_path / "templateflow")
+    filters = tmp_path / "filters.json"
+    # fMRIPrep's format, with a query (t1w) that only fMRIPrep uses
+    filters.write_text(json.dumps({"t1w": {"reconstruction": None},
+                                   "bold": {"subject": "02", "space": SPACE, "res": "2"}}))
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
+                        "--bold-derivatives", deriv, "--bids-filter-file", filters,
+                        env=cli_env(TEMPLATEFLOW_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("sub-*/func/*_desc-target_bold.nii.gz")) == [
+        f"sub-02_task-rest_space-{SPACE}_res-2_desc-target_bold.nii.gz"]
+    written = nib.load(out / "sub-02" / "func" / f"sub-02_task-rest_space-{SPACE}_res-2_desc-brain_mask.nii.gz")
+    _, mask = _mni()
+    np.testing.assert_array_equal(np.asarray(written.dataobj) > 0, np.asarray(mask.dataobj)[CROP] > 0)
+    sources = json.loads((out / "sub-02" / "func" / f"sub-02_task-rest_space-{SPACE}_res-2_desc-target_bold.json")
+                         .read_text())["Sources"]
+    assert any(str(home) in s for s in sources)
+    assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [
+        "template_description.json", f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz"]  # nothing fetched
+
+
+def test_missing_template_offline_fails_fast(simulated_bids_source, tmp_path):
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep", masks=False)
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    command = spec2vol_command(simulated_bids_source, tmp_path / "out", "participant",
+                               *PARTICIPANT_OPTIONS, "--participant-label", "01",
+                               "--bold-derivatives", deriv)
+    # no network namespace where unshare is allowed; the sandbox cannot reach S3 either way
+    if shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"]).returncode == 0:
+        command = ["unshare", "--net", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env=cli_env(TEMPLATEFLOW_HOME=str(home)))
+    assert_clean_failure(proc, 66, "pre-fetch", f"TEMPLATEFLOW_HOME={home}",
+                         f"tf.get('{SPACE}', resolution=2, desc='brain', suffix='mask')")
+    assert "requests" not in proc.stderr
