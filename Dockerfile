@@ -50,6 +50,12 @@ RUN python -m pip install "/tmp/spec2vol" && rm -rf /tmp/spec2vol && \
     python -c "import spec2vol_bids; print(spec2vol_bids.__version__)" > /version && \
     test "$(cat /version)" = "${VERSION}"
 
+# The default standard space's brain mask, so template-space runs need no network: TemplateFlow
+# reads it from TEMPLATEFLOW_HOME and downloads nothing that is already there.
+ENV TEMPLATEFLOW_HOME=/opt/templateflow
+RUN python -c "import templateflow.api as tf; tf.get('MNI152NLin2009cAsym', resolution=2, desc='brain', suffix='mask', extension='.nii.gz')" && \
+    chmod -R a+rX /opt/templateflow
+
 # Run as an unprivileged user whose HOME is writable (Docker); caches go to /tmp so a
 # read-only image or a different --user still works.
 RUN useradd --create-home --home-dir /home/spec2vol --uid 1000 --shell /bin/bash spec2vol && \
