@@ -332,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             from spec2vol_bids.participant import run_participant
 
             return run_participant(opts)
+        from spec2vol_bids import layout
         from spec2vol_bids.group import run_group
 
+        layout.check_output_dir(opts.bids_dir, opts.output_dir)
+        layout.check_bids_dir(opts.bids_dir)
         return run_group(opts)
     except Spec2VolError as exc:
         LOGGER.debug("user error", exc_info=True)

@@ -1,7 +1,7 @@
 """Lazy, memory-mapped EEG→BOLD pairs over the participant-level derivatives.
 
 A training sample ``j`` of a run pairs the spectrogram windows ``[j - context, j)`` with the
-target volume ``j`` (see ``notes/interfaces.md``). Consecutive samples share 19 of their 20
+target volume ``j`` (see ``docs/interfaces.md``). Consecutive samples share 19 of their 20
 windows, so materialising every ``(context, C, F)`` input would multiply the spectrogram data by
 the context length; instead each run's spectrogram is memory-mapped and a sample is sliced from
 it on demand. Targets are stored as compressed NIfTI, which cannot be memory-mapped, so each is

@@ -26,7 +26,7 @@ from filelock import FileLock
 from spec2vol_bids import evaluate, synthesize, train
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, find_runs, parse_entities,
                                 resolve_channels, subjects_of)
-from spec2vol_bids.derivatives import bids_name, run_dir, write_json, write_text
+from spec2vol_bids.derivatives import bids_name, init_output_dataset, run_dir, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.models import save_checkpoint
 
@@ -108,6 +108,9 @@ def run_group(opts) -> int:
                              f"{' '.join(f.label for f in folds)})")
         chosen = [f for f in folds if f.label in wanted]
     models = [config.model] + [m for m in (getattr(opts, "compare", None) or []) if m != config.model]
+    started = datetime.now(timezone.utc)
+    if train.is_main():
+        _start_logs(opts)
     logger.info("group level: %d subjects, %d runs, %d channels; folds %s; models %s",
                 len(subjects), len(paired), len(channels), " ".join(f.label for f in chosen),
                 ", ".join(models + [MEAN]))
@@ -128,8 +131,36 @@ def run_group(opts) -> int:
         _locked_once(out_dir / "models" / "final",
                      lambda: _train_final(final_runs, final_val, channels, config,
                                           out_dir=out_dir, work_dir=work_dir))
+    if train.is_main():
+        _finish_reports(opts, subjects, started)
     train.barrier()
     return 0
+
+
+def _start_logs(opts) -> None:
+    """Make OUTPUT_DIR a derivative dataset (it already is after the participant level) and log."""
+    from spec2vol_bids.cli import add_log_file
+
+    init_output_dataset(opts.output_dir, opts.bids_dir)
+    if hasattr(opts, "argv"):  # the command line, not a library call
+        logger.info("log: %s", add_log_file(Path(opts.output_dir), "group"))
+
+
+def _finish_reports(opts, subjects: Sequence[str], started: datetime) -> None:
+    """group.html, every participant's report (now with metrics and slices) and provenance."""
+    from spec2vol_bids import provenance, report
+
+    out_dir = Path(opts.output_dir)
+    config = {k: v for k, v in vars(opts).items() if k != "argv"}
+    for subject in subjects:
+        report.write_participant_report(out_dir, subject.removeprefix("sub-"))
+    logger.info("report: %s", report.write_group_report(out_dir, config=config))
+    provenance.write_provenance(
+        out_dir, level="group", argv=getattr(opts, "argv", ["spec2vol"]), config=config,
+        seeds={"seed": opts.seed}, started=started, finished=datetime.now(timezone.utc),
+        stages={"group": (started, datetime.now(timezone.utc))},
+    )
+    logger.info("group level done: derivatives, models and reports in %s", out_dir)
 
 
 def _train_final(train_runs, val_runs, channels, config, *, out_dir: Path, work_dir: Path) -> dict:

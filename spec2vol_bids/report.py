@@ -3,7 +3,7 @@
 The reports are single files that open offline: figures are embedded as ``data:`` URIs (SVG for
 line plots, PNG for images), the stylesheet is inline, and there is no script, web font or
 remote resource. They read only what the levels left in ``OUTPUT_DIR`` (see
-``notes/interfaces.md``), so they can be rebuilt at any time and say plainly which parts have no
+``docs/interfaces.md``), so they can be rebuilt at any time and say plainly which parts have no
 data yet.
 """
 
@@ -574,7 +574,7 @@ def _curves_section(output_dir: Path) -> str:
     ax1.set_title("validation SSIM")
     for ax in (ax0, ax1):
         ax.grid(alpha=0.3)
-        if len(histories) <= 8:
+        if len(histories) <= 8 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, frameon=False)
     return _figure(_png_uri(fig), f"Learning curves of {len(histories)} fold(s); validation "
                    "uses held-out training subjects, never the test subject.", "learning curves")

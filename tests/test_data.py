@@ -1,7 +1,7 @@
 """Tests of the memory-mapped paired dataset; also home of the simulated-derivatives helper.
 
 :func:`write_derivatives` writes participant-level derivatives (spectrogram ``.npy`` + JSON,
-target NIfTI + JSON, exactly as ``notes/interfaces.md`` names them) of a simulated study in
+target NIfTI + JSON, exactly as ``docs/interfaces.md`` names them) of a simulated study in
 which EEG band power predicts BOLD: latent regressors drive each channel's spectrum with a fixed
 topography and, delayed by a haemodynamic response, fixed spatial maps of the BOLD signal.
 The other group-level test modules import it from here.
