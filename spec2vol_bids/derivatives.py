@@ -24,7 +24,9 @@ PIPELINE_NAME = "spec2vol"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-BIDSIGNORE = "logs/\nmodels/\nfigures/\n*.html\n**/figures/\n*_spectrogram.npy\n*_spectrogram.json\n"
+# Patterns without a trailing slash: the BIDS validator matches folders only that way.
+BIDSIGNORE = ("/logs\n/models\n**/figures\n*.html\n*_spectrogram.npy\n*_spectrogram.json\n"
+              "*_runs.tsv\n*_statmap.nii.gz\n*_statmap.json\ngroup_metrics.*\n")
 
 
 @contextlib.contextmanager

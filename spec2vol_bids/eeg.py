@@ -538,6 +538,9 @@ def find_volume_onsets(
             if n_volumes is not None and len(onsets) != n_volumes:
                 logger.warning("%s: %d '%s' markers for %d volumes; volumes are placed every TR "
                                "from the first marker", path, len(onsets), used, n_volumes)
+            elif n_volumes is None:
+                # EEG without BOLD: the scanner acquired one volume per marker, no more.
+                n_volumes = len(onsets)
     window = int(np.floor(tr * sfreq + 0.5))
     wanted = n_volumes if n_volumes is not None else int((raw.n_times - t0_sample) / (tr * sfreq)) + 1
     starts = window_starts(t0_sample / sfreq, tr, sfreq, wanted)
@@ -561,6 +564,20 @@ def find_volume_onsets(
         sfreq=sfreq,
         window_samples=window,
     )
+
+
+def marker_repetition_time(raw: mne.io.BaseRaw, marker: str | None = None) -> float | None:
+    """The repetition time implied by per-volume markers (median interval), or None.
+
+    For EEG recorded without BOLD (or whose BOLD is not shared) the scanner's volume markers
+    are the only record of the TR. Slice markers are not used: grouping them needs the TR.
+    """
+    names = [marker] if marker else list(VOLUME_MARKERS)
+    for name in names:
+        samples, used = _marker_onsets(raw, _marker_key(name))
+        if used is not None and len(samples) > 2:
+            return float(np.median(np.diff(samples))) / raw.info["sfreq"]
+    return None
 
 
 def _detect_markers(raw, tr, marker):

@@ -273,15 +273,21 @@ def process_run(pair, opts: dict) -> RunResult:
 
 
 def _eeg_only_tr(pair, opts: dict) -> float:
-    """The TR of a run without BOLD: its sidecar's, else the trained model's."""
+    """The TR of a run without BOLD: its sidecar's, else its volume markers', else the model's."""
+    from spec2vol_bids import eeg as eeg_mod
     from spec2vol_bids import layout
 
     tr = layout.eeg_repetition_time(pair)
+    if tr is None:
+        raw = eeg_mod.read_eeg(pair.eeg, work_dir=Path(opts["work_dir"]) / "eeg" / pair.label,
+                               bids_root=pair.bids_root)
+        tr = eeg_mod.marker_repetition_time(raw, opts.get("volume_marker"))
     if tr is None and opts.get("model_tr"):
         tr = opts["model_tr"]
     if tr is None:
-        raise DataError("this EEG run has no BOLD, no RepetitionTime in its sidecars and no model "
-                        "to take one from; add RepetitionTime to its _eeg.json", path=pair.eeg)
+        raise DataError("this EEG run has no BOLD, no RepetitionTime in its sidecars, no volume "
+                        "markers and no model to take one from; add RepetitionTime to its _eeg.json",
+                        path=pair.eeg)
     return float(tr)
 
 

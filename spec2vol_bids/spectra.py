@@ -24,6 +24,7 @@ kept amplitudes rather than every sample — the FFT is linear. Other formats go
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import scipy.fft
@@ -167,7 +168,7 @@ def tr_spectrogram(
         # second pass over the data (min/max propagate NaN).
         np.minimum(low, windows.min(axis=(1, 2)), out=low)
         np.maximum(high, windows.max(axis=(1, 2)), out=high)
-        spectrum = scipy.fft.rfft(windows, axis=-1)
+        spectrum = scipy.fft.rfft(windows, axis=-1, workers=_fft_workers())
         kept = np.abs(spectrum[..., 1:n_bins + 1]) * np.abs(scale)[:, :, None]
         amplitude[a:a + len(chunk)] = kept.transpose(1, 0, 2)
         del data, windows, spectrum
@@ -185,6 +186,14 @@ def tr_spectrogram(
     if zscore:
         zscore_channels(amplitude, exclude=flat)
     return amplitude, freqs
+
+
+def _fft_workers() -> int:
+    """FFT threads: the command line's ``--omp-nthreads`` (exported as OMP_NUM_THREADS)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
 
 
 def zscore_channels(spec: np.ndarray, *, exclude=None) -> np.ndarray:

@@ -1,0 +1,87 @@
+"""The whole BIDS-App on a simulated dataset: participant, group, reports, derivative validity.
+
+This is the main job of README in miniature (3 subjects, tiny models, one epoch); what it
+checks is the shape of what a user gets, not the quality of the models.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import pandas as pd
+import pytest
+
+from spec2vol_bids.simulate import simulate_dataset
+from test_report import _check_images, _colours, _render
+
+SMALL = ["--discard-volumes", "2", "--context", "4", "--freq-bins", "32",
+         "--target-grid", "32", "32", "16"]
+
+
+def spec2vol(*args):
+    return subprocess.run([sys.executable, "-m", "spec2vol_bids", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main")
+    bids = simulate_dataset(root / "bids", subjects=3, volumes=30, channels=16, grid=(32, 32, 16),
+                            eeg_only_subjects=1, seed=7)
+    out = root / "out"
+    participant = spec2vol(bids, out, "participant", *SMALL)
+    assert participant.returncode == 0, participant.stderr
+    group = spec2vol(bids, out, "group", "--model-config", "tiny", "--epochs", "1",
+                     "--batch-size", "4", "--compare", "e2fnet")
+    assert group.returncode == 0, group.stderr
+    return bids, out, group.stderr
+
+
+def test_group_outputs_and_log(main_job):
+    _, out, log = main_job
+    table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
+    # two subjects have BOLD (sub-03 is EEG-only): two folds, three models each
+    assert sorted(table.participant_id.unique()) == ["sub-01", "sub-02"]
+    assert sorted(table.model.unique()) == ["e2fnet", "mean", "spec2vol"]
+    assert (table.loc[table.model == "mean", "dynamics"] == 0).all()
+    for model in ("spec2vol", "e2fnet", "mean"):
+        assert f"{model}:" in log  # mean ± std per model in the log
+    synth = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-synth_bold.nii.gz")
+    assert synth.shape == (32, 32, 16, 30 - 2 - 4)
+    assert (out / "models" / "final" / "model.pt").is_file()
+    assert (out / "group.html").is_file() and (out / "logs" / "config.toml").is_file()
+
+
+def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
+    bids, out, _ = main_job
+    proc = spec2vol(bids, out, "participant", "--participant-label", "03", *SMALL,
+                    "--model", out / "models" / "final" / "model.pt")
+    assert proc.returncode == 0, proc.stderr
+    synth = nib.load(out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.nii.gz")
+    assert synth.shape == (32, 32, 16, 30 - 2 - 4)
+    side = json.loads((out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.json").read_text())
+    assert side["RepetitionTime"] == pytest.approx(2.0)
+
+
+def test_reports_are_embedded_and_render(main_job, tmp_path):
+    _, out, _ = main_job
+    for page in (out / "sub-01.html", out / "group.html"):
+        assert _check_images(page) >= 3
+        console, shot = _render(page, tmp_path)
+        assert console == [], f"{page.name}: {console}"
+        assert _colours(shot) > 50, f"{page.name}: the screenshot is (nearly) blank"
+
+
+def test_derivative_dataset_passes_the_bids_validator(main_job):
+    """The official (schema-based) validator, which knows the derivative rules."""
+    _, out, _ = main_job
+    validator = shutil.which("bids-validator-deno")
+    assert validator, "bids-validator-deno (the test extra) is needed"
+    proc = subprocess.run([validator, str(out), "--json"], capture_output=True, text=True,
+                          timeout=300)
+    report = json.loads(proc.stdout)
+    errors = [(i["code"], i.get("location")) for i in report["issues"]["issues"]
+              if i["severity"] == "error"]
+    assert errors == []
