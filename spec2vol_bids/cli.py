@@ -21,7 +21,6 @@ from spec2vol_bids import __version__
 from spec2vol_bids.errors import (
     EX_FAILURE,
     EX_INTERRUPTED,
-    EX_OK,
     MissingInputError,
     Spec2VolError,
     UsageError,

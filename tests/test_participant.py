@@ -1,7 +1,6 @@
 """The participant level end to end: the NODDI fixture, idempotence and parallel runs."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
