@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select", default="last", choices=["last", "val"],
                    help="checkpoint kept: the last epoch, or the best SSIM on one held-out "
                         "*training* subject; never the test subject")
+    g.add_argument("--eeg-normalisation", default="minmax", choices=["minmax", "standard"],
+                   help="EEG input scaling from the training subjects: one min-max pair (as "
+                        "published) or a mean and std per channel and bin")
     g.add_argument("--split", default="loso", choices=["loso", "fixed"],
                    help="leave-one-subject-out folds, or one fixed split (--test-subjects)")
     g.add_argument("--test-subjects", nargs="+", metavar="LABEL", help="test subjects of --split fixed")

@@ -219,13 +219,25 @@ def cache_target(path: str | Path, work_dir: str | Path) -> Path:
     return cached
 
 
-def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64) -> dict:
-    """EEG min and max over the windows the runs' samples use, read in chunks.
+NORMALISATIONS = ("minmax", "standard")
+
+
+def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64,
+               kind: str = "minmax") -> dict:
+    """EEG scaling statistics over the windows the runs' samples use, read in chunks.
 
     Sample ``j`` reads windows ``[j - context, j)``, so a run's samples use windows
     ``[discard, n_volumes - 1)``; windows before ``discard`` are never model input.
+
+    ``kind="minmax"`` (the published scaling) gives one (min, max) pair for all inputs;
+    ``kind="standard"`` also gives a mean and a standard deviation per (channel, bin), so that
+    every input feature varies around 0 instead of sitting on a fixed per-electrode pattern.
     """
+    if kind not in NORMALISATIONS:
+        raise ValueError(f"unknown EEG normalisation {kind!r}")
     lo, hi = np.inf, -np.inf
+    total = total_sq = None
+    count = 0
     for run in runs:
         spec = _open_npy(run.spectrogram)
         index = channel_index(run, channels)
@@ -233,13 +245,35 @@ def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64)
         for start in range(run.discard, stop, chunk):
             block = np.asarray(spec[start:min(start + chunk, stop)])[:, index]
             lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+            if kind == "standard":
+                block = block.astype(np.float64)
+                total = block.sum(0) if total is None else total + block.sum(0)
+                total_sq = (block ** 2).sum(0) if total_sq is None else total_sq + (block ** 2).sum(0)
+                count += len(block)
         del spec
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise DataError("no EEG windows to compute the normalisation from (runs too short for "
                         "discard + context volumes)")
     if hi <= lo:
         raise DataError("the EEG spectrograms are constant; check the participant-level output")
-    return {"min": lo, "max": hi}
+    stats = {"kind": kind, "min": lo, "max": hi}
+    if kind == "standard":
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0))
+        stats["mean"] = mean.astype(np.float32).tolist()
+        stats["std"] = np.where(std > 1e-6, std, 1.0).astype(np.float32).tolist()
+    return stats
+
+
+def apply_norm(x: np.ndarray, norm: dict) -> np.ndarray:
+    """Scale ``(..., C, F)`` EEG inputs with :func:`norm_stats`'s statistics, in place."""
+    if norm.get("kind", "minmax") == "standard":
+        x -= np.asarray(norm["mean"], dtype=x.dtype)
+        x /= np.asarray(norm["std"], dtype=x.dtype)
+    else:
+        x -= norm["min"]
+        x /= norm["max"] - norm["min"]
+    return x
 
 
 class PairedDataset(torch.utils.data.Dataset):
@@ -267,7 +301,7 @@ class PairedDataset(torch.utils.data.Dataset):
                  work_dir: str | Path | None = None):
         self.runs = list(runs)
         self.channels = list(channels)
-        self.norm = {"min": float(norm["min"]), "max": float(norm["max"])}
+        self.norm = norm
         self.with_target = work_dir is not None
         if self.with_target:
             missing = [run.name for run in self.runs if run.target is None]
@@ -308,9 +342,7 @@ class PairedDataset(torch.utils.data.Dataset):
         spec = self._map(("x", r), run.spectrogram)
         block = spec[j - run.context:j]
         self._mapped_bytes += block.nbytes
-        x = np.array(block[:, self._index[r]], dtype=np.float32)
-        x -= self.norm["min"]
-        x /= self.norm["max"] - self.norm["min"]
+        x = apply_norm(np.array(block[:, self._index[r]], dtype=np.float32), self.norm)
         if not self.with_target:
             return torch.from_numpy(x)
         volume = self._map(("y", r), self._targets[r])[j]

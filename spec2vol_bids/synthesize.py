@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from spec2vol_bids.data import parse_entities
+from spec2vol_bids.data import apply_norm, parse_entities
 from spec2vol_bids.derivatives import atomic_path, read_json, write_json
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
@@ -150,11 +150,10 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
 
 def context_batches(spec: np.ndarray, volumes: np.ndarray, context: int, norm: dict,
                     batch_size: int) -> Iterable[torch.Tensor]:
-    """Batches of min–max-scaled ``(B, context, C, F)`` inputs for the given volume indices."""
-    scale = norm["max"] - norm["min"]
+    """Batches of scaled ``(B, context, C, F)`` inputs for the given volume indices."""
     for start in range(0, len(volumes), batch_size):
         x = np.stack([spec[j - context:j] for j in volumes[start:start + batch_size]])
-        yield torch.from_numpy((x - norm["min"]) / scale).float()
+        yield torch.from_numpy(apply_norm(x.astype(np.float32), norm))
 
 
 def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, out_path: str | Path,

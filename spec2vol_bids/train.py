@@ -57,6 +57,7 @@ class TrainConfig:
     restart_epochs: int = 10
     clip_grad: float = 1.0
     select: str = "last"
+    eeg_normalisation: str = "minmax"
     device: str = "auto"
     seed: int = 0
     num_workers: int = 0
@@ -217,7 +218,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
         raise DataError("--select val needs a held-out training subject; there are too few subjects")
     device = resolve_device(config.device)
     rank, world, local_rank = distributed()
-    norm = norm_stats(train_runs, channels)
+    norm = norm_stats(train_runs, channels, kind=config.eeg_normalisation)
     train_set = PairedDataset(train_runs, channels, norm, work_dir)
     if len(train_set) == 0:
         raise DataError("no training samples: runs are shorter than discard + context + 1 volumes")
