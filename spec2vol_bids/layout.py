@@ -2,7 +2,10 @@
 
 A *run* is identified by subject, session, task, acquisition and run index. Each EEG recording
 (``.vhdr``, ``.edf``, ``.bdf``, ``.set`` or ``.fif``, from the raw tree or from an EEG derivative
-folder) is paired with the BOLD run carrying the same entities. EEG without BOLD is kept (it can
+folder) is paired with the BOLD run carrying the same entities. An EEG derivative folder may also
+be a spec2vol output dataset: its ``*_desc-spec2vol_spectrogram.npy`` then stand for the EEG of
+their runs, and a spec2vol output given as BOLD derivatives yields its ``*_desc-target_bold``
+series, so that one spec2vol run can feed the next. EEG without BOLD is kept (it can
 still be synthesised); BOLD without EEG is left out with a note. Everything that could not be
 paired is explained in the notes :func:`find_run_pairs` returns, one line each.
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from spec2vol_bids.derivatives import PIPELINE_NAME
 from spec2vol_bids.errors import (
     DataError,
     MissingInputError,
@@ -36,6 +40,9 @@ from spec2vol_bids.errors import (
 
 EEG_EXTENSIONS = (".vhdr", ".edf", ".bdf", ".set", ".fif")  # order = preference when ambiguous
 BOLD_EXTENSIONS = (".nii.gz", ".nii")
+#: How spec2vol names a run's spectrogram; such a file in an EEG derivative folder is taken as the
+#: run's preprocessed EEG (a recording of the same run in that folder is preferred to it).
+SPECTROGRAM_SUFFIX = "_desc-spec2vol_spectrogram.npy"
 RUN_ENTITIES = ("subject", "session", "task", "acquisition", "run")
 _ABBREVIATIONS = {"subject": "sub", "session": "ses", "task": "task", "acquisition": "acq",
                   "run": "run", "space": "space", "res": "res"}
@@ -79,7 +86,8 @@ class RunPair:
         The run's entities, as spelled in the EEG file name (the BOLD file's when there is no
         EEG). ``session``, ``acquisition`` and ``run`` are ``None`` when absent.
     eeg, bold : Path | None
-        The EEG recording (for BrainVision, the ``.vhdr``) and the BOLD NIfTI.
+        The EEG recording (for BrainVision, the ``.vhdr``), or the spectrogram a previous spec2vol
+        run wrote of it (see :attr:`eeg_is_spectrogram`), and the BOLD NIfTI.
     bids_root : Path | None
         The root of the dataset holding ``eeg``: BIDS_DIR, or the EEG derivative folder.
     eeg_from_derivatives : bool
@@ -120,6 +128,12 @@ class RunPair:
         res (the last two name the BOLD outputs' space; EEG outputs leave them out)."""
         return {name: getattr(self, name) for name in (*RUN_ENTITIES, "space", "res")
                 if getattr(self, name) is not None}
+
+    @property
+    def eeg_is_spectrogram(self) -> bool:
+        """Whether ``eeg`` is a spec2vol spectrogram (``--eeg-derivatives`` pointing at a spec2vol
+        output dataset) rather than a recording."""
+        return self.eeg is not None and self.eeg.name.endswith(SPECTROGRAM_SUFFIX)
 
     @property
     def label(self) -> str:
@@ -422,13 +436,16 @@ def find_run_pairs(
         dropped, not turned into an EEG-only run.
     eeg_derivatives : str | Path | None
         A folder of processed EEG laid out like a BIDS dataset (``sub-*/[ses-*/]eeg/``), with or
-        without its own ``dataset_description.json``. Its recordings replace the raw ones of the
-        same runs; runs it lacks keep their raw EEG (with a note).
+        without its own ``dataset_description.json``. Its recordings, or else its spec2vol
+        spectrograms (``*_desc-spec2vol_spectrogram.npy``, when it is a spec2vol output), replace
+        the raw EEG of the same runs; runs it lacks keep their raw EEG (with a note).
     bold_derivatives : path or iterable of paths | None
         BIDS derivative datasets of preprocessed BOLD, such as fMRIPrep's
         (``*_space-<space>[_res-<r>]_desc-preproc_bold.nii.gz``, with its
-        ``*_desc-brain_mask.nii.gz``). When given, their BOLD replaces the raw BOLD: runs they
-        lack become EEG-only (with a note), so that every target lies in one space.
+        ``*_desc-brain_mask.nii.gz``), or spec2vol output datasets (recognised by ``GeneratedBy``
+        in their ``dataset_description.json``), whose ``*_desc-target_bold.nii.gz`` are taken.
+        When given, their BOLD replaces the raw BOLD: runs they lack become EEG-only (with a
+        note), so that every target lies in one space.
     bold_space : str | None
         The space to take, in fMRIPrep's ``--output-spaces`` syntax
         (``MNI152NLin2009cAsym:res-2``); needed when the derivatives hold several.
@@ -524,10 +541,11 @@ def find_run_pairs(
 
 
 def _index(root: Path, *, derivative: bool,
-           preproc_bold: bool = False) -> tuple[list[_File], list[_File], set, set]:
+           bold_desc: str | None = None) -> tuple[list[_File], list[_File], set, set]:
     """Index ``root`` with pybids; return its EEG files, BOLD files, subjects and sessions.
 
-    A derivative folder yields BOLD only with ``preproc_bold``: its ``desc-preproc`` series.
+    A derivative folder yields BOLD only with ``bold_desc``: its ``desc-<bold_desc>`` series;
+    its EEG files include spec2vol spectrograms.
     """
     from bids import BIDSLayout, BIDSLayoutIndexer
 
@@ -551,8 +569,10 @@ def _index(root: Path, *, derivative: bool,
         return [_File(Path(f), root, _parse_entities(f), derivative) for f in sorted(found)]
 
     eeg = files("eeg", "eeg", EEG_EXTENSIONS)
-    if preproc_bold:
-        bold = files("bold", "func", BOLD_EXTENSIONS, desc="preproc")
+    if derivative:
+        eeg += files("spectrogram", "eeg", [".npy"], desc="spec2vol")
+    if bold_desc is not None:
+        bold = files("bold", "func", BOLD_EXTENSIONS, desc=bold_desc)
         for f in bold:  # described by their path, not as EEG derivatives
             f.derivative = False
     else:
@@ -587,18 +607,36 @@ def parse_space(text: str) -> tuple[str, str | None]:
     return name, res
 
 
+def is_spec2vol_dataset(root: str | Path) -> bool:
+    """Whether ``root`` is a derivative dataset spec2vol wrote: its ``dataset_description.json``
+    names spec2vol in ``GeneratedBy``.
+
+    Only such datasets have their ``desc-target`` BOLD taken as preprocessed BOLD: in another
+    pipeline's outputs that description could mean anything.
+    """
+    try:
+        desc = json.loads((Path(root) / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    generated = desc.get("GeneratedBy") if isinstance(desc, dict) else None
+    return isinstance(generated, list) and any(
+        isinstance(g, dict) and g.get("Name") == PIPELINE_NAME for g in generated)
+
+
 def _format_space(space, res) -> str:
     return f"{space or 'no space entity'}{f':res-{res}' if res is not None else ''}"
 
 
 def _preproc_bold(roots, bold_space: str | None, notes: list[str]) -> list[_File]:
-    """The ``desc-preproc`` BOLD of the derivative datasets, in the one space chosen."""
+    """The preprocessed BOLD of the derivative datasets, in the one space chosen: the
+    ``desc-target`` series of spec2vol datasets, the ``desc-preproc`` ones of others."""
     found: list[_File] = []
     for root in roots:
         root = _existing_dir(root, "the BOLD derivative folder")
-        _, bold, _, _ = _index(root, derivative=True, preproc_bold=True)
+        desc = "target" if is_spec2vol_dataset(root) else "preproc"
+        _, bold, _, _ = _index(root, derivative=True, bold_desc=desc)
         if not bold:
-            notes.append(f"{root}: no *_desc-preproc_bold.nii[.gz] in this BOLD derivative folder")
+            notes.append(f"{root}: no *_desc-{desc}_bold.nii[.gz] in this BOLD derivative folder")
         found += bold
 
     def space_of(f: _File) -> tuple:
@@ -726,14 +764,15 @@ def _make_pair(e: _File, b: _File | None, bids_dir: Path, *,
 
 
 def _brain_mask_of(bold: Path) -> Path | None:
-    """The ``*_desc-brain_mask`` beside a ``*_desc-preproc_bold`` file, if there is one."""
-    for ext in BOLD_EXTENSIONS:
-        if bold.name.endswith(f"_desc-preproc_bold{ext}"):
-            stem = bold.name[: -len(f"_desc-preproc_bold{ext}")]
-            for mask_ext in BOLD_EXTENSIONS:
-                mask = bold.with_name(f"{stem}_desc-brain_mask{mask_ext}")
-                if mask.is_file():
-                    return mask
+    """The ``*_desc-brain_mask`` beside a ``*_desc-<preproc|target>_bold`` file, if any."""
+    for desc in ("preproc", "target"):
+        for ext in BOLD_EXTENSIONS:
+            if bold.name.endswith(f"_desc-{desc}_bold{ext}"):
+                stem = bold.name[: -len(f"_desc-{desc}_bold{ext}")]
+                for mask_ext in BOLD_EXTENSIONS:
+                    mask = bold.with_name(f"{stem}_desc-brain_mask{mask_ext}")
+                    if mask.is_file():
+                        return mask
     return None
 
 
@@ -881,7 +920,8 @@ def format_pair_table(pairs: Iterable[RunPair]) -> str:
     rows = [("run", "EEG", "EEG from", "BOLD")]
     for p in pairs:
         rows.append((p.label, p.eeg.name if p.eeg else "-",
-                     "derivatives" if p.eeg_from_derivatives else "raw",
+                     ("spectrogram" if p.eeg_is_spectrogram else "derivatives")
+                     if p.eeg_from_derivatives else "raw",
                      p.bold.name if p.bold else "- (EEG only)"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -5,6 +5,11 @@ BOLD, the normalised, resampled target series (DESIGN §2, steps 1–7), then pe
 pairing inventory, QC figures and the HTML report. With ``--model`` it also synthesises BOLD from
 the EEG of every run, EEG-only participants included.
 
+Chaining: when ``--eeg-derivatives`` is a spec2vol output dataset, its spectrograms are the runs'
+EEG. They are checked against the options first (nothing is written when one does not fit),
+then copied with their sidecars; the raw EEG is never read, so a lab can synthesise from another
+run's outputs with a model trained elsewhere.
+
 Re-running with the same inputs and options skips runs whose outputs are complete: each sidecar
 records a hash of the inputs' names, sizes and modification times and of the options.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,13 +37,18 @@ from spec2vol_bids.derivatives import (
     write_json,
     write_text,
 )
-from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.errors import DataError, MissingInputError, UsageError
 
 LOGGER = logging.getLogger(__name__)
 
 #: The options that change what a run's derivatives contain (and so its input hash).
 EEG_OPTIONS = ("volume_marker", "eeg_offset", "freq_bins", "fmax", "discard_volumes", "context")
 BOLD_OPTIONS = ("target_grid",)
+#: --freq-bins when not given (the authors' bin count)
+DEFAULT_FREQ_BINS = 249
+#: What a spectrogram sidecar must hold to be reused
+_SPECTROGRAM_KEYS = ("SamplingFrequency", "RepetitionTime", "FrequencyBinsHz", "Channels",
+                     "NumberOfWindows", "VolumeOnsetSeconds")
 
 
 @dataclass
@@ -157,6 +168,169 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
                 *spec.shape, timing.t0, timing.marker or "none")
 
 
+def reuse_spectrogram(pair, opts: dict, tr: float, result: RunResult) -> None:
+    """Copy a spectrogram a previous spec2vol run wrote (``--eeg-derivatives``) into OUTPUT_DIR.
+
+    The array is copied as it is; its sidecar keeps what describes the data (sampling rate,
+    bins, channels, t0, ...) and takes this run's discard/context, sources and input hash. The
+    options were checked beforehand by :func:`check_spectrogram_inputs`.
+    """
+    from spec2vol_bids import report
+
+    out = run_dir(opts["output_dir"], pair.entities, "eeg")
+    npy = out / bids_name(_eeg_entities(pair), "spectrogram", ".npy", desc="spec2vol")
+    sidecar = npy.with_suffix(".json")
+    options = {k: opts.get(k) for k in ("discard_volumes", "context")} | {"tr": tr}
+    digest = input_hash(_related_files(pair.eeg), options)
+    result.spectrogram = str(npy)
+    meta = read_json(pair.eeg.with_suffix(".json"))
+    result.n_windows, result.channels = meta["NumberOfWindows"], meta["Channels"]
+    result.dropped_channels = meta.get("DroppedChannels", [])
+    result.marker, result.t0 = meta.get("VolumeMarker"), meta["VolumeOnsetSeconds"]
+    if _is_done(sidecar, npy, digest):
+        result.skipped = True
+        LOGGER.info("%s: spectrogram up to date, skipped", pair.label)
+        return
+    figures = Path(opts["output_dir"]) / f"sub-{pair.subject}" / "figures"
+    # The alignment QC needs the volume markers, which only the run that read the EEG had:
+    # its figure is carried over when the source dataset has it.
+    name = bids_name(_eeg_entities(pair), "qc", ".svg", desc="alignment")
+    alignment = pair.bids_root / f"sub-{pair.subject}" / "figures" / name
+    if alignment.is_file():
+        with atomic_path(figures / name) as tmp:
+            shutil.copyfile(alignment, tmp)
+    spec = np.load(pair.eeg, mmap_mode="r")
+    report.plot_spectrogram_qc(
+        spec, np.asarray(meta["FrequencyBinsHz"]), meta["Channels"],
+        figures / bids_name(_eeg_entities(pair), "qc", ".svg", desc="spectrogram"),
+        title=f"{pair.label}: EEG spectrogram (from {pair.bids_root.name})",
+    )
+    with atomic_path(npy) as tmp:
+        shutil.copyfile(pair.eeg, tmp)
+    write_json(sidecar, meta | {
+        "DiscardVolumes": opts["discard_volumes"],
+        "Context": opts["context"],
+        "Sources": [_relative_source(pair.eeg, opts["bids_dir"])],
+        "InputHash": digest,
+    })
+    LOGGER.info("%s: spectrogram reused from %s (%d windows x %d channels x %d bins)",
+                pair.label, pair.eeg, *spec.shape)
+
+
+def check_spectrogram_inputs(pairs, opts, model_freq_bins: int | None = None) -> None:
+    """Check every reused spectrogram against the options before anything is written.
+
+    A spectrogram cannot be recomputed without its EEG, so options that would change it must
+    agree with it: ``--freq-bins``/``--fmax`` (when given) with its bins, ``--volume-marker`` and
+    ``--eeg-offset`` with its volume onset, the run's TR with its windows, and ``--model``'s
+    bins with its bins. Channels are matched to a model by name at synthesis, as for raw EEG
+    (missing ones interpolated on the standard 10-05 montage by name, so no electrode positions
+    are needed).
+
+    Parameters
+    ----------
+    pairs : list of RunPair
+        The selected runs; those whose EEG is a spectrogram are checked.
+    opts : argparse.Namespace
+        The participant-level options.
+    model_freq_bins : int | None
+        The number of frequency bins ``--model`` was trained on.
+
+    Raises
+    ------
+    UsageError (64)
+        The EEG derivatives are OUTPUT_DIR itself, or an option asks for a spectrogram other
+        than the one given.
+    DataError (65)
+        A spectrogram or its sidecar is unreadable or inconsistent, its TR differs from the
+        run's, it has too few windows for ``--discard-volumes`` + ``--context``, or the model
+        was trained on another number of bins.
+    """
+    from spec2vol_bids import layout
+
+    for pair in (p for p in pairs if p.eeg_is_spectrogram):
+        if pair.bids_root.resolve() == Path(opts.output_dir).resolve():
+            raise UsageError("--eeg-derivatives is OUTPUT_DIR itself: write the new run to "
+                             "another OUTPUT_DIR", path=pair.bids_root)
+        meta = _spectrogram_meta(pair.eeg)
+        # the bins depend on the TR: it is checked first
+        run_tr = layout.repetition_time(pair) if pair.bold is not None \
+            else layout.eeg_repetition_time(pair)
+        if run_tr is not None and not np.isclose(run_tr, meta["RepetitionTime"], rtol=1e-3):
+            raise DataError(f"the spectrogram's windows are {meta['RepetitionTime']:g} s long but "
+                            f"the run's RepetitionTime is {run_tr:g} s", path=pair.eeg)
+        bins = np.asarray(meta["FrequencyBinsHz"], dtype=float)
+        described = (f"{pair.eeg.name} has {bins.size} bins up to {bins[-1]:g} Hz"
+                     if bins.size else f"{pair.eeg.name} has no frequency bins")
+        if _bins_requested(opts):
+            wanted = _requested_bins(opts, meta, pair.eeg)
+            if wanted.shape != bins.shape or not np.allclose(wanted, bins, rtol=1e-6):
+                option = f"--fmax {opts.fmax:g}" if opts.fmax is not None else \
+                    f"--freq-bins {opts.freq_bins}"
+                raise UsageError(f"{option} asks for {wanted.size} bins up to {wanted[-1]:g} Hz "
+                                 f"but the spectrogram {described}; a spectrogram from "
+                                 "--eeg-derivatives cannot be recomputed: leave the option out "
+                                 "or give the raw EEG", path=pair.eeg)
+        fs = float(meta["SamplingFrequency"])
+        if opts.volume_marker is not None and opts.volume_marker != meta.get("VolumeMarker"):
+            raise UsageError(f"--volume-marker {opts.volume_marker} differs from the marker this "
+                             f"spectrogram was aligned to ({meta.get('VolumeMarker') or 'none'}); "
+                             "leave it out or give the raw EEG", path=pair.eeg)
+        if opts.eeg_offset is not None and \
+                abs(opts.eeg_offset - float(meta["VolumeOnsetSeconds"])) > 0.5 / fs + 1e-9:
+            raise UsageError(f"--eeg-offset {opts.eeg_offset:g} differs from the volume onset of "
+                             f"this spectrogram ({meta['VolumeOnsetSeconds']:g} s); leave it out "
+                             "or give the raw EEG", path=pair.eeg)
+        needed = opts.discard_volumes + opts.context + 1
+        if meta["NumberOfWindows"] < needed:
+            raise DataError(f"{meta['NumberOfWindows']} TR windows, fewer than --discard-volumes "
+                            f"+ --context + 1 = {needed}", path=pair.eeg)
+        if model_freq_bins is not None and model_freq_bins != bins.size:
+            raise DataError(f"the model was trained on {model_freq_bins} frequency bins but "
+                            f"{described}; give the raw EEG and --freq-bins {model_freq_bins}",
+                            path=pair.eeg)
+
+
+def _spectrogram_meta(npy: Path) -> dict:
+    """The sidecar of a spectrogram to reuse, checked against the array's shape."""
+    sidecar = npy.with_suffix(".json")
+    try:
+        meta = read_json(sidecar)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"cannot read the spectrogram's sidecar ({exc})", path=sidecar) from exc
+    missing = [k for k in _SPECTROGRAM_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"the spectrogram's sidecar lacks {', '.join(missing)}: it was not "
+                        "written by spec2vol", path=sidecar)
+    try:
+        shape = np.load(npy, mmap_mode="r").shape
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the spectrogram ({exc})", path=npy) from exc
+    expected = (meta["NumberOfWindows"], len(meta["Channels"]), len(meta["FrequencyBinsHz"]))
+    if tuple(shape) != tuple(expected):
+        raise DataError(f"the spectrogram's shape {tuple(shape)} does not match its sidecar "
+                        f"(windows, channels, bins) {expected}", path=npy)
+    return meta
+
+
+def _bins_requested(opts) -> bool:
+    """Whether the frequency bins were asked for, rather than left at the default."""
+    argv = getattr(opts, "argv", None) or []
+    return (opts.fmax is not None or opts.freq_bins != DEFAULT_FREQ_BINS
+            or any(a == "--freq-bins" or a.startswith("--freq-bins=") for a in argv))
+
+
+def _requested_bins(opts, meta: dict, path: Path) -> np.ndarray:
+    """The bin frequencies the options ask for at the spectrogram's TR and sampling rate."""
+    from spec2vol_bids import spectra
+
+    try:
+        return spectra.frequency_bins(float(meta["RepetitionTime"]), float(meta["SamplingFrequency"]),
+                                      freq_bins=opts.freq_bins, fmax=opts.fmax)
+    except DataError as exc:
+        raise UsageError(str(exc), path=path) from exc
+
+
 def _eeg_entities(pair) -> dict:
     """The run's entities without ``space``/``res``: the EEG is in no image space."""
     return {k: v for k, v in pair.entities.items() if k not in ("space", "res")}
@@ -194,7 +368,9 @@ def process_bold(pair, opts: dict, tr: float, result: RunResult) -> None:
         LOGGER.info("%s: BOLD target up to date, skipped", pair.label)
         return
     img = bold_mod.load_bold(pair.bold)
-    grid = tuple(opts["target_grid"] or bold_mod.default_target_grid(img.shape[:3]))
+    # a target a previous spec2vol run wrote is on its model grid already
+    native = img.shape[:3] if pair.bold.name.endswith("_desc-target_bold.nii.gz") else None
+    grid = tuple(opts["target_grid"] or native or bold_mod.default_target_grid(img.shape[:3]))
     data, affine = bold_mod.bold_targets(img, grid)
     target = nib.Nifti1Image(data, affine)
     target.header.set_xyzt_units("mm", "sec")
@@ -230,6 +406,38 @@ def _mask_source(pair) -> Path | None:
     return None
 
 
+def fetch_templates(pairs) -> list[Path]:
+    """Get the TemplateFlow files the runs in template spaces need, before any work is done.
+
+    The brain mask is needed when the derivative has none; the T1w image is the anatomical
+    background of the report figures, which the group level draws at its very end: a template
+    missing on an offline node is better found now than after hours of training.
+
+    Returns
+    -------
+    paths : list of Path
+        The masks, then the T1w images, in ``TEMPLATEFLOW_HOME`` (downloaded only when missing).
+
+    Raises
+    ------
+    MissingInputError (66)
+        A file is missing and cannot be downloaded; the message says how to pre-fetch it.
+    """
+    from spec2vol_bids import layout, templates
+
+    masks, anatomy = [], []
+    for pair in pairs:
+        if pair.bold is None or pair.space is None or pair.space in layout.NONSTANDARD_SPACES:
+            continue
+        if pair.bold_mask is None and (pair.space, pair.res) not in masks:
+            masks.append((pair.space, pair.res))
+        if (pair.space, pair.res) not in anatomy:
+            anatomy.append((pair.space, pair.res))
+    # the masks first: without them the run is wrong, without the T1w only its figures
+    return ([templates.template_mask(*m) for m in masks]
+            + [templates.template_anatomy(*a) for a in anatomy])
+
+
 def _write_mask(source: Path, target_img, path: Path) -> None:
     """The brain mask on the target grid: copied when the grids agree, else resampled
     (nearest neighbour) to the target's affine and shape."""
@@ -262,7 +470,10 @@ def process_run(pair, opts: dict) -> RunResult:
         tr = layout.repetition_time(pair)
         process_bold(pair, opts, tr, result)
         n_volumes = result.n_volumes
-    if pair.eeg is not None:
+    if pair.eeg is not None and pair.eeg_is_spectrogram:
+        tr = float(read_json(pair.eeg.with_suffix(".json"))["RepetitionTime"])
+        reuse_spectrogram(pair, opts, tr, result)
+    elif pair.eeg is not None:
         if tr is None:
             tr = _eeg_only_tr(pair, opts)
         process_eeg(pair, opts, tr, n_volumes, result)
@@ -319,15 +530,16 @@ def _inventory(out_dir: Path, subject: str, results: list[RunResult], notes: lis
     return write_text(out_dir / f"sub-{subject}" / f"sub-{subject}_runs.tsv", "\n".join(lines) + "\n")
 
 
-def _check_model(opts) -> float | None:
-    """Load ``--model`` once before any output is written; return the TR it was trained at."""
+def _check_model(opts) -> tuple[float | None, int]:
+    """Load ``--model`` once before any output is written; return the TR and the number of
+    frequency bins it was trained at."""
     from spec2vol_bids.models import load_checkpoint
 
     if not opts.model_path.is_file():
         raise MissingInputError("model file not found; give the model.pt written by the group "
                                 "level (OUTPUT_DIR/models/final/model.pt)", path=opts.model_path)
     _, meta = load_checkpoint(opts.model_path)
-    return (meta.get("extra") or {}).get("RepetitionTime")
+    return (meta.get("extra") or {}).get("RepetitionTime"), int(meta["config"]["freq_bins"])
 
 
 def run_participant(opts) -> int:
@@ -348,7 +560,9 @@ def run_participant(opts) -> int:
         bold_derivatives=getattr(opts, "bold_derivatives", None),
         bold_space=getattr(opts, "bold_space", None),
     )
-    model_tr = _check_model(opts) if opts.model_path else None
+    model_tr, model_bins = _check_model(opts) if opts.model_path else (None, None)
+    check_spectrogram_inputs(pairs, opts, model_bins)
+    fetch_templates(pairs)
     init_output_dataset(opts.output_dir, opts.bids_dir)
     log_file = add_log_file(opts.output_dir, "participant")
     LOGGER.info("spec2vol %s participant level; log: %s", __version__, log_file)

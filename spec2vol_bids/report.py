@@ -4,7 +4,8 @@ The reports are single files that open offline: figures are embedded as ``data:`
 line plots, PNG for images), the stylesheet is inline, and there is no script, web font or
 remote resource. They read only what the levels left in ``OUTPUT_DIR`` (see
 ``docs/interfaces.md``), so they can be rebuilt at any time and say plainly which parts have no
-data yet.
+data yet; figures of data in a template space (``space-MNI152NLin2009cAsym``) are drawn over the
+template's T1w image from TemplateFlow (see :func:`anatomical_underlay`).
 """
 
 from __future__ import annotations
@@ -467,12 +468,13 @@ def write_participant_report(output_dir: str | Path, subject: str) -> Path:
     sub = _sub_id(subject)
     sub_dir = output_dir / sub
     sidecars = sorted(sub_dir.glob("**/eeg/*_desc-spec2vol_spectrogram.json"))
-    func_files = sorted(sub_dir.glob("**/func/*_bold.nii.gz"))
+    func_files = sorted(sub_dir.glob("**/func/*.nii.gz"))
     sections = [
         ("runs", "Runs", _runs_section(sub_dir, sub)),
         ("eeg", "EEG channels", _eeg_section(sidecars)),
         ("qc", "Alignment and spectrogram", _qc_section(sub_dir / "figures")),
         ("slices", "Measured vs synthesised", _slices_section(func_files)),
+        ("dynamics", "Dynamics map", _subject_dynamics_section(func_files)),
         ("metrics", "Metrics", _metrics_section(output_dir, sub)),
     ]
     path = output_dir / f"{sub}.html"
@@ -602,21 +604,60 @@ def _mean_image(paths: list[Path], reduce_time: bool):
     return nib.Nifti1Image(total / used, ref.affine), used
 
 
-def _dynamics_section(output_dir: Path) -> str:
-    stats = sorted(output_dir.glob("sub-*/**/func/*_desc-dynamics_statmap.nii.gz"))
-    if not stats:
-        return _empty("no voxel-wise dynamics maps yet (desc-dynamics_statmap): run the group level")
+def anatomical_underlay(reference, reference_path: Path, targets: list[Path]):
+    """The anatomical background of a figure on ``reference``'s grid, and where it comes from.
+
+    When ``reference_path`` lies in a template space (a ``space-`` entity naming a TemplateFlow
+    template, e.g. ``space-MNI152NLin2009cAsym_res-2``), the background is the template's T1w
+    image from TemplateFlow, resampled to the reference grid. Otherwise it is the mean of the
+    measured volumes ``targets`` on the same grid (no template, no download).
+
+    Parameters
+    ----------
+    reference : nibabel image
+        A 3-D image whose grid (shape and affine) the background must share.
+    reference_path : Path
+        The file ``reference`` comes from (or stands for): its name gives the space.
+    targets : list of Path
+        ``*_desc-target_bold`` series of the same runs, for spaces without a template.
+
+    Returns
+    -------
+    background : nibabel image | None
+        ``None`` when there is no template and no target on the reference grid.
+    source : str
+        A phrase naming the background, for captions.
+
+    Raises
+    ------
+    MissingInputError (66)
+        The template's T1w is not in ``TEMPLATEFLOW_HOME`` and cannot be downloaded; the message
+        says how to pre-fetch it.
+    """
+    from spec2vol_bids import templates
+    from spec2vol_bids.layout import NONSTANDARD_SPACES
+
+    entities = dict(part.split("-", 1) for part in reference_path.name.split(".")[0].split("_")
+                    if "-" in part)
+    space, res = entities.get("space"), entities.get("res")
+    if space is not None and space not in NONSTANDARD_SPACES:
+        from nilearn.image import resample_to_img
+
+        path = templates.template_anatomy(space, res)
+        background = resample_to_img(path, reference, interpolation="continuous",
+                                     force_resample=True, copy_header=True)
+        return background, f"the {space} T1w template from TemplateFlow ({path.name})"
+    background, n_bg = _mean_image(targets, reduce_time=True) if targets else (None, 0)
+    if background is None or background.shape != reference.shape[:3]:
+        return None, "no background (no measured targets on the same grid)"
+    return background, f"the mean measured volume of {n_bg} run(s)"
+
+
+def _stat_map_uri(stat, background, title: str) -> str:
+    """PNG of a voxel-wise r map in axial slices over its background."""
     from nilearn import plotting
 
     plt = _pyplot()
-    stat, n_stat = _mean_image(stats, reduce_time=False)
-    # the background: the mean measured volume of the same runs (no template, no download)
-    runs = {_run_key(p.name) for p in stats}
-    targets = [p for p in sorted(output_dir.glob("sub-*/**/func/*_desc-target_bold.nii.gz"))
-               if _run_key(p.name) in runs]
-    background, n_bg = _mean_image(targets, reduce_time=True) if targets else (None, 0)
-    if background is not None and background.shape != stat.shape:
-        background, n_bg = None, 0
     nz = stat.shape[2]
     ks = np.linspace(0.15 * (nz - 1), 0.85 * (nz - 1), min(8, nz))
     centre = np.array(stat.shape[:2]) / 2
@@ -625,13 +666,47 @@ def _dynamics_section(output_dir: Path) -> str:
     fig = plt.figure(figsize=(12, 2.6), facecolor="black")
     plotting.plot_stat_map(stat, bg_img=background, display_mode="z", cut_coords=cuts,
                            figure=fig, colorbar=True, cmap="RdBu_r", vmax=vmax,
-                           symmetric_cbar=True, black_bg=True, draw_cross=False,
-                           title=f"mean voxel-wise r over {n_stat} run(s)")
+                           symmetric_cbar=True, black_bg=True, draw_cross=False, title=title)
+    return _png_uri(fig)
+
+
+def _targets_of(stats: list[Path], candidates: list[Path]) -> list[Path]:
+    runs = {_run_key(p.name) for p in stats}
+    return [p for p in candidates if _run_key(p.name) in runs]
+
+
+def _dynamics_section(output_dir: Path) -> str:
+    stats = sorted(output_dir.glob("sub-*/**/func/*_desc-dynamics_statmap.nii.gz"))
+    if not stats:
+        return _empty("no voxel-wise dynamics maps yet (desc-dynamics_statmap): run the group level")
+    stat, n_stat = _mean_image(stats, reduce_time=False)
+    targets = _targets_of(stats, sorted(output_dir.glob("sub-*/**/func/*_desc-target_bold.nii.gz")))
+    background, source = anatomical_underlay(stat, stats[0], targets)
     caption = (f"Voxel-wise Pearson correlation between synthesised and measured BOLD time "
-               f"series (each voxel's mean removed), averaged over {n_stat} run(s), on "
-               + (f"the mean measured volume of {n_bg} run(s)." if background is not None
-                  else "no background (no measured targets on the same grid)."))
-    return _figure(_png_uri(fig), caption, "voxel-wise dynamics map")
+               f"series (each voxel's mean removed), averaged over {n_stat} run(s), on {source}.")
+    return _figure(_stat_map_uri(stat, background, f"mean voxel-wise r over {n_stat} run(s)"),
+                   caption, "voxel-wise dynamics map")
+
+
+def _subject_dynamics_section(func_files: list[Path]) -> str:
+    """One voxel-wise r map per run of a participant, over its anatomical background."""
+    import nibabel as nib
+
+    stats = [p for p in func_files if p.name.endswith("_desc-dynamics_statmap.nii.gz")]
+    if not stats:
+        return _empty("no voxel-wise dynamics maps yet (desc-dynamics_statmap): run the group level")
+    parts = []
+    for path in stats:
+        stat = nib.load(path)
+        targets = _targets_of([path], [p for p in func_files
+                                       if p.name.endswith("_desc-target_bold.nii.gz")])
+        background, source = anatomical_underlay(stat, path, targets)
+        run = _run_key(path.name)
+        parts.append(f"<h3>{_e(run)}</h3>" + _figure(
+            _stat_map_uri(stat, background, f"{run}: voxel-wise r"),
+            "Voxel-wise Pearson correlation between synthesised and measured BOLD time series "
+            f"(each voxel's mean removed), on {source}.", f"dynamics map of {run}"))
+    return "".join(parts)
 
 
 def _config_section(output_dir: Path, config) -> str:

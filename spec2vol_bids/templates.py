@@ -1,11 +1,12 @@
-"""Brain masks of standard spaces from TemplateFlow, with explicit offline behaviour.
+"""Brain masks and anatomy of standard spaces from TemplateFlow, with explicit offline behaviour.
 
 fMRIPrep-style outputs in a template space (``space-MNI152NLin2009cAsym``) come with their own
-brain mask; when one is missing, the template's mask is taken from TemplateFlow. TemplateFlow
-downloads missing files from its S3 host on first use, which on a compute node without network
-would end in a ``requests`` traceback. Here nothing is downloaded when the file is in
-``TEMPLATEFLOW_HOME`` already, and a failed download is one :class:`MissingInputError` (exit 66)
-that says how to pre-fetch the file on a machine with network.
+brain mask; when one is missing, the template's mask is taken from TemplateFlow, and the
+template's T1w image is the anatomical background of the report figures. TemplateFlow downloads
+missing files from its S3 host on first use, which on a compute node without network would end
+in a ``requests`` traceback. Here nothing is downloaded when the file is in ``TEMPLATEFLOW_HOME``
+already, and a failed download is one :class:`MissingInputError` (exit 66) that says how to
+pre-fetch the file on a machine with network.
 """
 
 from __future__ import annotations
@@ -19,12 +20,29 @@ from spec2vol_bids.errors import MissingInputError
 # TemplateFlow's own default (a few seconds per try) would be several minutes of retries
 _DOWNLOAD_TIMEOUT_S = 10
 
+#: What each kind of template file is, for TemplateFlow's query and for the messages
+_KINDS = {
+    "mask": ({"desc": "brain", "suffix": "mask"}, "brain mask"),
+    "T1w": ({"desc": None, "suffix": "T1w"}, "T1w image"),
+}
 
-def prefetch_command(space: str, res: str | None) -> str:
-    """The shell command that puts a template's brain mask into ``TEMPLATEFLOW_HOME``."""
+
+def prefetch_command(space: str, res: str | None, kind: str = "mask") -> str:
+    """The shell command that puts a template file into ``TEMPLATEFLOW_HOME``.
+
+    Parameters
+    ----------
+    space : str
+        The template, e.g. ``MNI152NLin2009cAsym``.
+    res : str | None
+        The resolution label (``2`` for ``res-2``); ``None`` fetches every resolution.
+    kind : {"mask", "T1w"}
+        The brain mask or the T1w image.
+    """
+    query, _ = _KINDS[kind]
     resolution = f", resolution={int(res)}" if res is not None and str(res).isdigit() else ""
-    return (f"python -c \"import templateflow.api as tf; tf.get('{space}'{resolution}, "
-            "desc='brain', suffix='mask')\"")
+    args = ", ".join(f"{k}={v!r}" for k, v in query.items())
+    return f"python -c \"import templateflow.api as tf; tf.get('{space}'{resolution}, {args})\""
 
 
 def template_mask(space: str, res: str | None = None) -> Path:
@@ -49,12 +67,27 @@ def template_mask(space: str, res: str | None = None) -> Path:
         The mask is not in ``TEMPLATEFLOW_HOME`` and cannot be downloaded (no network, or no
         such template or resolution); the message gives the pre-fetch command.
     """
+    return _template_file(space, res, "mask",
+                          "or give a derivative dataset that has *_desc-brain_mask files")
+
+
+def template_anatomy(space: str, res: str | None = None) -> Path:
+    """The ``tpl-<space>[_res-<r>]_T1w.nii.gz`` of a TemplateFlow template: the anatomical
+    background of figures in that space.
+
+    Parameters and errors as :func:`template_mask`.
+    """
+    return _template_file(space, res, "T1w", "")
+
+
+def _template_file(space: str, res: str | None, kind: str, alternative: str) -> Path:
+    query, what = _KINDS[kind]
     home = os.environ.get("TEMPLATEFLOW_HOME", str(Path.home() / ".cache" / "templateflow"))
-    hint = (f"the {space} brain mask{f' at res-{res}' if res is not None else ''} is not in "
+    hint = (f"the {space} {what}{f' at res-{res}' if res is not None else ''} is not in "
             f"TEMPLATEFLOW_HOME ({home}) and could not be downloaded; pre-fetch it on a machine "
-            f"with network with TEMPLATEFLOW_HOME={home} {prefetch_command(space, res)}, or give "
-            "a derivative dataset that has *_desc-brain_mask files")
-    query = {"desc": "brain", "suffix": "mask", "extension": ".nii.gz"}
+            f"with network with TEMPLATEFLOW_HOME={home} {prefetch_command(space, res, kind)}"
+            + (f", {alternative}" if alternative else ""))
+    query = {**query, "extension": ".nii.gz"}
     if res is not None:
         query["resolution"] = int(res) if str(res).isdigit() else res
     try:

@@ -1,19 +1,28 @@
 """spec2vol in fMRIPrep-style workflows: preprocessed BOLD in a template space from a derivative
 dataset (``--bold-derivatives``/``--bold-space``), brain masks from the derivative or TemplateFlow,
-and fMRIPrep's ``--bids-filter-file`` format."""
+the template's T1w from TemplateFlow as the reports' background, spec2vol's own template-space
+outputs as the next run's input, and fMRIPrep's ``--bids-filter-file`` format."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import GROUP_OPTIONS, PARTICIPANT_OPTIONS, SIMULATION, assert_clean_failure, cli_env, \
-    run_spec2vol, spec2vol_command
+from conftest import (
+    GROUP_OPTIONS,
+    PARTICIPANT_OPTIONS,
+    SIMULATION,
+    assert_clean_failure,
+    cli_env,
+    run_spec2vol,
+    spec2vol_command,
+)
 
 from spec2vol_bids.errors import UsageError
 from spec2vol_bids.layout import find_run_pairs, repetition_time
@@ -90,9 +99,11 @@ def test_choosing_the_space(simulated_bids_source, tmp_path):
 
 def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_path):
     deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep")
+    # the T1w only: the masks must come from the derivative
+    env = cli_env(TEMPLATEFLOW_HOME=str(_templateflow_home(tmp_path / "templateflow", mask=False)))
     out = tmp_path / "out"
     proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
-                        "--bold-derivatives", deriv, "--bold-space", f"{SPACE}:res-2")
+                        "--bold-derivatives", deriv, "--bold-space", f"{SPACE}:res-2", env=env)
     assert proc.returncode == 0, proc.stderr
     template, mask = _mni()
     for sub in ("01", "02", "03"):
@@ -106,8 +117,22 @@ def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_p
                           .read_text())["RepetitionTime"] == 2.0
     assert not list(out.glob("sub-*/eeg/*space-*"))
 
+    # chaining: these outputs are the next run's preprocessed BOLD, space, res and mask included
+    chained = tmp_path / "chained"
+    proc = run_spec2vol(simulated_bids_source, chained, "participant", *PARTICIPANT_OPTIONS,
+                        "--participant-label", "02", "--bold-derivatives", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    name = f"sub-02_task-rest_space-{SPACE}_res-2_desc-%s.nii.gz"
+    for desc in ("target_bold", "brain_mask"):
+        first, second = (nib.load(d / "sub-02" / "func" / (name % desc)) for d in (out, chained))
+        np.testing.assert_allclose(second.get_fdata(), first.get_fdata(), atol=1e-6)
+        np.testing.assert_allclose(second.affine, first.affine, atol=1e-6)
+    sources = json.loads((chained / "sub-02" / "func" / (name % "target_bold")).with_suffix("")
+                         .with_suffix(".json").read_text())["Sources"]
+    assert sources == [str(out / "sub-02" / "func" / (name % d)) for d in ("target_bold", "brain_mask")]
+
     proc = run_spec2vol(simulated_bids_source, out, "group", *GROUP_OPTIONS, "--epochs", "1",
-                        "--no-final", "--folds", "01", "--skip-bids-validation")
+                        "--no-final", "--folds", "01", "--skip-bids-validation", env=env)
     assert proc.returncode == 0, proc.stderr
     func = out / "sub-01" / "func"
     synth = nib.load(func / f"sub-01_task-rest_space-{SPACE}_res-2_desc-synth_bold.nii.gz")
@@ -117,15 +142,35 @@ def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_p
     outside = np.asarray(mask.dataobj)[CROP] == 0
     assert outside.any() and np.all(stat[outside] == 0) and np.any(stat[~outside] != 0)
 
+    # the reports draw the dynamics maps over the template's T1w from TemplateFlow...
+    for page in ("group.html", "sub-01.html"):
+        text = (out / page).read_text(encoding="utf-8")
+        assert f"on the {SPACE} T1w template from TemplateFlow (tpl-{SPACE}_res-02_T1w.nii.gz)" in text
+    # ...resampled to the map's grid: a crop of the template's own grid, so its voxels (up to
+    # the spline interpolation of float32 affines)
+    statmap = func / f"sub-01_task-rest_space-{SPACE}_res-2_desc-dynamics_statmap.nii.gz"
+    code = ("import sys, nibabel as nib, numpy as np; from pathlib import Path; "
+            "from spec2vol_bids.report import anatomical_underlay; "
+            "bg, src = anatomical_underlay(nib.load(sys.argv[1]), Path(sys.argv[1]), []); "
+            "np.save(sys.argv[2], bg.get_fdata())")
+    proc = subprocess.run([sys.executable, "-c", code, statmap, tmp_path / "underlay.npy"], check=False,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = template.get_fdata()[CROP]
+    np.testing.assert_allclose(np.load(tmp_path / "underlay.npy"), expected,
+                               atol=1e-2 * expected.max())
 
-def _templateflow_home(home: Path) -> Path:
-    """A TemplateFlow home holding the MNI152NLin2009cAsym res-2 brain mask, laid out as
-    TemplateFlow lays it out."""
-    _, mask = _mni()
+
+def _templateflow_home(home: Path, *, mask: bool = True) -> Path:
+    """A TemplateFlow home holding the MNI152NLin2009cAsym res-2 T1w image (and brain mask),
+    laid out as TemplateFlow lays it out."""
+    template, brain = _mni()
     tpl = home / f"tpl-{SPACE}"
     tpl.mkdir(parents=True)
     (tpl / "template_description.json").write_text(json.dumps({"Name": SPACE, "Identifier": SPACE}))
-    nib.save(mask, tpl / f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz")
+    nib.save(template, tpl / f"tpl-{SPACE}_res-02_T1w.nii.gz")
+    if mask:
+        nib.save(brain, tpl / f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz")
     return home
 
 
@@ -149,12 +194,17 @@ def test_templateflow_mask_and_fmriprep_filter_file(simulated_bids_source, tmp_p
     sources = json.loads((out / "sub-02" / "func" / f"sub-02_task-rest_space-{SPACE}_res-2_desc-target_bold.json")
                          .read_text())["Sources"]
     assert any(str(home) in s for s in sources)
-    assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [
-        "template_description.json", f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz"]  # nothing fetched
+    assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [  # nothing fetched
+        "template_description.json", f"tpl-{SPACE}_res-02_T1w.nii.gz",
+        f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz"]
 
 
-def test_missing_template_offline_fails_fast(simulated_bids_source, tmp_path):
-    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep", masks=False)
+@pytest.mark.parametrize("masks, query", [
+    (False, "desc='brain', suffix='mask'"),  # the mask, for want of the derivative's
+    (True, "desc=None, suffix='T1w'"),  # the reports' background
+])
+def test_missing_template_offline_fails_fast(simulated_bids_source, tmp_path, masks, query):
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep", masks=masks)
     home = tmp_path / "empty-home"
     home.mkdir()
     command = spec2vol_command(simulated_bids_source, tmp_path / "out", "participant",
@@ -166,5 +216,6 @@ def test_missing_template_offline_fails_fast(simulated_bids_source, tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env=cli_env(TEMPLATEFLOW_HOME=str(home)))
     assert_clean_failure(proc, 66, "pre-fetch", f"TEMPLATEFLOW_HOME={home}",
-                         f"tf.get('{SPACE}', resolution=2, desc='brain', suffix='mask')")
+                         f"tf.get('{SPACE}', resolution=2, {query})")
     assert "requests" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # found before anything was written

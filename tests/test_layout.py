@@ -335,6 +335,31 @@ def test_derivative_eeg_replaces_raw_run_by_run(study, tmp_path):
     assert err.value.code == 66 and "missing" in str(err.value)
 
 
+def test_derivative_spectrograms_stand_for_eeg(study, tmp_path):
+    """A spec2vol output as --eeg-derivatives: its spectrograms are the runs' EEG, but a
+    recording of the same run in that folder is preferred (it can be processed afresh)."""
+    deriv = tmp_path / "spec2vol"
+    folder = _folder(deriv, "01", "1", "eeg")
+    spectrograms = [folder / f"{_stem('01', '1', run=r)}_desc-spec2vol_spectrogram.npy"
+                    for r in ("1", "2")]
+    for path in spectrograms:
+        np.save(path, np.zeros((3, 2, 4), np.float32))
+    clean = write_eeg(deriv, "01", "1", run="1", extra="_desc-clean", sidecar=False)
+    pairs, notes = layout.find_run_pairs(study, participant_labels="01", session_labels="1",
+                                         eeg_derivatives=deriv)
+    recording, spectrogram = pairs
+    assert recording.eeg == clean and not recording.eeg_is_spectrogram
+    assert spectrogram.eeg == spectrograms[1] and spectrogram.eeg_is_spectrogram
+    assert spectrogram.eeg_from_derivatives and spectrogram.bids_root == deriv
+    assert spectrogram.bold == study / "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-2_bold.nii.gz"
+    assert spectrogram.eeg_sidecars == () and spectrogram.channels_tsv is None
+    assert [n for n in notes if "2 EEG files for this run" in n] == [
+        f"EEG derivatives sub-01/ses-1/eeg/{clean.name}: 2 EEG files for this run; using this "
+        f"one, not {spectrograms[0].name} (select with --bids-filter-file)"]
+    table = layout.format_pair_table(pairs)
+    assert f"{spectrograms[1].name}  spectrogram" in table
+
+
 # --------------------------------------------------------------------------------------------
 # Filters
 
