@@ -50,10 +50,11 @@ RUN python -m pip install "/tmp/spec2vol" && rm -rf /tmp/spec2vol && \
     python -c "import spec2vol_bids; print(spec2vol_bids.__version__)" > /version && \
     test "$(cat /version)" = "${VERSION}"
 
-# The default standard space's brain mask, so template-space runs need no network: TemplateFlow
-# reads it from TEMPLATEFLOW_HOME and downloads nothing that is already there.
+# The default standard space's brain mask and T1w (the reports' background), so template-space
+# runs need no network: TemplateFlow reads them from TEMPLATEFLOW_HOME and downloads nothing
+# that is already there.
 ENV TEMPLATEFLOW_HOME=/opt/templateflow
-RUN python -c "import templateflow.api as tf; tf.get('MNI152NLin2009cAsym', resolution=2, desc='brain', suffix='mask', extension='.nii.gz')" && \
+RUN python -c "import templateflow.api as tf; tf.get('MNI152NLin2009cAsym', resolution=2, desc='brain', suffix='mask', extension='.nii.gz'); tf.get('MNI152NLin2009cAsym', resolution=2, desc=None, suffix='T1w', extension='.nii.gz')" && \
     chmod -R a+rX /opt/templateflow
 
 # Run as an unprivileged user whose HOME is writable (Docker); caches go to /tmp so a

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eeg-offset", type=float, metavar="SECONDS",
                    help="time of the first volume in the EEG recording; overrides markers")
     freq = g.add_mutually_exclusive_group()
-    freq.add_argument("--freq-bins", type=_positive_int, default=249, metavar="F",
+    freq.add_argument("--freq-bins", type=_positive_int, metavar="F",
                       help="FFT bins kept per TR window, DC excluded (default: 249, the authors')")
     freq.add_argument("--fmax", type=_positive_float, metavar="HZ",
                       help="keep the FFT bins up to this frequency instead of --freq-bins")

@@ -115,6 +115,8 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     npy = out / bids_name(_eeg_entities(pair), "spectrogram", ".npy", desc="spec2vol")
     sidecar = npy.with_suffix(".json")
     options = {k: opts.get(k) for k in EEG_OPTIONS} | {"tr": tr, "n_volumes": n_volumes}
+    if options["fmax"] is None and options["freq_bins"] is None:
+        options["freq_bins"] = DEFAULT_FREQ_BINS
     digest = input_hash(_related_files(pair.eeg), options)
     result.spectrogram = str(npy)
     if _is_done(sidecar, npy, digest):
@@ -136,7 +138,8 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     )
     spec, freqs = spectra.tr_spectrogram(
         raw, channels, t0=timing.t0, tr=tr, n_windows=timing.n_volumes,
-        freq_bins=None if opts.get("fmax") else opts["freq_bins"], fmax=opts.get("fmax"),
+        freq_bins=None if opts.get("fmax") else opts.get("freq_bins") or DEFAULT_FREQ_BINS,
+        fmax=opts.get("fmax"),
     )
     spec, channels, flat = eeg_mod.drop_flat_channels(spec, channels, source=pair.eeg)
     dropped = sorted(set(raw.ch_names) - set(channels))
@@ -315,9 +318,7 @@ def _spectrogram_meta(npy: Path) -> dict:
 
 def _bins_requested(opts) -> bool:
     """Whether the frequency bins were asked for, rather than left at the default."""
-    argv = getattr(opts, "argv", None) or []
-    return (opts.fmax is not None or opts.freq_bins != DEFAULT_FREQ_BINS
-            or any(a == "--freq-bins" or a.startswith("--freq-bins=") for a in argv))
+    return opts.fmax is not None or opts.freq_bins is not None
 
 
 def _requested_bins(opts, meta: dict, path: Path) -> np.ndarray:
@@ -326,7 +327,7 @@ def _requested_bins(opts, meta: dict, path: Path) -> np.ndarray:
 
     try:
         return spectra.frequency_bins(float(meta["RepetitionTime"]), float(meta["SamplingFrequency"]),
-                                      freq_bins=opts.freq_bins, fmax=opts.fmax)
+                                      freq_bins=opts.freq_bins or DEFAULT_FREQ_BINS, fmax=opts.fmax)
     except DataError as exc:
         raise UsageError(str(exc), path=path) from exc
 

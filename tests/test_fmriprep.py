@@ -131,6 +131,14 @@ def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_p
                          .with_suffix(".json").read_text())["Sources"]
     assert sources == [str(out / "sub-02" / "func" / (name % d)) for d in ("target_bold", "brain_mask")]
 
+    # a group node without the template's T1w stops before training, not at the report
+    empty = tmp_path / "empty-home"
+    empty.mkdir()
+    proc = run_spec2vol(simulated_bids_source, out, "group", *GROUP_OPTIONS, "--epochs", "1",
+                        "--no-final", "--folds", "01", "--skip-bids-validation",
+                        env=cli_env(TEMPLATEFLOW_HOME=str(empty)))
+    assert proc.returncode == 66 and "pre-fetch" in proc.stderr, proc.stderr
+    assert not (out / "models").exists()
     proc = run_spec2vol(simulated_bids_source, out, "group", *GROUP_OPTIONS, "--epochs", "1",
                         "--no-final", "--folds", "01", "--skip-bids-validation", env=env)
     assert proc.returncode == 0, proc.stderr
