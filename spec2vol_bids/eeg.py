@@ -135,9 +135,18 @@ def read_eeg(path, *, work_dir, bids_root=None, verbose=False) -> mne.io.BaseRaw
     read_path = path
     if suffix == ".vhdr":
         read_path = _checked_brainvision_header(path, Path(work_dir))
-    raw = _read_with_mne(read_path, path, verbose)
+    problem = None
     if bids_root is not None and read_path == path and _has_bids_sidecars(path):
-        raw = _read_with_mne_bids(path, bids_root, verbose) or raw
+        raw, problem = _read_with_mne_bids(path, bids_root, verbose)
+        if raw is not None:
+            return raw
+    # Read once, not first with mne and again with mne-bids: each parses the header and
+    # markers. mne's reader turns a broken file into a clean error before any warning
+    # about sidecars is logged.
+    raw = _read_with_mne(read_path, path, verbose)
+    if problem is not None:
+        logger.warning("%s: mne-bids could not read the sidecars (%s); reading the file with mne",
+                       path, problem)
     return raw
 
 
@@ -162,7 +171,8 @@ def _has_bids_sidecars(path: Path) -> bool:
     return any((path.parent / f"{stem}_{name}").is_file() for name in ("channels.tsv", "eeg.json"))
 
 
-def _read_with_mne_bids(path: Path, bids_root, verbose: bool) -> mne.io.BaseRaw | None:
+def _read_with_mne_bids(path: Path, bids_root, verbose: bool):
+    """(raw, None), or (None, why) when mne-bids cannot read the recording."""
     import mne_bids
 
     try:
@@ -170,11 +180,9 @@ def _read_with_mne_bids(path: Path, bids_root, verbose: bool) -> mne.io.BaseRaw 
         bids_path.update(root=bids_root)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return mne_bids.read_raw_bids(bids_path, verbose=verbose)
+            return mne_bids.read_raw_bids(bids_path, verbose=verbose), None
     except Exception as exc:  # mne-bids is stricter about sidecars than we need to be
-        logger.warning("%s: mne-bids could not read the sidecars (%s); reading the file with mne",
-                       path, _one_line(exc))
-        return None
+        return None, _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:

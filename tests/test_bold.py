@@ -57,6 +57,15 @@ def test_constant_stays_constant_and_4d_equals_per_volume():
                                    atol=1e-12)
 
 
+def test_same_bytes_whatever_the_thread_count(monkeypatch):
+    stack = np.random.default_rng(0).normal(size=(30, 28, 20, 3)).astype(np.float32)
+    results = set()
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        results.add(dct_resample(stack, (16, 12, 10)).tobytes())
+    assert len(results) == 1
+
+
 def test_centre_of_mass_stays_in_place():
     """A 108×108×64 blob resampled to 64×64×30 keeps its world centre of mass (< 1 voxel)."""
     shape, grid = (108, 108, 64), (64, 64, 30)

@@ -178,6 +178,24 @@ def test_read_through_mne_bids(tmp_path):
     assert eeg_channels(read_eeg(vhdr, work_dir=tmp_path / "work"), tsv) == ["Fz", "Cz", "Pz"]
 
 
+def test_unreadable_sidecars_fall_back_to_mne(tmp_path, caplog):
+    root = tmp_path / "bids"
+    vhdr = write_bv(root / "sub-01" / "eeg", ch_names=["Fz", "Cz", "Pz"])
+    (vhdr.parent / "sub-01_task-rest_eeg.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.eeg"):
+        raw = read_eeg(vhdr, work_dir=tmp_path / "work", bids_root=root)
+    assert raw.ch_names == ["Fz", "Cz", "Pz"]
+    assert caplog.text.count("mne-bids could not read the sidecars") == 1
+    # A broken recording is a data error, with no word about its sidecars.
+    caplog.clear()
+    vhdr.write_text(vhdr.read_text().replace("SamplingInterval=4000", "SamplingInterval=abc"))
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.eeg"):
+        with pytest.raises(DataError) as err:
+            read_eeg(vhdr, work_dir=tmp_path / "work", bids_root=root)
+    assert err.value.code == 65 and vhdr.name in str(err.value)
+    assert "sidecars" not in caplog.text
+
+
 # ---- channels ------------------------------------------------------------------------------
 
 def test_eeg_channels_by_name_and_by_tsv(tmp_path):

@@ -85,26 +85,34 @@ def test_matches_loop_through_mne_reader_and_uneven_windows(tmp_path):
     assert_close_to_max(spec, ref)
 
 
+def read_windows(raw, idx, starts, window):
+    """The windows spec2vol's reader gives for ``starts``, in volts, as (channels, windows, samples)."""
+    from spec2vol_bids.spectra import _window_reader
+
+    with _window_reader(raw, np.asarray(idx), window) as (read, _):
+        windows, rows, scale = read(np.asarray(starts))
+        return windows[rows] * scale
+
+
+def mne_windows(raw, idx, starts, window):
+    return np.stack([raw.get_data(picks=idx, start=s, stop=s + window) for s in starts], axis=1)
+
+
 @pytest.mark.parametrize("fmt", ["binary_int16", "binary_float32"])
 def test_direct_reader_equals_mne(tmp_path, fmt):
     """The direct BrainVision reader gives what mne's get_data gives, in both orientations."""
-    from spec2vol_bids.spectra import _chunk_reader
-
     sfreq = 500.0
     data = simulated_eeg(len(CH_NAMES), 3000, sfreq, seed=2)
     vhdr = write_bv(tmp_path, data, sfreq, fmt=fmt)
     raw = read_eeg(vhdr, work_dir=tmp_path / "w")
-    idx = np.array([5, 0, 3])
-    read = _chunk_reader(raw, idx)
-    np.testing.assert_allclose(np.multiply(*read(100, 2900)),
-                               raw.get_data(picks=idx, start=100, stop=2900), rtol=1e-12, atol=0)
-    # All channels in file order take the path without row selection.
-    read = _chunk_reader(raw, np.arange(len(CH_NAMES)))
-    np.testing.assert_allclose(np.multiply(*read(0, 3000)), raw.get_data(), rtol=1e-12, atol=0)
+    idx = [5, 0, 3]
+    starts = [100, 351, 601, 852]  # 250.5-sample steps: windows overlap by one here and there
+    for raw_, idx_ in [(raw, idx), (raw, list(range(len(CH_NAMES))))]:
+        np.testing.assert_allclose(read_windows(raw_, idx_, starts, 251),
+                                   mne_windows(raw_, idx_, starts, 251), rtol=1e-12, atol=0)
     cropped = raw.copy().crop(tmin=1.0).pick(["Cz", "Fz", "T7"])
-    read = _chunk_reader(cropped, np.arange(3))
-    np.testing.assert_allclose(np.multiply(*read(10, 1000)), cropped.get_data(start=10, stop=1000),
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(read_windows(cropped, [0, 1, 2], [10, 500], 490),
+                               mne_windows(cropped, [0, 1, 2], [10, 500], 490), rtol=1e-12, atol=0)
 
     # The same samples stored channel by channel (VECTORIZED orientation).
     dtype = "<i2" if fmt == "binary_int16" else "<f4"
@@ -113,9 +121,8 @@ def test_direct_reader_equals_mne(tmp_path, fmt):
     vhdr.write_text(vhdr.read_text().replace("DataOrientation=MULTIPLEXED",
                                              "DataOrientation=VECTORIZED"))
     raw = read_eeg(vhdr, work_dir=tmp_path / "w")
-    read = _chunk_reader(raw, idx)
-    np.testing.assert_allclose(np.multiply(*read(100, 2900)),
-                               raw.get_data(picks=idx, start=100, stop=2900), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(read_windows(raw, idx, starts, 251),
+                               mne_windows(raw, idx, starts, 251), rtol=1e-12, atol=0)
 
 
 def test_frequency_bins_and_fmax(tmp_path):
@@ -134,6 +141,46 @@ def test_nan_is_refused(tmp_path):
     with pytest.raises(DataError, match="NaN or infinite EEG samples in channel.* Cz") as err:
         tr_spectrogram(raw, CH_NAMES[:4], t0=0, tr=2.0, n_windows=9)
     assert err.value.code == 65 and "sub-01_eeg.eeg" in str(err.value)
+
+
+def test_same_bytes_whatever_the_thread_count(tmp_path, monkeypatch):
+    """Blocks go to threads in any order; each writes its own windows, so the bytes agree."""
+    sfreq, tr = 1000.0, 2.0
+    data = simulated_eeg(len(CH_NAMES), 21000, sfreq, seed=3)
+    raw = read_eeg(write_bv(tmp_path, data, sfreq), work_dir=tmp_path / "work")
+    results = []
+    for threads in ("1", "2", "3", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        spec, _ = tr_spectrogram(raw, CH_NAMES, t0=0.25, tr=tr, n_windows=10, chunk_windows=2)
+        results.append(spec.tobytes())
+    assert len(set(results)) == 1
+    ref = loop_spectrogram(raw.get_data(picks=CH_NAMES), sfreq, 0.25, tr, 10, 249)
+    assert_close_to_max(np.frombuffer(results[0], np.float32).reshape(ref.shape), ref)
+
+
+def test_file_shrinking_under_the_reader_is_a_data_error(tmp_path):
+    vhdr = write_bv(tmp_path, simulated_eeg(3, 5000, 250.0), 250.0)
+    raw = read_eeg(vhdr, work_dir=tmp_path / "work")
+    with open(vhdr.with_suffix(".eeg"), "r+b") as fh:
+        fh.truncate(3 * 2 * 2500)
+    with pytest.raises(DataError, match="shorter than its header") as err:
+        tr_spectrogram(raw, CH_NAMES[:3], t0=0, tr=2.0, n_windows=9)
+    assert err.value.code == 65
+
+
+def test_constant_within_windows_is_not_flat(tmp_path):
+    """A channel constant over each window but not over the run has (almost) no spectrum, yet
+    is not flat: it stays in the z-score, as in the loop reference."""
+    sfreq, tr, window = 250.0, 2.0, 500
+    data = simulated_eeg(5, 5000, sfreq, seed=4)
+    data[1] = np.repeat(np.linspace(-3e-6, 5e-6, 10), window)
+    data[3] = 0.0  # flat at zero: its spectrum is exactly 0
+    raw = read_eeg(write_bv(tmp_path, data, sfreq, fmt="binary_float32"), work_dir=tmp_path)
+    spec, _ = tr_spectrogram(raw, CH_NAMES[:5], t0=0, tr=tr, n_windows=9, freq_bins=200)
+    assert flat_channels(spec).tolist() == [False, False, False, True, False]
+    keep = [0, 1, 2, 4]
+    ref = loop_spectrogram(raw.get_data()[keep], sfreq, 0, tr, 9, 200)
+    assert_close_to_max(spec[:, keep], ref)
 
 
 def test_flat_channel_left_out(tmp_path, caplog):
