@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import re
@@ -108,6 +109,20 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: Mapping) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_nifti(path: str | Path, img, *, compresslevel: int = 1) -> Path:
+    """Write a nibabel image to a ``.nii.gz`` ``path`` atomically and return the path.
+
+    The gzip header carries no name and no time stamp, so the same image gives the same bytes.
+    ``compresslevel=0`` stores the data uncompressed inside the gzip stream (still a valid
+    ``.nii.gz``): float32 BOLD shrinks by only 10-15 % at level 1, for seconds of CPU per run.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel,
+                          mtime=0) as fh:
+        img.to_stream(fh)
+    return Path(path)
 
 
 def _json_default(obj):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from spec2vol_bids.data import apply_norm, parse_entities
-from spec2vol_bids.derivatives import atomic_path, read_json, write_json
+from spec2vol_bids.derivatives import read_json, write_json, write_nifti
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
 
@@ -58,7 +58,7 @@ def write_synth(pred: np.ndarray, path: str | Path, *, affine: np.ndarray, tr: f
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms(img.header.get_zooms()[:3] + (float(tr),))
     img.header.set_data_dtype(np.float32)
-    _save(img, path)
+    write_nifti(path, img)
     write_json(_sidecar_path(path), {
         "RepetitionTime": float(tr), "SkullStripped": False,
         "SourceVolumes": [int(first_volume), int(first_volume + len(pred) - 1)],
@@ -70,14 +70,9 @@ def write_statmap(rmap: np.ndarray, path: str | Path, *, affine: np.ndarray, sid
     """Write a ``(D, H, W)`` map as a 3-D float32 NIfTI ``(X, Y, Z)`` with its sidecar."""
     img = nib.Nifti1Image(np.ascontiguousarray(rmap.astype(np.float32).transpose(1, 2, 0)), affine)
     img.header.set_xyzt_units("mm")
-    _save(img, path)
+    write_nifti(path, img)
     write_json(_sidecar_path(path), sidecar)
     return Path(path)
-
-
-def _save(img, path):
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
 
 
 def _sidecar_path(path) -> Path:
