@@ -16,7 +16,7 @@ from .spec2vol import Spec2Vol, Spec2VolConfig
 _MODELS = {
     "spec2vol": (Spec2VolConfig, Spec2Vol, {
         "full": {},
-        "tiny": dict(width=32, branch_width=8, heads=4, dims=(16, 32, 64, 128),
+        "tiny": dict(width=32, branch_width=8, heads=4, dims=(32, 64, 128, 256),
                      depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1, 1), drop_path=0.0),
     }),
     "e2fnet": (E2fNetConfig, E2fNet, {
