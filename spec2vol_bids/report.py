@@ -100,7 +100,9 @@ def plot_alignment_qc(onsets_seconds, tr: float, path: str | Path, *, title: str
     """
     plt = _pyplot()
     onsets = np.asarray(onsets_seconds, dtype=float).ravel()
-    fig, ax = plt.subplots(figsize=(8.5, 3), layout="constrained")
+    # fixed margins: a constrained layout costs a second draw, as long as the plot itself
+    fig, ax = plt.subplots(figsize=(8.5, 3))
+    fig.subplots_adjust(left=0.08, right=0.8, bottom=0.16, top=0.88)
     ax.axhspan(0.99 * tr, 1.01 * tr, color="tab:green", alpha=0.2, lw=0, label="TR ± 1 %")
     ax.axhline(tr, color="tab:green", lw=1, label=f"TR = {tr:g} s")
     if onsets.size >= 2:
@@ -167,8 +169,9 @@ def plot_spectrogram_qc(spectrogram, freqs_hz, channels, path: str | Path, *,
     profile = spec.mean(axis=0)
     ch = _display_channel(channels)
     over_time = _shrink(spec[:, ch, :], 0, 600).T  # (F, volumes shown)
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[1, 1.5],
-                                   layout="constrained")
+    # fixed margins, as in plot_alignment_qc
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[1, 1.5])
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.85, wspace=0.22)
     lim = float(np.nanpercentile(np.abs(profile), 99)) or 1.0
     extent = (freqs[0], freqs[-1], n_chan - 0.5, -0.5)
     im0 = ax0.imshow(profile, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim,
