@@ -563,6 +563,13 @@ def run_participant(opts) -> int:
     )
     model_tr, model_bins = _check_model(opts) if opts.model_path else (None, None)
     check_spectrogram_inputs(pairs, opts, model_bins)
+    if model_bins is not None and opts.fmax is None:
+        if opts.freq_bins is None:
+            opts.freq_bins = model_bins  # spectrograms at the model's bins unless asked otherwise
+        elif opts.freq_bins != model_bins:
+            raise DataError(f"the model was trained on {model_bins} frequency bins but --freq-bins "
+                            f"{opts.freq_bins} was given; leave --freq-bins out to use the "
+                            "model's", path=opts.model_path)
     fetch_templates(pairs)
     init_output_dataset(opts.output_dir, opts.bids_dir)
     log_file = add_log_file(opts.output_dir, "participant")

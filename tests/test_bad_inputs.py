@@ -379,6 +379,19 @@ def test_model_from_another_preprocessing(simulated_bids, participant_outputs, m
     assert not synth(participant_outputs).exists()
 
 
+def test_model_decides_the_frequency_bins(simulated_bids, model_channels, tmp_path):
+    """Without --freq-bins the spectrograms take the model's bins (32 here, not 249)."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels, freq_bins=32)
+    out = tmp_path / "out"
+    at = PARTICIPANT_OPTIONS.index("--freq-bins")
+    options = PARTICIPANT_OPTIONS[:at] + PARTICIPANT_OPTIONS[at + 2:]
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
+                        "--model", model)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(spectrogram(out)).shape[2] == 32
+    assert nib.load(synth(out)).ndim == 4
+
+
 class _Payload:
     """Unpickling this object runs ``open(marker, "w")``, creating the marker file."""
 
