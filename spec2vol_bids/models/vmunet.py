@@ -196,9 +196,9 @@ class VMUNet(nn.Module):
         self.final_conv = nn.Conv2d(dims[0] // patch, out_chans, 1)
         self.apply(_init_weights)
         # The network starts as a constant (zero) volume. With the default initialisation its
-        # first output is large input-dependent noise, which the first steps remove by closing
-        # the path from the input, and the tiny model then learned a sample-independent volume
-        # (tests/test_group.py; docs/model.md has the measurements).
+        # first output is large input-dependent noise that the first steps spend removing; the
+        # tiny model fits the volumes in about half the steps from a zero start
+        # (benchmarks/bench_tiny_learning.py, docs/model.md).
         nn.init.zeros_(self.final_conv.weight)
         nn.init.zeros_(self.final_conv.bias)
 
