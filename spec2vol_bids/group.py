@@ -77,12 +77,12 @@ def _fetch_templates(runs: Sequence[Run]) -> None:
     """Get the T1w of every template space the report draws on, before any training: a
     node without the file fails now (exit 66, with the pre-fetch command), not after hours."""
     from spec2vol_bids import templates
-    from spec2vol_bids.layout import NONSTANDARD_SPACES
+    from spec2vol_bids.layout import is_template_space
 
     spaces = {(e.get("space"), e.get("res"))
               for e in (parse_entities(r.target.name) for r in runs if r.target is not None)}
     for space, res in sorted(spaces, key=str):
-        if space is not None and space not in NONSTANDARD_SPACES:
+        if is_template_space(space):
             templates.template_anatomy(space, res)
 
 

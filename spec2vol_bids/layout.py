@@ -50,6 +50,12 @@ _ABBREVIATIONS = {"subject": "sub", "session": "ses", "task": "task", "acquisiti
 NONSTANDARD_SPACES = frozenset({"T1w", "T2w", "anat", "fsnative", "func", "run", "bold", "boldref",
                                 "sbref", "session"})
 
+
+def is_template_space(space: str | None) -> bool:
+    """Whether a ``space-`` label names a TemplateFlow template (not T1w, func, ... or none)."""
+    return space is not None and space not in NONSTANDARD_SPACES
+
+
 # Query names of fMRIPrep/sMRIPrep filter files that do not concern spec2vol: a filter file
 # written for fMRIPrep is accepted and these parts are ignored (with a note).
 _FOREIGN_QUERIES = frozenset({"t1w", "t2w", "flair", "roi", "fmap", "sbref", "dwi", "pet", "asl",

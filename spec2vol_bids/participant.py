@@ -115,9 +115,9 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     out = run_dir(opts["output_dir"], pair.entities, "eeg")
     npy = out / bids_name(_eeg_entities(pair), "spectrogram", ".npy", desc="spec2vol")
     sidecar = npy.with_suffix(".json")
-    options = {k: opts.get(k) for k in EEG_OPTIONS} | {"tr": tr, "n_volumes": n_volumes}
-    if options["fmax"] is None and options["freq_bins"] is None:
-        options["freq_bins"] = DEFAULT_FREQ_BINS
+    freq_bins = _freq_bins(opts.get("freq_bins"), opts.get("fmax"))
+    options = {k: opts.get(k) for k in EEG_OPTIONS} | {"freq_bins": freq_bins, "tr": tr,
+                                                       "n_volumes": n_volumes}
     digest = input_hash(_related_files(pair.eeg), options)
     result.spectrogram = str(npy)
     if _is_done(sidecar, npy, digest):
@@ -139,8 +139,7 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     )
     spec, freqs = spectra.tr_spectrogram(
         raw, channels, t0=timing.t0, tr=tr, n_windows=timing.n_volumes,
-        freq_bins=None if opts.get("fmax") else opts.get("freq_bins") or DEFAULT_FREQ_BINS,
-        fmax=opts.get("fmax"),
+        freq_bins=freq_bins, fmax=opts.get("fmax"),
     )
     spec, channels, flat = eeg_mod.drop_flat_channels(spec, channels, source=pair.eeg)
     dropped = sorted(set(raw.ch_names) - set(channels))
@@ -172,7 +171,7 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
                 *spec.shape, timing.t0, timing.marker or "none")
 
 
-def reuse_spectrogram(pair, opts: dict, tr: float, result: RunResult) -> None:
+def reuse_spectrogram(pair, opts: dict, result: RunResult) -> None:
     """Copy a spectrogram a previous spec2vol run wrote (``--eeg-derivatives``) into OUTPUT_DIR.
 
     The array is copied as it is; its sidecar keeps what describes the data (sampling rate,
@@ -184,10 +183,11 @@ def reuse_spectrogram(pair, opts: dict, tr: float, result: RunResult) -> None:
     out = run_dir(opts["output_dir"], pair.entities, "eeg")
     npy = out / bids_name(_eeg_entities(pair), "spectrogram", ".npy", desc="spec2vol")
     sidecar = npy.with_suffix(".json")
-    options = {k: opts.get(k) for k in ("discard_volumes", "context")} | {"tr": tr}
+    meta = read_json(pair.eeg.with_suffix(".json"))
+    options = {k: opts.get(k) for k in ("discard_volumes", "context")} | {
+        "tr": float(meta["RepetitionTime"])}
     digest = input_hash(_related_files(pair.eeg), options)
     result.spectrogram = str(npy)
-    meta = read_json(pair.eeg.with_suffix(".json"))
     result.n_windows, result.channels = meta["NumberOfWindows"], meta["Channels"]
     result.dropped_channels = meta.get("DroppedChannels", [])
     result.marker, result.t0 = meta.get("VolumeMarker"), meta["VolumeOnsetSeconds"]
@@ -317,6 +317,11 @@ def _spectrogram_meta(npy: Path) -> dict:
     return meta
 
 
+def _freq_bins(freq_bins: int | None, fmax: float | None) -> int | None:
+    """The bin count to compute: none with ``--fmax``, else ``--freq-bins`` or the default."""
+    return None if fmax is not None else freq_bins or DEFAULT_FREQ_BINS
+
+
 def _bins_requested(opts) -> bool:
     """Whether the frequency bins were asked for, rather than left at the default."""
     return opts.fmax is not None or opts.freq_bins is not None
@@ -328,7 +333,7 @@ def _requested_bins(opts, meta: dict, path: Path) -> np.ndarray:
 
     try:
         return spectra.frequency_bins(float(meta["RepetitionTime"]), float(meta["SamplingFrequency"]),
-                                      freq_bins=opts.freq_bins or DEFAULT_FREQ_BINS, fmax=opts.fmax)
+                                      freq_bins=_freq_bins(opts.freq_bins, opts.fmax), fmax=opts.fmax)
     except DataError as exc:
         raise UsageError(str(exc), path=path) from exc
 
@@ -403,7 +408,7 @@ def _mask_source(pair) -> Path | None:
 
     if pair.bold_mask is not None:
         return pair.bold_mask
-    if pair.space is not None and pair.space not in layout.NONSTANDARD_SPACES:
+    if layout.is_template_space(pair.space):
         return templates.template_mask(pair.space, pair.res)
     return None
 
@@ -429,7 +434,7 @@ def fetch_templates(pairs) -> list[Path]:
 
     masks, anatomy = [], []
     for pair in pairs:
-        if pair.bold is None or pair.space is None or pair.space in layout.NONSTANDARD_SPACES:
+        if pair.bold is None or not layout.is_template_space(pair.space):
             continue
         if pair.bold_mask is None and (pair.space, pair.res) not in masks:
             masks.append((pair.space, pair.res))
@@ -472,8 +477,7 @@ def process_run(pair, opts: dict) -> RunResult:
         process_bold(pair, opts, tr, result)
         n_volumes = result.n_volumes
     if pair.eeg is not None and pair.eeg_is_spectrogram:
-        tr = float(read_json(pair.eeg.with_suffix(".json"))["RepetitionTime"])
-        reuse_spectrogram(pair, opts, tr, result)
+        reuse_spectrogram(pair, opts, result)
     elif pair.eeg is not None:
         if tr is None:
             tr = _eeg_only_tr(pair, opts)

@@ -638,12 +638,12 @@ def anatomical_underlay(reference, reference_path: Path, targets: list[Path]):
         says how to pre-fetch it.
     """
     from spec2vol_bids import templates
-    from spec2vol_bids.layout import NONSTANDARD_SPACES
+    from spec2vol_bids.layout import is_template_space
 
     entities = dict(part.split("-", 1) for part in reference_path.name.split(".")[0].split("_")
                     if "-" in part)
     space, res = entities.get("space"), entities.get("res")
-    if space is not None and space not in NONSTANDARD_SPACES:
+    if is_template_space(space):
         from nilearn.image import resample_to_img
 
         path = templates.template_anatomy(space, res)
