@@ -14,8 +14,8 @@ samples of exactly the size its header announces:
   markers (300), 3.75x3.75x4 mm, with the sidecar's RepetitionTime in ``pixdim[4]``.
 * ``*_T1w.nii.gz`` and ``*_dwi.nii.gz``: small valid images (the dwi with one volume per b-value).
 
-Set ``SPEC2VOL_FIXTURES`` to a folder holding ``eeg_rest_fmri/`` to use another copy of the
-fixtures than ``../shared/fixtures`` next to the repository.
+The fixtures live in ``tests/data/`` (see its README for their sources and licences); the tests
+never read anything outside the repository.
 """
 
 from __future__ import annotations
@@ -36,18 +36,15 @@ DEFAULT_VOLUMES = 300
 _BV_DTYPES = {"INT_16": np.dtype("<i2"), "IEEE_FLOAT_32": np.dtype("<f4")}
 
 
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
 def fixture_source(name: str = FIXTURE_NAME) -> Path:
-    """The read-only fixture folder ``name`` (``$SPEC2VOL_FIXTURES`` or ``../shared/fixtures``)."""
-    candidates = []
-    env = os.environ.get("SPEC2VOL_FIXTURES")
-    if env:
-        candidates += [Path(env) / name, Path(env)]
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / name)
-    for candidate in candidates:
-        if (candidate / "dataset_description.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"fixture {name!r} not found in {', '.join(map(str, candidates))}; "
-                            "set SPEC2VOL_FIXTURES to the folder holding it")
+    """The fixture folder ``tests/data/<name>``; tests copy it before writing anything."""
+    source = DATA_DIR / name
+    if not (source / "dataset_description.json").is_file():
+        raise FileNotFoundError(f"fixture {name!r} not found: {source} has no dataset_description.json")
+    return source
 
 
 def copy_filled_fixture(dst: str | Path, *, seed: int = 0, raw_eeg_seconds: float = 10.0) -> Path:

@@ -19,9 +19,9 @@ from spec2vol_bids.eeg import (
 )
 from spec2vol_bids.errors import DataError, MissingInputError, UsageError
 
-FIXTURE = Path("/work/shared/fixtures/eeg_rest_fmri")
-if not FIXTURE.is_dir():  # the repository sits next to shared/
-    FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eeg_rest_fmri"
+from fixture_data import fixture_source
+
+FIXTURE = fixture_source()
 
 CH_NAMES = ["Fz", "Cz", "Pz", "Oz", "C3", "C4", "ECG", "EOG1"]
 

@@ -36,7 +36,19 @@ from conftest import (
 FIXED_SPLIT = ("--split", "fixed", "--test-subjects", "03", "--no-final")
 
 
+def _default_signals() -> None:
+    """Give the child the default disposition of the signals the tests send.
+
+    An ignored signal stays ignored across exec: a suite started under nohup or from a
+    background job would otherwise hand its children an ignored SIGINT, and the test would
+    measure how it was launched rather than the tool.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(*args, **kwargs) -> subprocess.Popen:
+    kwargs.setdefault("preexec_fn", _default_signals)
     return subprocess.Popen(spec2vol_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=cli_env(), **kwargs)
 
@@ -111,8 +123,14 @@ def group(bids: Path, out: Path, work: Path, *extra, epochs: int = 2, **kwargs):
 def test_sigint_during_group_saves_a_checkpoint_and_exits_130(simulated_bids_source, participant_outputs, tmp_path):
     work = tmp_path / "work"
     checkpoint = work / "checkpoints" / "fold-fixed" / "spec2vol" / "checkpoint.pt"
-    proc = start(simulated_bids_source, participant_outputs, "group", *GROUP_OPTIONS, "--epochs", "50",
-                 "-w", work, *FIXED_SPLIT)
+    # Started as under nohup or a batch system (SIGINT ignored in the parent): the child must
+    # still get the default disposition, or the result depends on how the suite was launched.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = start(simulated_bids_source, participant_outputs, "group", *GROUP_OPTIONS, "--epochs", "50",
+                     "-w", work, *FIXED_SPLIT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     wait_for(checkpoint.exists, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
