@@ -139,11 +139,14 @@ def eeg_participant(root: Path, out: Path, tr: float, n_volumes: int):
 def qc_figures(result, out: Path, tr: float):
     """The two QC figures ``process_eeg`` draws, of the spectrogram it wrote."""
     from spec2vol_bids import report
+    from spec2vol_bids.triggers import VolumeTiming
 
     spec = np.load(result.spectrogram)
     meta = json.loads(Path(result.spectrogram).with_suffix(".json").read_text())
-    onsets = meta["VolumeOnsetSeconds"] + tr * np.arange(meta["NumberOfWindows"])
-    report.plot_alignment_qc(onsets, tr, out / "alignment.svg", title="alignment")
+    fs = meta["SamplingFrequency"]
+    starts = np.rint(np.asarray(meta["VolumeOnsetsSeconds"]) * fs).astype(np.int64)
+    timing = VolumeTiming(starts, tr, fs, meta["WindowSamples"])
+    report.plot_alignment_qc(timing, out / "alignment.svg", title="alignment")
     report.plot_spectrogram_qc(spec, meta["FrequencyBinsHz"], meta["Channels"],
                                out / "spectrogram.svg", title="spectrogram")
 
@@ -331,8 +334,9 @@ def main(argv=None) -> int:
             del data, raw
             gc.collect()
             lazy = eeg.read_eeg(path, work_dir=args.workdir / "work")
+            starts = spectra.window_starts(t0, args.tr, sfreq, n_windows)
             t_vec = best_of(3, lambda: spectra.tr_spectrogram(
-                lazy, picks, t0=t0, tr=args.tr, n_windows=n_windows, freq_bins=n_bins))
+                lazy, picks, starts=starts, tr=args.tr, freq_bins=n_bins))
             print(f"spectrogram {sfreq:6g} Hz ({n_windows} windows x {len(picks)} ch x {n_bins} bins): "
                   f"loop on preloaded data {t_loop:.2f} s, spec2vol streamed from the file "
                   f"{t_vec:.2f} s, ratio {t_loop / t_vec:.1f}x")

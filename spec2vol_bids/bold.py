@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import scipy.fft
 
-from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.annex import require_content
+from spec2vol_bids.errors import DataError
 from spec2vol_bids.spectra import fft_workers
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,7 @@ def load_bold(path):
         The file is empty, not a readable NIfTI image (corrupt gzip, bad header) or not 4-D.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError("BOLD file not found", path=path)
+    require_content(path, "BOLD file")
     if path.stat().st_size == 0:
         raise DataError("the BOLD file is empty", path=path)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -65,8 +66,15 @@ def _nonnegative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
     return value
 
 
@@ -104,11 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not validate BIDS_DIR before processing")
 
     g = parser.add_argument_group("preprocessing (participant level)")
-    g.add_argument("--volume-marker", metavar="NAME",
-                   help="EEG annotation that marks each volume (default: detect R128, Volume, V, T, "
-                        "Scan Start or slice markers)")
-    g.add_argument("--eeg-offset", type=float, metavar="SECONDS",
-                   help="time of the first volume in the EEG recording; overrides markers")
+    g.add_argument("--volume-marker", metavar="[eeg:|events:]NAME",
+                   help="the marker series of the scanner's volume triggers, in the EEG file "
+                        "(e.g. R128) or events.tsv (e.g. trial_type=10); default: the one trigger "
+                        "train that fits the BOLD volumes")
+    g.add_argument("--first-volume-trigger", type=_positive_int, metavar="K",
+                   help="trigger K of the train marks the first BOLD volume (the K-1 before are "
+                        "dummy scans); triggers beyond the last volume are then ignored")
+    g.add_argument("--eeg-offset", type=_nonnegative_float, metavar="SECONDS",
+                   help="the first volume starts this many seconds into the EEG and the others "
+                        "follow every TR; markers are not used (0: the EEG starts with the scan)")
     freq = g.add_mutually_exclusive_group()
     freq.add_argument("--freq-bins", type=_positive_int, metavar="F",
                       help="FFT bins kept per TR window, DC excluded (default: 249, the authors')")

@@ -1,34 +1,34 @@
-"""Read EEG, choose and order its channels, and align it to the fMRI volumes.
+"""Read EEG, choose and order its channels.
 
-Three concerns of the participant level live here (DESIGN §2, steps 1–2):
+Two concerns of the participant level live here (docs/design.md, "Preprocessing"):
 
-* :func:`read_eeg` opens a recording lazily (``preload=False``) through mne-bids when it sits
-  in a BIDS tree, else through mne's readers, and turns every way a file can be broken into a
-  one-line :class:`~spec2vol_bids.errors.DataError` (65) or
-  :class:`~spec2vol_bids.errors.MissingInputError` (66) naming the file. BrainVision headers
-  whose ``DataFile=``/``MarkerFile=`` name a missing file (OpenNeuro ds002158) are read through
-  a corrected copy of the header written to the work directory; the input is never modified.
+* :func:`read_eeg` opens a recording lazily (``preload=False``) with mne's readers and turns
+  every way a file can be broken into a one-line :class:`~spec2vol_bids.errors.DataError` (65)
+  or :class:`~spec2vol_bids.errors.MissingInputError` (66) naming the file. BrainVision headers
+  whose ``DataFile=``/``MarkerFile=`` name a missing file are read through a corrected copy of
+  the header written to the work directory; the input is never modified. The BIDS sidecars are
+  read by spec2vol itself (:mod:`spec2vol_bids.sidecars`), not by mne-bids, which takes lock
+  files inside the dataset while it reads.
 * :func:`eeg_channels` keeps EEG channels only and :func:`canonical_channel_order` puts them in
   one spatially sensible order shared by every subject.
-* :func:`find_volume_onsets` finds the first volume (t0) from scanner markers, checks their
-  spacing against the repetition time and counts the TR windows the recording covers.
+
+Where the volumes lie in the recording is :mod:`spec2vol_bids.triggers`' job.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mne
 import numpy as np
 
-from spec2vol_bids.errors import DataError, MissingInputError, UsageError
-from spec2vol_bids.spectra import flat_channels, window_starts
+from spec2vol_bids.annex import require_content
+from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.spectra import flat_channels
 
 logger = logging.getLogger(__name__)
 
@@ -53,48 +53,11 @@ _NON_EEG_NAME = re.compile(
     re.IGNORECASE,
 )
 
-# Per-volume scanner markers, most specific first. Descriptions are compared on their last
-# "/"-separated part (mne writes BrainVision "Response,R128" as "Response/R128"), without
-# whitespace and case-insensitively.
-VOLUME_MARKERS = ("R128", "Scan Start", "Volume", "V", "T")
-# Per-slice scanner markers (NODDI: "Scanner/s " once per slice).
-SLICE_MARKERS = ("s", "Slice")
+# Sampling rates outside this range (Hz) come from a broken header, not from an EEG amplifier.
+PLAUSIBLE_SFREQ = (20.0, 100_000.0)
 
 
-@dataclass
-class VolumeTiming:
-    """Where the fMRI volumes lie in an EEG recording.
-
-    Attributes
-    ----------
-    t0 : float
-        Onset of the first volume, in seconds from the first EEG sample; volume ``v`` starts at
-        ``t0 + v * tr``.
-    marker : str | None
-        The marker description t0 was taken from, or ``None`` (``offset=`` given, or no markers).
-    onsets : ndarray
-        Volume onsets the markers give, in seconds from the first sample (empty without
-        markers); kept for quality control of the marker intervals against the TR.
-    n_volumes : int
-        Number of volumes whose full TR window the recording covers.
-    tr : float
-        The repetition time, in seconds.
-    sfreq : float
-        The EEG sampling frequency, in Hz.
-    window_samples : int
-        Samples in one TR window, ``round(tr * sfreq)``.
-    """
-
-    t0: float
-    marker: str | None
-    onsets: np.ndarray = field(repr=False)
-    n_volumes: int
-    tr: float
-    sfreq: float
-    window_samples: int
-
-
-def read_eeg(path, *, work_dir, bids_root=None, verbose=False) -> mne.io.BaseRaw:
+def read_eeg(path, *, work_dir, verbose=False) -> mne.io.BaseRaw:
     """Open an EEG recording without loading its data.
 
     Parameters
@@ -103,11 +66,6 @@ def read_eeg(path, *, work_dir, bids_root=None, verbose=False) -> mne.io.BaseRaw
         The recording: ``.vhdr`` (BrainVision), ``.edf``, ``.bdf``, ``.set`` or ``.fif``.
     work_dir : str | Path
         A folder this function may write to; a corrected BrainVision header goes there.
-    bids_root : str | Path | None
-        The BIDS dataset the file belongs to. When given and the file has BIDS sidecars, the
-        recording is read with :func:`mne_bids.read_raw_bids` (channel types, bad channels and
-        line frequency from the sidecars); if mne-bids cannot make sense of the sidecars, the
-        file is read with mne alone and a warning is logged.
     verbose : bool
         Let mne print its own messages.
 
@@ -119,13 +77,14 @@ def read_eeg(path, *, work_dir, bids_root=None, verbose=False) -> mne.io.BaseRaw
     Raises
     ------
     MissingInputError
-        The file (or its data file) does not exist.
+        The file (or its data file) does not exist, or is a git-annex pointer whose content
+        was never fetched.
     DataError
-        The file cannot be read: unknown format, corrupt or truncated data, broken header.
+        The file cannot be read: unknown format, corrupt or truncated data, broken header,
+        duplicate channel names, an implausible sampling rate.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError("EEG file not found", path=path)
+    require_content(path, "EEG file")
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise DataError(
@@ -135,54 +94,37 @@ def read_eeg(path, *, work_dir, bids_root=None, verbose=False) -> mne.io.BaseRaw
     read_path = path
     if suffix == ".vhdr":
         read_path = _checked_brainvision_header(path, Path(work_dir))
-    problem = None
-    if bids_root is not None and read_path == path and _has_bids_sidecars(path):
-        raw, problem = _read_with_mne_bids(path, bids_root, verbose)
-        if raw is not None:
-            return raw
-    # Read once, not first with mne and again with mne-bids: each parses the header and
-    # markers. mne's reader turns a broken file into a clean error before any warning
-    # about sidecars is logged.
-    raw = _read_with_mne(read_path, path, verbose)
-    if problem is not None:
-        logger.warning("%s: mne-bids could not read the sidecars (%s); reading the file with mne",
-                       path, problem)
-    return raw
-
-
-def _read_with_mne(read_path: Path, path: Path, verbose: bool) -> mne.io.BaseRaw:
     kwargs = {"preload": False, "verbose": verbose}
-    if read_path.suffix.lower() == ".fif":
+    if suffix == ".fif":
         kwargs["allow_maxshield"] = False
+    caught: list = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             # mne warns about things that do not matter here (missing coordinates of an ECG
-            # channel, deprecations); unreadable data raise.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return _READERS[read_path.suffix.lower()](read_path, **kwargs)
+            # channel, deprecations); what does (duplicate names) is checked below.
+            warnings.simplefilter("always")
+            raw = _READERS[suffix](read_path, **kwargs)
     except FileNotFoundError as exc:
         raise MissingInputError(f"a file this recording needs is missing ({exc})", path=path) from exc
     except Exception as exc:  # mne raises many types for malformed files; all are data errors
+        # mne renames duplicate channels ("Fp1-0") and may then fail on the new names
+        _refuse_duplicate_names(caught, path)
         raise DataError(f"cannot read EEG file ({_one_line(exc)})", path=path) from exc
+    _refuse_duplicate_names(caught, path)
+    sfreq = float(raw.info["sfreq"])
+    if not PLAUSIBLE_SFREQ[0] <= sfreq <= PLAUSIBLE_SFREQ[1]:
+        raise DataError(f"sampling rate {sfreq:g} Hz is implausible for EEG (expected "
+                        f"{PLAUSIBLE_SFREQ[0]:g}-{PLAUSIBLE_SFREQ[1]:g} Hz); check the header's "
+                        "sampling interval or rate", path=path)
+    return raw
 
 
-def _has_bids_sidecars(path: Path) -> bool:
-    stem = path.name.rsplit("_", 1)[0]
-    return any((path.parent / f"{stem}_{name}").is_file() for name in ("channels.tsv", "eeg.json"))
-
-
-def _read_with_mne_bids(path: Path, bids_root, verbose: bool):
-    """(raw, None), or (None, why) when mne-bids cannot read the recording."""
-    import mne_bids
-
-    try:
-        bids_path = mne_bids.get_bids_path_from_fname(path)
-        bids_path.update(root=bids_root)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return mne_bids.read_raw_bids(bids_path, verbose=verbose), None
-    except Exception as exc:  # mne-bids is stricter about sidecars than we need to be
-        return None, _one_line(exc)
+def _refuse_duplicate_names(caught, path: Path) -> None:
+    duplicates = [str(w.message) for w in caught if "names are not unique" in str(w.message)]
+    if duplicates:
+        names = duplicates[0].split("duplicates for:", 1)[-1].split(". ", 1)[0].strip(" {}'.")
+        raise DataError(f"the recording has duplicate channel names ({names}); each channel needs "
+                        "a name of its own to be matched across subjects", path=path)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -204,6 +146,21 @@ def _parse_vhdr(text: str) -> dict[str, dict[str, str]]:
             key, value = line.split("=", 1)
             current[key.strip().lower()] = value.strip()
     return sections
+
+
+def brainvision_files(vhdr: str | Path) -> list[Path]:
+    """The files a BrainVision header leads the reader to: its ``DataFile=`` and
+    ``MarkerFile=`` (which may lie outside the header's folder) and the same-stem data and
+    marker files the recovery of a broken header falls back on. Only existing files."""
+    vhdr = Path(vhdr)
+    try:
+        common = _parse_vhdr(vhdr.read_bytes().decode("utf-8", errors="replace")).get("common infos", {})
+    except OSError:
+        return []
+    named = [vhdr.parent / common[k] for k in ("datafile", "markerfile") if common.get(k)]
+    stem = [p for p in vhdr.parent.glob(f"{glob.escape(vhdr.stem)}.*")
+            if p.suffix.lower() in (*_BV_DATA_SUFFIXES, ".vmrk")]
+    return sorted({p for p in named + stem if p.is_file()})
 
 
 def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
@@ -238,22 +195,29 @@ def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
         logger.warning("%s: DataFile=%s does not exist; reading %s instead", path, data_name,
                        data_file.name)
         fixes[b"DataFile"] = str(data_file.resolve())
+    require_content(data_file, "the BrainVision data file")
     marker_name = common.get("markerfile")
-    if marker_name and not (path.parent / marker_name).is_file():
+    marker_file = path.parent / marker_name if marker_name else None
+    if marker_file is not None and not marker_file.is_file():
         sibling = path.with_suffix(".vmrk")
         if sibling.is_file():
             logger.warning("%s: MarkerFile=%s does not exist; reading %s instead", path,
                            marker_name, sibling.name)
-            fixes[b"MarkerFile"] = str(_corrected_marker_copy(sibling, data_file, work_dir))
+            marker_file = sibling
+            fixes[b"MarkerFile"] = str(sibling.resolve())
         else:
             logger.warning("%s: MarkerFile=%s does not exist; reading without markers", path,
                            marker_name)
+            marker_file = None
             fixes[b"MarkerFile"] = ""
     _check_brainvision_size(path, hdr, data_file)
     if not fixes:
         return path
-    # The corrected header lives in work_dir, so it names the data file by absolute path.
-    fixes.setdefault(b"DataFile", str(data_file.resolve()))
+    # The corrected header lives in work_dir, so it names both files by absolute path: a
+    # relative MarkerFile= would be looked for in work_dir and the volume markers lost.
+    fixes[b"DataFile"] = str(data_file.resolve())
+    if marker_file is not None:
+        fixes[b"MarkerFile"] = str(marker_file.resolve())
     work_dir.mkdir(parents=True, exist_ok=True)
     fixed = work_dir / path.name
     fixed.write_bytes(_replace_entries(raw_bytes, fixes))
@@ -273,13 +237,6 @@ def _replace_entries(raw_bytes: bytes, fixes: dict[bytes, str]) -> bytes:
             line = key + b"=" + fixes[key].encode("utf-8") + ending
         out.append(line)
     return b"".join(out)
-
-
-def _corrected_marker_copy(marker: Path, data_file: Path, work_dir: Path) -> Path:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    copy = work_dir / marker.name
-    copy.write_bytes(_replace_entries(marker.read_bytes(), {b"DataFile": data_file.name}))
-    return copy.resolve()
 
 
 def _check_brainvision_size(path: Path, hdr: dict, data_file: Path) -> None:
@@ -324,49 +281,71 @@ def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:
     raw : mne.io.BaseRaw
         The recording.
     channels_tsv : str | Path | None
-        The BIDS ``channels.tsv`` of the recording. When given, its ``type`` column decides
-        (``EEG`` kept; ECG, EOG, EMG, TRIG, MISC, … dropped). Otherwise the channel types of
-        ``raw`` decide, and channels named like non-EEG signals (ECG, EKG, EOG, HEOG, VEOG,
-        EMG, trigger/status, …) are dropped too, because many headers type everything EEG.
+        The BIDS ``channels.tsv`` of the recording. When it names exactly the recording's
+        channels, its ``type`` column decides (``EEG`` kept; ECG, EOG, EMG, TRIG, MISC, …
+        dropped) and channels whose ``status`` is ``bad`` are dropped. Otherwise (no such file,
+        unreadable, no ``name``/``type`` column, other names) the recording decides, with a
+        warning when a file was set aside: its channel types, minus channels named like
+        non-EEG signals (ECG, EKG, EOG, HEOG, VEOG, EMG, trigger/status, …), because many
+        headers type everything EEG.
 
     Returns
     -------
     names : list of str
         The EEG channels. Flat channels are found later, from the spectrogram
         (:func:`spec2vol_bids.spectra.flat_channels`), to avoid a second pass over the data.
+
+    Raises
+    ------
+    DataError
+        Fewer than two EEG channels: the spectrogram is z-scored across channels.
     """
-    if channels_tsv is not None:
-        types = _channel_types_from_tsv(Path(channels_tsv))
-        missing = [name for name in types if name not in raw.ch_names]
-        if missing:
-            raise DataError(
-                f"channels.tsv lists channels the recording lacks: {', '.join(missing[:5])}",
-                path=channels_tsv,
-            )
-        names = [name for name in raw.ch_names if types.get(name, "").upper() == "EEG"]
+    path = raw.filenames[0]
+    rows = _channel_rows(Path(channels_tsv), raw.ch_names) if channels_tsv is not None else None
+    if rows is not None:
+        names = [name for name in raw.ch_names if rows[name].get("type", "").upper() == "EEG"]
+        bad = [name for name in names if rows[name].get("status", "").lower() == "bad"]
+        if bad:
+            logger.info("%s: marked bad in channels.tsv, dropped: %s", path, ", ".join(bad))
+            names = [name for name in names if name not in bad]
     else:
-        ch_types = raw.get_channel_types()
         names = [
-            name for name, kind in zip(raw.ch_names, ch_types)
+            name for name, kind in zip(raw.ch_names, raw.get_channel_types())
             if kind == "eeg" and not _NON_EEG_NAME.match(name.strip())
         ]
     dropped = [name for name in raw.ch_names if name not in names]
     if dropped:
-        logger.info("%s: not EEG, dropped: %s", raw.filenames[0], ", ".join(dropped))
+        logger.info("%s: not used as EEG: %s", path, ", ".join(dropped))
     if not names:
-        raise DataError("the recording has no EEG channels", path=raw.filenames[0])
+        raise DataError("the recording has no EEG channels", path=path)
+    if len(names) < 2:
+        raise DataError(f"the recording has a single EEG channel ({names[0]}); the spectrogram is "
+                        "z-scored across channels and needs at least two", path=path)
     return names
 
 
-def _channel_types_from_tsv(path: Path) -> dict[str, str]:
+def _channel_rows(path: Path, ch_names: list[str]) -> dict[str, dict] | None:
+    """channels.tsv rows by name, or ``None`` (with a warning) when the file cannot decide."""
+    from spec2vol_bids.sidecars import read_tsv
+
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-    except OSError as exc:
-        raise MissingInputError(f"cannot read channels.tsv ({exc.strerror})", path=path) from exc
+        rows = read_tsv(path)
+    except (DataError, MissingInputError) as exc:
+        logger.warning("%s; channel types taken from the EEG file instead", exc)
+        return None
     if not rows or "name" not in rows[0] or "type" not in rows[0]:
-        raise DataError("channels.tsv needs 'name' and 'type' columns", path=path)
-    return {row["name"]: (row["type"] or "").strip() for row in rows}
+        logger.warning("%s: no 'name' and 'type' columns; channel types taken from the EEG file "
+                       "instead", path)
+        return None
+    by_name = {row["name"]: row for row in rows}
+    if set(by_name) != set(ch_names) or len(by_name) != len(rows):
+        only_tsv = [n for n in by_name if n not in ch_names]
+        only_file = [n for n in ch_names if n not in by_name]
+        logger.warning("%s: names differ from the EEG file's (only in channels.tsv: %s; only in the "
+                       "file: %s); channel types taken from the EEG file instead", path,
+                       ", ".join(only_tsv[:5]) or "none", ", ".join(only_file[:5]) or "none")
+        return None
+    return by_name
 
 
 def canonical_channel_order(names) -> list[str]:
@@ -438,192 +417,3 @@ def drop_flat_channels(spec, channels, *, source=None):
     if not flat:
         return spec, list(channels), []
     return spec[:, ~mask], [name for name, bad in zip(channels, mask) if not bad], flat
-
-
-def _marker_key(description: str) -> str:
-    return re.sub(r"\s+", "", description.rsplit("/", 1)[-1]).lower()
-
-
-def _marker_onsets(raw: mne.io.BaseRaw, key: str) -> tuple[np.ndarray, str | None]:
-    """Sample indices (from the first sample) of the annotations whose key is ``key``."""
-    ann = raw.annotations
-    keys = np.array([_marker_key(d) for d in ann.description], dtype=object)
-    hits = keys == key
-    if not hits.any():
-        return np.empty(0, dtype=np.int64), None
-    samples = raw.time_as_index(ann.onset[hits], use_rounding=True, origin=ann.orig_time)
-    description = str(ann.description[np.flatnonzero(hits)[0]]).strip()
-    return np.unique(samples.astype(np.int64)), description
-
-
-def _group_slices(samples: np.ndarray, tr_samples: float) -> np.ndarray:
-    """The first slice marker of each volume.
-
-    Volumes acquired with a pause after the slices show as gaps longer than 1.5 slice
-    intervals; back-to-back acquisitions (NODDI) have none, so slices are counted instead:
-    round(TR / slice interval) per volume.
-    """
-    if len(samples) < 2:
-        return samples
-    gaps = np.diff(samples)
-    step = np.median(gaps)
-    breaks = np.flatnonzero(gaps > 1.5 * step)
-    if len(breaks):
-        return np.concatenate([samples[:1], samples[breaks + 1]])
-    per_volume = max(1, int(round(tr_samples / step)))
-    return samples[::per_volume]
-
-
-def find_volume_onsets(
-    raw: mne.io.BaseRaw,
-    tr: float,
-    *,
-    n_volumes: int | None,
-    marker: str | None = None,
-    offset: float | None = None,
-    discard: int = 6,
-    context: int = 20,
-) -> VolumeTiming:
-    """Find the first fMRI volume in the EEG and count the TR windows the EEG covers.
-
-    Parameters
-    ----------
-    raw : mne.io.BaseRaw
-        The EEG recording (annotations hold the scanner markers).
-    tr : float
-        The repetition time of the BOLD series, in seconds.
-    n_volumes : int | None
-        Volumes in the BOLD series; ``None`` (EEG without BOLD, for synthesis) takes every
-        full TR window the recording holds after t0.
-    marker : str | None
-        Use this marker: matched against whole annotation descriptions or their last
-        ``/``-separated part (``"R128"`` matches ``"Response/R128"``), case- and
-        whitespace-insensitively. Markers closer than half a TR are taken as slice markers and
-        grouped per volume.
-    offset : float | None
-        Take t0 = ``offset`` seconds and ignore markers.
-    discard, context : int
-        Volumes dropped at the start and TR windows of context per sample; a run must cover
-        at least ``discard + context + 1`` volumes.
-
-    Returns
-    -------
-    timing : VolumeTiming
-        Without ``marker`` and ``offset``, the first per-volume marker found among ``R128``,
-        ``Scan Start``, ``Volume``, ``V``, ``T`` gives t0, else slice markers (``s``,
-        ``Slice``) grouped per volume, else t0 = 0 with a warning.
-
-    Raises
-    ------
-    DataError
-        The marker intervals differ from the TR by more than 1 %, the named marker is absent,
-        or the EEG covers fewer than ``discard + context + 1`` volumes.
-    UsageError
-        Both ``marker`` and ``offset`` were given.
-    """
-    path = raw.filenames[0]
-    sfreq = float(raw.info["sfreq"])
-    if tr <= 0 or (n_volumes is not None and n_volumes < 1):
-        raise DataError(f"invalid repetition time {tr} s or volume count {n_volumes}", path=path)
-    if marker is not None and offset is not None:
-        raise UsageError("give either a volume marker or an EEG offset, not both")
-    onsets = np.empty(0, dtype=np.int64)
-    used = None
-    if offset is not None:
-        t0_sample = int(np.floor(offset * sfreq + 0.5))
-        if not 0 <= t0_sample < raw.n_times:
-            raise UsageError(f"EEG offset {offset} s lies outside the recording "
-                             f"({raw.n_times / sfreq:.1f} s): {path}")
-    else:
-        onsets, used = _detect_markers(raw, tr, marker)
-        if used is None:
-            logger.warning("%s: no volume markers found; the first volume is taken to start at "
-                           "the first EEG sample (set --volume-marker or --eeg-offset)", path)
-            t0_sample = 0
-        else:
-            t0_sample = int(onsets[0])
-            _check_spacing(onsets, tr, sfreq, used, path)
-            if n_volumes is not None and len(onsets) != n_volumes:
-                logger.warning("%s: %d '%s' markers for %d volumes; volumes are placed every TR "
-                               "from the first marker", path, len(onsets), used, n_volumes)
-            elif n_volumes is None:
-                # EEG without BOLD: the scanner acquired one volume per marker, no more.
-                n_volumes = len(onsets)
-    window = int(np.floor(tr * sfreq + 0.5))
-    wanted = n_volumes if n_volumes is not None else int((raw.n_times - t0_sample) / (tr * sfreq)) + 1
-    starts = window_starts(t0_sample / sfreq, tr, sfreq, wanted)
-    covered = int(np.count_nonzero(starts + window <= raw.n_times))
-    needed = discard + context + 1
-    if covered < needed:
-        raise DataError(
-            f"the EEG covers {covered} TR windows from t0 = {t0_sample / sfreq:.3f} s, fewer than "
-            f"the {needed} needed (discard {discard} + context {context} + 1)",
-            path=path,
-        )
-    if n_volumes is not None and covered < n_volumes:
-        logger.warning("%s: the EEG covers %d of %d volumes; the run is truncated to %d", path,
-                       covered, n_volumes, covered)
-    return VolumeTiming(
-        t0=t0_sample / sfreq,
-        marker=used,
-        onsets=onsets / sfreq,
-        n_volumes=covered,
-        tr=float(tr),
-        sfreq=sfreq,
-        window_samples=window,
-    )
-
-
-def marker_repetition_time(raw: mne.io.BaseRaw, marker: str | None = None) -> float | None:
-    """The repetition time implied by per-volume markers (median interval), or None.
-
-    For EEG recorded without BOLD (or whose BOLD is not shared) the scanner's volume markers
-    are the only record of the TR. Slice markers are not used: grouping them needs the TR.
-    """
-    names = [marker] if marker else list(VOLUME_MARKERS)
-    for name in names:
-        samples, used = _marker_onsets(raw, _marker_key(name))
-        if used is not None and len(samples) > 2:
-            return float(np.median(np.diff(samples))) / raw.info["sfreq"]
-    return None
-
-
-def _detect_markers(raw, tr, marker):
-    """(volume onsets in samples, description used); (empty, None) without markers."""
-    tr_samples = tr * raw.info["sfreq"]
-    if marker is not None:
-        wanted = re.sub(r"\s+", "", marker).lower()
-        keys = {_marker_key(d) for d in raw.annotations.description}
-        whole = {re.sub(r"\s+", "", d).lower(): _marker_key(d) for d in raw.annotations.description}
-        key = wanted if wanted in keys else whole.get(wanted)
-        if key is None:
-            available = sorted(set(str(d).strip() for d in raw.annotations.description))
-            raise DataError(
-                f"no marker {marker!r} in the recording (markers: {', '.join(available[:10]) or 'none'})",
-                path=raw.filenames[0],
-            )
-        samples, used = _marker_onsets(raw, key)
-        if len(samples) > 1 and np.median(np.diff(samples)) < 0.5 * tr_samples:
-            samples = _group_slices(samples, tr_samples)
-        return samples, used
-    for name in VOLUME_MARKERS:
-        samples, used = _marker_onsets(raw, _marker_key(name))
-        if used is not None:
-            return samples, used
-    for name in SLICE_MARKERS:
-        samples, used = _marker_onsets(raw, _marker_key(name))
-        if used is not None:
-            return _group_slices(samples, tr_samples), used
-    return np.empty(0, dtype=np.int64), None
-
-
-def _check_spacing(onsets, tr, sfreq, used, path):
-    if len(onsets) < 2:
-        return
-    interval = float(np.median(np.diff(onsets))) / sfreq
-    if abs(interval - tr) > 0.01 * tr:
-        raise DataError(
-            f"'{used}' markers come every {interval:.4f} s but RepetitionTime is {tr} s "
-            f"(more than 1% apart); check the BOLD sidecar or choose --volume-marker",
-            path=path,
-        )

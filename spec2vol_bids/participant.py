@@ -16,6 +16,7 @@ records a hash of the inputs' names, sizes and modification times and of the opt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,8 @@ from spec2vol_bids.errors import DataError, MissingInputError, UsageError
 LOGGER = logging.getLogger(__name__)
 
 #: The options that change what a run's derivatives contain (and so its input hash).
-EEG_OPTIONS = ("volume_marker", "eeg_offset", "freq_bins", "fmax", "discard_volumes", "context")
+EEG_OPTIONS = ("volume_marker", "eeg_offset", "first_volume_trigger", "freq_bins", "fmax",
+               "discard_volumes", "context")
 BOLD_OPTIONS = ("target_grid",)
 #: --freq-bins when not given (the authors' bin count)
 DEFAULT_FREQ_BINS = 249
@@ -90,6 +92,23 @@ def _related_files(path: Path) -> list[Path]:
     return [p for p in path.parent.iterdir() if p.is_file() and p.name.startswith(prefix + "_")]
 
 
+def _eeg_sources(pair) -> list[Path]:
+    """The files a run's EEG is read from: the recording and the sidecars that apply to it."""
+    return [pair.eeg, *(p for p in (pair.channels_tsv, pair.events_tsv) if p is not None)]
+
+
+def _eeg_inputs(pair) -> list[Path]:
+    """Every file the EEG of a run is read from, for its input hash: the recording's own
+    files, the inherited sidecars and, for BrainVision, the data and marker files its header
+    names (wherever they lie)."""
+    from spec2vol_bids import eeg as eeg_mod
+
+    files = _related_files(pair.eeg) + list(pair.eeg_sidecars) + _eeg_sources(pair)
+    if pair.eeg.suffix.lower() == ".vhdr":
+        files += eeg_mod.brainvision_files(pair.eeg)
+    return [p for p in files if p.is_file()]
+
+
 def _is_done(sidecar: Path, data: Path, digest: str) -> bool:
     if not (sidecar.exists() and data.exists()):
         return False
@@ -110,7 +129,7 @@ def _relative_source(path: Path, bids_dir: Path) -> str:
 def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunResult) -> None:
     """Spectrogram of one run's EEG, written as ``.npy`` + JSON sidecar (skipped when done)."""
     from spec2vol_bids import eeg as eeg_mod
-    from spec2vol_bids import spectra
+    from spec2vol_bids import spectra, triggers
 
     out = run_dir(opts["output_dir"], pair.entities, "eeg")
     npy = out / bids_name(_eeg_entities(pair), "spectrogram", ".npy", desc="spec2vol")
@@ -118,7 +137,7 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
     freq_bins = _freq_bins(opts.get("freq_bins"), opts.get("fmax"))
     options = {k: opts.get(k) for k in EEG_OPTIONS} | {"freq_bins": freq_bins, "tr": tr,
                                                        "n_volumes": n_volumes}
-    digest = input_hash(_related_files(pair.eeg), options)
+    digest = input_hash(_eeg_inputs(pair), options)
     result.spectrogram = str(npy)
     if _is_done(sidecar, npy, digest):
         meta = read_json(sidecar)
@@ -131,16 +150,16 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
         return
 
     work = Path(opts["work_dir"]) / "eeg" / pair.label
-    raw = eeg_mod.read_eeg(pair.eeg, work_dir=work, bids_root=pair.bids_root)
+    raw = eeg_mod.read_eeg(pair.eeg, work_dir=work)
     channels = eeg_mod.canonical_channel_order(eeg_mod.eeg_channels(raw, pair.channels_tsv))
-    timing = eeg_mod.find_volume_onsets(
-        raw, tr, n_volumes=n_volumes, marker=opts.get("volume_marker"),
-        offset=opts.get("eeg_offset"), discard=opts["discard_volumes"], context=opts["context"],
+    timing = triggers.volume_timing(
+        raw, tr, n_volumes=n_volumes, events_tsv=pair.events_tsv,
+        marker=opts.get("volume_marker"), offset=opts.get("eeg_offset"),
+        first_trigger=opts.get("first_volume_trigger"),
+        discard=opts["discard_volumes"], context=opts["context"], source=pair.eeg,
     )
-    spec, freqs = spectra.tr_spectrogram(
-        raw, channels, t0=timing.t0, tr=tr, n_windows=timing.n_volumes,
-        freq_bins=freq_bins, fmax=opts.get("fmax"),
-    )
+    spec, freqs = spectra.tr_spectrogram(raw, channels, starts=timing.starts, tr=tr,
+                                         freq_bins=freq_bins, fmax=opts.get("fmax"))
     spec, channels, flat = eeg_mod.drop_flat_channels(spec, channels, source=pair.eeg)
     dropped = sorted(set(raw.ch_names) - set(channels))
     fs = float(raw.info["sfreq"])
@@ -157,12 +176,11 @@ def process_eeg(pair, opts: dict, tr: float, n_volumes: int | None, result: RunR
         "Channels": channels,
         "DroppedChannels": dropped,
         "FlatChannels": flat,
-        "VolumeOnsetSeconds": float(timing.t0),
-        "VolumeMarker": timing.marker,
+        **timing.sidecar(),
         "NumberOfWindows": int(spec.shape[0]),
         "DiscardVolumes": opts["discard_volumes"],
         "Context": opts["context"],
-        "Sources": [_relative_source(pair.eeg, opts["bids_dir"])],
+        "Sources": [_relative_source(p, opts["bids_dir"]) for p in _eeg_sources(pair)],
         "InputHash": digest,
     })
     result.n_windows, result.channels, result.dropped_channels = spec.shape[0], channels, dropped
@@ -348,8 +366,8 @@ def _qc_figures(pair, opts, timing, tr, spec, freqs, channels) -> None:
 
     figures = Path(opts["output_dir"]) / f"sub-{pair.subject}" / "figures"
     report.plot_alignment_qc(
-        timing.onsets, tr, figures / bids_name(_eeg_entities(pair), "qc", ".svg", desc="alignment"),
-        title=f"{pair.label}: volume marker intervals ({timing.marker or 'no markers'})",
+        timing, figures / bids_name(_eeg_entities(pair), "qc", ".svg", desc="alignment"),
+        title=f"{pair.label}: volume timing",
     )
     report.plot_spectrogram_qc(
         spec, freqs, channels, figures / bids_name(_eeg_entities(pair), "qc", ".svg", desc="spectrogram"),
@@ -465,38 +483,78 @@ def _write_mask(source: Path, target_img, path: Path) -> None:
 
 
 def process_run(pair, opts: dict) -> RunResult:
-    """Everything the participant level does for one run (top level so processes can run it)."""
+    """Everything the participant level does for one run (top level so processes can run it).
+
+    The EEG comes first: its alignment to the volumes is where a run is most often refused, and
+    it needs only the BOLD series' volume count (from its header). A run that fails leaves none
+    of the outputs it wrote behind.
+    """
     from spec2vol_bids import layout
 
     result = RunResult(label=pair.label, entities=pair.entities,
                        eeg=str(pair.eeg) if pair.eeg else None,
                        bold=str(pair.bold) if pair.bold else None)
-    tr, n_volumes = None, None
-    if pair.bold is not None:
-        tr = layout.repetition_time(pair)
-        process_bold(pair, opts, tr, result)
-        n_volumes = result.n_volumes
-    if pair.eeg is not None and pair.eeg_is_spectrogram:
-        reuse_spectrogram(pair, opts, result)
-    elif pair.eeg is not None:
-        if tr is None:
-            tr = _eeg_only_tr(pair, opts)
-        process_eeg(pair, opts, tr, n_volumes, result)
-    if opts.get("model_path") and pair.eeg is not None:
-        _synthesize(pair, opts, tr, result)
+    before = _own_outputs(pair, opts)
+    try:
+        tr, n_volumes = None, None
+        if pair.bold is not None:
+            tr = layout.repetition_time(pair)
+            n_volumes = _bold_volumes(pair, opts)
+        if pair.eeg is not None and pair.eeg_is_spectrogram:
+            reuse_spectrogram(pair, opts, result)
+        elif pair.eeg is not None:
+            if tr is None:
+                tr = _eeg_only_tr(pair, opts)
+            process_eeg(pair, opts, tr, n_volumes, result)
+        if pair.bold is not None:
+            process_bold(pair, opts, tr, result)
+        if opts.get("model_path") and pair.eeg is not None:
+            _synthesize(pair, opts, tr, result)
+    except BaseException:
+        for path, stamp in _own_outputs(pair, opts).items():
+            if before.get(path) != stamp:
+                path.unlink(missing_ok=True)
+        raise
     return result
+
+
+def _own_outputs(pair, opts: dict) -> dict[Path, tuple]:
+    """The run's files in OUTPUT_DIR (every one is ``<run>_desc-...``), with their identity."""
+    folder = Path(opts["output_dir"]) / f"sub-{pair.subject}"
+    if not folder.is_dir():
+        return {}
+    labels = {pair.label, bids_name(_eeg_entities(pair), "x", "")[:-2]}
+    found = {}
+    for label in labels:
+        for path in folder.rglob(f"{label}_desc-*"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                found[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return found
+
+
+def _bold_volumes(pair, opts: dict) -> int:
+    """The BOLD series' volume count, from its header; refused when too short to pair."""
+    from spec2vol_bids import bold as bold_mod
+
+    n_volumes = int(bold_mod.load_bold(pair.bold).shape[3])
+    needed = opts["discard_volumes"] + opts["context"] + 1
+    if n_volumes < needed:
+        raise DataError(f"the BOLD series has {n_volumes} volumes, fewer than the {needed} a run "
+                        f"needs (--discard-volumes {opts['discard_volumes']} + --context "
+                        f"{opts['context']} + 1)", path=pair.bold)
+    return n_volumes
 
 
 def _eeg_only_tr(pair, opts: dict) -> float:
     """The TR of a run without BOLD: its sidecar's, else its volume markers', else the model's."""
     from spec2vol_bids import eeg as eeg_mod
-    from spec2vol_bids import layout
+    from spec2vol_bids import layout, triggers
 
     tr = layout.eeg_repetition_time(pair)
     if tr is None:
-        raw = eeg_mod.read_eeg(pair.eeg, work_dir=Path(opts["work_dir"]) / "eeg" / pair.label,
-                               bids_root=pair.bids_root)
-        tr = eeg_mod.marker_repetition_time(raw, opts.get("volume_marker"))
+        raw = eeg_mod.read_eeg(pair.eeg, work_dir=Path(opts["work_dir"]) / "eeg" / pair.label)
+        tr = triggers.marker_repetition_time(raw, pair.events_tsv, opts.get("volume_marker"))
     if tr is None and opts.get("model_tr"):
         tr = opts["model_tr"]
     if tr is None:

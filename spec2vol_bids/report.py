@@ -84,48 +84,67 @@ def _shrink(array: np.ndarray, axis: int, size: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- QC figures
 
-def plot_alignment_qc(onsets_seconds, tr: float, path: str | Path, *, title: str = "") -> Path:
-    """Plot the interval between consecutive volume markers against the TR; write an SVG.
+def plot_alignment_qc(timing, path: str | Path, *, title: str = "") -> Path:
+    """Plot how the EEG was aligned to the volumes; write an SVG.
+
+    Top: the interval between consecutive volume onsets against the TR (±1 % band), with the
+    volumes whose trigger was filled in marked. Bottom: the time line of the trigger series
+    used, its strays (dropped) and the TR windows kept. The title line gives the trigger
+    series, the counts and the clock drift.
 
     Parameters
     ----------
-    onsets_seconds : array-like of float
-        Onset of each volume in seconds (one marker per volume, or the computed onsets).
-    tr : float
-        The repetition time in seconds; drawn as a line with a ±1 % band.
+    timing : spec2vol_bids.triggers.VolumeTiming
+        The timing the spectrogram was computed with.
     path : str | Path
         The SVG file to write (atomically).
     title : str
         Figure title, e.g. the run's name.
     """
     plt = _pyplot()
-    onsets = np.asarray(onsets_seconds, dtype=float).ravel()
-    # fixed margins: a constrained layout costs a second draw, as long as the plot itself
-    fig, ax = plt.subplots(figsize=(8.5, 3))
-    fig.subplots_adjust(left=0.08, right=0.8, bottom=0.16, top=0.88)
+    fs, tr = timing.sfreq, timing.tr
+    onsets = np.asarray(timing.starts, dtype=float) / fs
+    fig, (ax, line) = plt.subplots(2, 1, figsize=(8.5, 4.2), height_ratios=(3, 1))
+    fig.subplots_adjust(left=0.08, right=0.78, bottom=0.11, top=0.86, hspace=0.45)
     ax.axhspan(0.99 * tr, 1.01 * tr, color="tab:green", alpha=0.2, lw=0, label="TR ± 1 %")
     ax.axhline(tr, color="tab:green", lw=1, label=f"TR = {tr:g} s")
+    train = timing.train
     if onsets.size >= 2:
         intervals = np.diff(onsets)
         index = np.arange(1, onsets.size)
-        off = np.abs(intervals - tr) > 0.01 * tr
-        ax.plot(index, intervals, ".", ms=3, color="tab:blue", label="marker interval")
-        if off.any():
-            ax.plot(index[off], intervals[off], "x", color="tab:red",
-                    label=f"{int(off.sum())} outside ± 1 %")
+        ax.plot(index, intervals, ".", ms=3, color="tab:blue", label="onset interval")
+        if train is not None:
+            filled = np.asarray(timing.sidecar()["VolumeTiming"]["FilledVolumes"], dtype=int)
+            if filled.size:
+                ax.plot(filled, np.full(filled.size, tr), "|", ms=12, color="tab:orange",
+                        label=f"{filled.size} trigger(s) filled")
         lo, hi = min(intervals.min(), 0.97 * tr), max(intervals.max(), 1.03 * tr)
         pad = 0.05 * (hi - lo)
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlim(0, onsets.size)
-    else:
-        ax.text(0.5, 0.25, "fewer than two volume markers: volumes assumed one TR apart",
-                transform=ax.transAxes, ha="center", va="center", color="tab:red")
-        ax.set_ylim(0.95 * tr, 1.05 * tr)
     ax.set_xlabel("volume")
     ax.set_ylabel("time since previous volume (s)")
     # outside the axes, so that it never hides an outlying interval
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
-    ax.set_title(title or "Volume marker intervals")
+
+    line.plot(onsets, np.zeros_like(onsets), "|", ms=10, color="tab:blue", label="windows kept")
+    if train is not None:
+        strays = np.asarray(train.strays, dtype=float) / fs
+        if strays.size:
+            line.plot(strays, np.zeros_like(strays), "x", ms=6, color="tab:red",
+                      label=f"{strays.size} stray marker(s)")
+    line.set_yticks([])
+    line.set_xlabel("time in the EEG recording (s)")
+    line.legend(loc="upper left", bbox_to_anchor=(1.01, 1.2), fontsize=7, frameon=False)
+
+    if train is None:
+        how = f"--eeg-offset: first volume at {timing.t0:.3f} s, then one every TR"
+    else:
+        meta = timing.sidecar()["VolumeTiming"]
+        how = (f"trigger '{meta['Marker']}' ({meta['MarkerSource']}): {meta['TriggersObserved']} of "
+               f"{timing.n_volumes} volumes observed, {len(meta['FilledVolumes'])} filled, "
+               f"{len(meta['StrayMarkersSeconds'])} strays, drift {meta['ClockDriftPPM']:+.1f} ppm")
+    ax.set_title(f"{title or 'Volume timing'}\n{how}", fontsize=8)
     return _save_svg(fig, path)
 
 

@@ -1,9 +1,9 @@
-"""TR-window amplitude spectrograms of an EEG recording (DESIGN §2, steps 2–3).
+"""TR-window amplitude spectrograms of an EEG recording (docs/design.md, "Preprocessing").
 
-Volume ``v`` of a run starts at ``t0 + v·TR``; its EEG window is the ``W = round(TR·fs)``
-samples from ``t_v = round(t0·fs) + round(v·TR·fs)`` (rounding half up). When t0 lies on a
-sample, as it does whenever it comes from a marker, this is ``round((t0 + v·TR)·fs)``; for a
-non-integer ``TR·fs`` consecutive windows then overlap or skip by at most one sample instead of
+Volume ``v``'s EEG window is the ``W = round(TR·fs)`` samples from its start ``t_v``: the
+sample of its own scanner trigger (:mod:`spec2vol_bids.triggers`), or, with ``--eeg-offset``,
+``t_v = round(t0·fs) + round(v·TR·fs)`` (rounding half up, :func:`window_starts`), so that for a
+non-integer ``TR·fs`` consecutive windows overlap or skip by at most one sample instead of
 drifting. ``S[v, c, f] = |rfft(window)|[f + 1]`` for ``f < F`` (DC dropped), then z-scored
 across channels for every (window, bin).
 
@@ -97,9 +97,8 @@ def tr_spectrogram(
     raw,
     picks,
     *,
-    t0: float,
+    starts,
     tr: float,
-    n_windows: int,
     freq_bins: int = 249,
     fmax: float | None = None,
     chunk_windows: int | None = None,
@@ -113,12 +112,12 @@ def tr_spectrogram(
         The recording; it is read in blocks, never loaded whole.
     picks : list of str | list of int
         The channels, in the order wanted on the channel axis.
-    t0 : float
-        Onset of the first window, seconds from the first sample.
+    starts : array-like of int
+        The first sample of each window, increasing (one per volume: its trigger, see
+        :mod:`spec2vol_bids.triggers`, or :func:`window_starts`); the last window must end
+        inside the recording.
     tr : float
         Repetition time, seconds; the window length is ``round(tr · sfreq)`` samples.
-    n_windows : int
-        Number of windows; the last one must end inside the recording.
     freq_bins : int
         Number of FFT bins kept above DC (default 249, as the authors).
     fmax : float | None
@@ -155,11 +154,13 @@ def tr_spectrogram(
     freqs = frequency_bins(tr, sfreq, freq_bins=freq_bins, fmax=fmax)
     n_bins = len(freqs)
     window = int(np.floor(tr * sfreq + 0.5))
-    starts = window_starts(t0, tr, sfreq, n_windows)
-    if n_windows < 1 or starts[0] < 0 or starts[-1] + window > raw.n_times:
+    starts = np.asarray(starts, dtype=np.int64)
+    if len(starts) < 1 or starts[0] < 0 or starts[-1] + window > raw.n_times \
+            or np.any(np.diff(starts) <= 0):
         raise DataError(
-            f"{n_windows} TR windows from t0 = {t0:.3f} s need samples up to "
-            f"{int(starts[-1]) + window if n_windows else 0}, but the recording has {raw.n_times}",
+            f"{len(starts)} TR windows need increasing starts within the recording's "
+            f"{raw.n_times} samples (first {starts[0] if len(starts) else None}, last ending at "
+            f"{int(starts[-1]) + window if len(starts) else None})",
             path=path,
         )
     with _window_reader(raw, idx, window) as (read, n_rows):

@@ -151,17 +151,25 @@ def test_brainvision_data_file_missing(simulated_bids, tmp_path):
     assert not spectrogram(out).exists()
 
 
-def test_brainvision_wrong_data_file_name_is_recovered(simulated_bids, tmp_path):
+@pytest.mark.parametrize("broken", [("DataFile",), ("DataFile", "MarkerFile")])
+def test_brainvision_wrong_file_names_are_recovered(simulated_bids, participant_outputs_source,
+                                                    tmp_path, broken):
+    """ds002158/NATVIEW: the header names a data (and marker) file that does not exist. The
+    corrected header keeps both files, so the run equals the intact one, markers and all."""
     vhdr = eeg_file(simulated_bids)
-    set_vhdr_entry(vhdr, "DataFile", "recording-renamed.eeg")
+    for key in broken:
+        set_vhdr_entry(vhdr, key, f"recording-renamed{'.eeg' if key == 'DataFile' else '.vmrk'}")
     out = tmp_path / "out"
     proc = participant(simulated_bids, out)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     warning = [line for line in proc.stderr.splitlines() if "recording-renamed.eeg" in line]
     assert warning and "WARNING" in warning[0] and eeg_file(simulated_bids, ext=".eeg").name in warning[0]
-    spec = np.load(spectrogram(out))
-    assert spec.shape[:2] == (20, 16) and np.isfinite(spec).all()
+    intact = spectrogram(participant_outputs_source)
+    np.testing.assert_array_equal(np.load(spectrogram(out)), np.load(intact))
+    got, want = (json.loads(p.with_suffix(".json").read_text()) for p in (spectrogram(out), intact))
+    assert got["VolumeMarker"] == want["VolumeMarker"] == "Response/R128"
+    assert got["VolumeOnsetsSeconds"] == want["VolumeOnsetsSeconds"]
     assert vhdr.read_text(encoding="utf-8").count("recording-renamed.eeg") == 1  # input untouched
 
 
@@ -190,14 +198,30 @@ def test_eeg_shorter_than_the_volumes(simulated_bids, tmp_path):
     assert not spectrogram(out).exists()
 
 
+def test_bold_series_too_short_is_named(simulated_bids, tmp_path):
+    bold = bold_file(simulated_bids)
+    img = nib.load(bold)
+    nib.Nifti1Image(np.asarray(img.dataobj)[..., :2], img.affine, img.header).to_filename(bold)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, bold.name, "the BOLD series has 2 volumes, fewer than the 7",
+                         out_dir=out)
+    assert not list(out.glob("sub-01/**/*_desc-*"))
+
+
 def test_real_raw_eeg_shorter_than_its_bold_series(filled_noddi_source, tmp_path):
     """The NODDI layout's real headers: 10 s of raw 5 kHz EEG, no volume markers, 300 volumes."""
     out = tmp_path / "out"
     proc = run_spec2vol(filled_noddi_source, out, "participant", "--participant-label", "32",
                         "--skip-bids-validation", "--omp-nthreads", "1")
-    assert_clean_failure(proc, 65, "sub-32_task-rest_eeg.", "covers", out_dir=out)
-    assert "no volume markers found" in proc.stderr
+    assert_clean_failure(proc, 65, "sub-32_task-rest_eeg.", "no trigger train fits the 300 BOLD "
+                         "volumes", out_dir=out)
+    assert "SyncStatus" in proc.stderr  # what was found instead
     assert not list(out.glob("sub-32/eeg/*"))
+    # told that the EEG starts with the first volume, it is too short for the series
+    proc = run_spec2vol(filled_noddi_source, out, "participant", "--participant-label", "32",
+                        "--skip-bids-validation", "--omp-nthreads", "1", "--eeg-offset", "0")
+    assert_clean_failure(proc, 65, "sub-32_task-rest_eeg.", "covers", out_dir=out)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

@@ -11,13 +11,9 @@ import numpy as np
 import pybv
 import pytest
 
-from spec2vol_bids.eeg import (
-    canonical_channel_order,
-    eeg_channels,
-    find_volume_onsets,
-    read_eeg,
-)
-from spec2vol_bids.errors import DataError, MissingInputError, UsageError
+from spec2vol_bids.eeg import canonical_channel_order, eeg_channels, read_eeg
+from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.triggers import volume_timing
 
 from fixture_data import fixture_source
 
@@ -40,21 +36,6 @@ def write_bv(folder, *, sfreq=250.0, n_times=5000, ch_names=CH_NAMES, events=Non
     pybv.write_brainvision(data=data, sfreq=sfreq, ch_names=list(ch_names), fname_base=stem,
                            folder_out=str(folder), events=pybv_events, fmt=fmt, overwrite=True)
     return folder / f"{stem}.vhdr"
-
-
-def raw_with_annotations(onsets, description, *, sfreq=500.0, n_times=40000, first_samp=0):
-    """A RawArray whose annotations carry ``description`` at the given samples."""
-    info = mne.create_info(["Cz", "Pz"], sfreq, "eeg")
-    raw = mne.io.RawArray(np.zeros((2, n_times)), info, first_samp=first_samp, verbose=False)
-    raw.set_meas_date(1_500_000_000)
-    # With a measurement date, annotation onsets count from it, i.e. from sample 0 before
-    # first_samp (as in FIF files cut from a longer recording).
-    onsets = np.asarray(onsets, dtype=float)
-    raw.set_annotations(mne.Annotations((onsets + first_samp) / sfreq, 0.0,
-                                        [description] * len(onsets),
-                                        orig_time=raw.info["meas_date"]))
-    raw._filenames = [Path("sim_eeg.fif")]
-    return raw
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -159,7 +140,9 @@ def test_broken_datafile_entry_unrecoverable(tmp_path):
         read_eeg(vhdr, work_dir=tmp_path / "work")
 
 
-def test_read_through_mne_bids(tmp_path):
+def test_reads_a_dataset_mne_bids_wrote_without_touching_it(tmp_path):
+    """Channel types come from the dataset's channels.tsv, read by spec2vol: mne-bids is not
+    used to read (it takes lock files inside the dataset), so the dataset stays as it was."""
     import mne_bids
 
     info = mne.create_info(["Fz", "Cz", "Pz", "HR"], 250.0, "eeg")
@@ -171,29 +154,76 @@ def test_read_through_mne_bids(tmp_path):
     mne_bids.write_raw_bids(raw, bids_path, format="BrainVision", allow_preload=True,
                             verbose=False)
     vhdr = bids_path.copy().update(suffix="eeg", extension=".vhdr").fpath
-    got = read_eeg(vhdr, work_dir=tmp_path / "work", bids_root=tmp_path / "bids")
-    assert got.get_channel_types() == ["eeg", "eeg", "eeg", "ecg"]  # from channels.tsv
-    assert eeg_channels(got) == ["Fz", "Cz", "Pz"]
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "bids").rglob("*"))
+    got = read_eeg(vhdr, work_dir=tmp_path / "work")
     tsv = vhdr.parent / "sub-01_task-rest_channels.tsv"
-    assert eeg_channels(read_eeg(vhdr, work_dir=tmp_path / "work"), tsv) == ["Fz", "Cz", "Pz"]
+    assert eeg_channels(got) == ["Fz", "Cz", "Pz", "HR"]  # the header types HR as EEG ...
+    assert eeg_channels(got, tsv) == ["Fz", "Cz", "Pz"]  # ... channels.tsv says ECG
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "bids").rglob("*")) == before
 
 
-def test_unreadable_sidecars_fall_back_to_mne(tmp_path, caplog):
-    root = tmp_path / "bids"
-    vhdr = write_bv(root / "sub-01" / "eeg", ch_names=["Fz", "Cz", "Pz"])
-    (vhdr.parent / "sub-01_task-rest_eeg.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.eeg"):
-        raw = read_eeg(vhdr, work_dir=tmp_path / "work", bids_root=root)
-    assert raw.ch_names == ["Fz", "Cz", "Pz"]
-    assert caplog.text.count("mne-bids could not read the sidecars") == 1
-    # A broken recording is a data error, with no word about its sidecars.
+def test_channels_tsv_as_public_datasets_write_it(tmp_path, caplog):
+    """XP1/XP2 (ds002336/ds002338): space-separated, quoted names, a typographic quote."""
+    names = ["Fp1", "Fp2", "ECG", "Cz"]
+    raw = read_eeg(write_bv(tmp_path, ch_names=names), work_dir=tmp_path / "work")
+    tsv = tmp_path / "channels.tsv"
+    tsv.write_bytes("name   type   units\n'Fp1'   EEG   microV\n'Fp2'   EEG   microV\n"
+                    "'ECG\u2019   ECG   microV\n'Cz'   EEG   microV\n".encode())
+    with caplog.at_level(logging.WARNING):
+        assert eeg_channels(raw, tsv) == ["Fp1", "Fp2", "Cz"]
+    assert "not tab-separated" in caplog.text and "quoted" in caplog.text
+    # latin-1 with a byte-order-mark-free header and CRLF: read, with a warning
+    tsv.write_bytes("name\ttype\tdescription\r\nFp1\tEEG\tfrontal \xe9\r\nFp2\tEEG\t\r\n"
+                    "ECG\tECG\t\r\nCz\tBAD\t\r\n".encode("latin-1"))
     caplog.clear()
-    vhdr.write_text(vhdr.read_text().replace("SamplingInterval=4000", "SamplingInterval=abc"))
-    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.eeg"):
-        with pytest.raises(DataError) as err:
-            read_eeg(vhdr, work_dir=tmp_path / "work", bids_root=root)
+    with caplog.at_level(logging.WARNING):
+        assert eeg_channels(raw, tsv) == ["Fp1", "Fp2"]
+    assert "not UTF-8" in caplog.text
+    # a byte-order mark and a channel marked bad
+    tsv.write_bytes(b"\xef\xbb\xbfname\ttype\tstatus\nFp1\tEEG\tgood\nFp2\tEEG\tbad\n"
+                    b"ECG\tECG\tgood\nCz\tEEG\tgood\n")
+    assert eeg_channels(raw, tsv) == ["Fp1", "Cz"]
+
+
+@pytest.mark.parametrize("content", ["nothing useful\n", "name\tunits\nFp1\tV\n",
+                                     "name\ttype\nFp1\tEEG\nXX\tEEG\n", ""])
+def test_unusable_channels_tsv_is_set_aside_for_the_eeg_file(tmp_path, caplog, content):
+    raw = read_eeg(write_bv(tmp_path, ch_names=["Fp1", "ECG", "Cz"]), work_dir=tmp_path / "work")
+    tsv = tmp_path / "channels.tsv"
+    tsv.write_text(content)
+    with caplog.at_level(logging.WARNING):
+        assert eeg_channels(raw, tsv) == ["Fp1", "Cz"]  # the file's types, ECG by its name
+    assert "taken from the EEG file instead" in caplog.text and tsv.name in caplog.text
+
+
+def test_one_line_causes_for_broken_recordings(tmp_path):
+    vhdr = write_bv(tmp_path / "dup", ch_names=["Fp1", "Fp2", "Cz"])
+    vhdr.write_text(vhdr.read_text().replace("Ch2=Fp2,", "Ch2=Fp1,"))  # pybv refuses to write it
+    with pytest.raises(DataError, match=r"duplicate channel names \(Fp1\)") as err:
+        read_eeg(vhdr, work_dir=tmp_path / "work")
     assert err.value.code == 65 and vhdr.name in str(err.value)
-    assert "sidecars" not in caplog.text
+    raw = read_eeg(write_bv(tmp_path / "one", ch_names=["Cz", "ECG"]), work_dir=tmp_path / "work")
+    with pytest.raises(DataError, match=r"single EEG channel \(Cz\)"):
+        eeg_channels(raw)
+    vhdr = write_bv(tmp_path / "rate")
+    vhdr.write_text(vhdr.read_text().replace("SamplingInterval=4000", "SamplingInterval=4"))
+    with pytest.raises(DataError, match="250000 Hz is implausible"):
+        read_eeg(vhdr, work_dir=tmp_path / "work")
+
+
+def test_annex_pointers_are_named_as_such(tmp_path):
+    """ds002338 sub-xp210: a header that is an unlocked git-annex pointer file; and a
+    DataLad clone whose content was never fetched (a dangling link into .git/annex)."""
+    real = FIXTURE.parent / "public" / "ds002338" / "sub-xp210" / "eeg" / "sub-xp210_task-MIpre_eeg.vhdr"
+    pointer = tmp_path / real.name
+    shutil.copyfile(real, pointer)
+    with pytest.raises(MissingInputError, match="git-annex pointer file") as err:
+        read_eeg(pointer, work_dir=tmp_path / "work")
+    assert err.value.code == 66 and "datalad get" in str(err.value)
+    link = tmp_path / "sub-01_task-rest_eeg.vhdr"
+    link.symlink_to("../.git/annex/objects/Xy/Zw/MD5E-s11812--a2fa.vhdr/MD5E-s11812--a2fa.vhdr")
+    with pytest.raises(MissingInputError, match="git-annex link"):
+        read_eeg(link, work_dir=tmp_path / "work")
 
 
 # ---- channels ------------------------------------------------------------------------------
@@ -218,84 +248,6 @@ def test_canonical_channel_order():
     assert canonical_channel_order(list(reversed(names))) == order
 
 
-# ---- alignment -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("description", ["Response/R128", "Scanner/Scan Start", "Volume",
-                                         "Stimulus/V", "T"])
-def test_volume_markers_recover_t0(description):
-    sfreq, tr, t0 = 500.0, 2.0, 1237
-    onsets = t0 + np.arange(30) * 1000
-    raw = raw_with_annotations(onsets, description, sfreq=sfreq)
-    timing = find_volume_onsets(raw, tr, n_volumes=30)
-    assert round(timing.t0 * sfreq) == t0
-    assert timing.marker == description
-    assert timing.n_volumes == 30 and timing.window_samples == 1000
-    np.testing.assert_allclose(timing.onsets * sfreq, onsets)
-
-
-def test_first_samp_does_not_shift_t0():
-    raw = raw_with_annotations(777 + np.arange(30) * 1000, "Response/R128", first_samp=12345)
-    assert round(find_volume_onsets(raw, 2.0, n_volumes=30).t0 * 500) == 777
-
-
-def test_slice_markers_grouped_per_volume():
-    # 20 slices per 2 s volume, back to back (as NODDI) ...
-    t0 = 333
-    slices = t0 + np.arange(30 * 20) * 50
-    raw = raw_with_annotations(slices, "Scanner/s ")
-    timing = find_volume_onsets(raw, 2.0, n_volumes=30)
-    assert round(timing.t0 * 500) == t0 and len(timing.onsets) == 30
-    # ... and with a pause after each volume's slices.
-    slices = (t0 + np.arange(30)[:, None] * 1000 + np.arange(10) * 40).ravel()
-    timing = find_volume_onsets(raw_with_annotations(slices, "Scanner/s"), 2.0, n_volumes=30)
-    assert round(timing.t0 * 500) == t0 and len(timing.onsets) == 30
-
-
-def test_marker_and_offset_overrides(caplog):
-    raw = raw_with_annotations(400 + np.arange(30) * 1000, "Stimulus/S  5")
-    raw.set_annotations(raw.annotations + mne.Annotations([0.1], 0, ["Response/R128"],
-                                                         orig_time=raw.info["meas_date"]))
-    timing = find_volume_onsets(raw, 2.0, n_volumes=30, marker="S 5")
-    assert round(timing.t0 * 500) == 400 and timing.marker == "Stimulus/S  5"
-    timing = find_volume_onsets(raw, 2.0, n_volumes=30, marker="stimulus/s  5")
-    assert round(timing.t0 * 500) == 400
-    timing = find_volume_onsets(raw, 2.0, n_volumes=30, offset=0.5)
-    assert timing.t0 == 0.5 and timing.marker is None and len(timing.onsets) == 0
-    with pytest.raises(DataError, match="no marker 'R99'"):
-        find_volume_onsets(raw, 2.0, n_volumes=30, marker="R99")
-    with pytest.raises(UsageError):
-        find_volume_onsets(raw, 2.0, n_volumes=30, marker="S 5", offset=1.0)
-
-
-def test_no_markers_means_sample_zero(caplog):
-    raw = raw_with_annotations([], "x")
-    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.eeg"):
-        timing = find_volume_onsets(raw, 2.0, n_volumes=30)
-    assert timing.t0 == 0 and timing.marker is None
-    assert "no volume markers" in caplog.text
-
-
-def test_mismatched_tr_is_refused():
-    raw = raw_with_annotations(100 + np.arange(30) * 1000, "Response/R128")
-    with pytest.raises(DataError, match="RepetitionTime is 2.05") as err:
-        find_volume_onsets(raw, 2.05, n_volumes=30)
-    assert err.value.code == 65 and "sim_eeg.fif" in str(err.value)
-    find_volume_onsets(raw, 2.015, n_volumes=30)  # within 1 %
-
-
-def test_coverage_truncates_then_refuses(caplog):
-    raw = raw_with_annotations(1000 + np.arange(34) * 1000, "Response/R128", n_times=35500)
-    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.eeg"):
-        timing = find_volume_onsets(raw, 2.0, n_volumes=40)
-    assert timing.n_volumes == 34  # (35500 - 1000) // 1000 full windows
-    assert "covers 34 of 40" in caplog.text
-    # Without a BOLD series (synthesis from EEG alone): every full window after t0.
-    assert find_volume_onsets(raw, 2.0, n_volumes=None).n_volumes == 34
-    short = raw_with_annotations(1000 + np.arange(26) * 1000, "Response/R128", n_times=27500)
-    with pytest.raises(DataError, match="fewer than the 27 needed"):
-        find_volume_onsets(short, 2.0, n_volumes=40)
-
-
 def test_noddi_fixture_header(tmp_path):
     """The real NODDI derivative header: 63 EEG channels, 299 windows for sub-32."""
     src = FIXTURE / "derivatives" / "sub-32" / "eeg"
@@ -307,9 +259,14 @@ def test_noddi_fixture_header(tmp_path):
     assert raw.n_times == 162023 and raw.info["sfreq"] == 250
     channels = eeg_channels(raw)
     assert len(channels) == 63 and "ECG" not in channels
-    timing = find_volume_onsets(raw, 2.16, n_volumes=300)
+    timing = volume_timing(raw, 2.16, n_volumes=300, discard=6, context=20)
+    # Scan Start, the slice markers grouped per volume (30 per 540 samples) and the one-off
+    # "Scanner Start" are candidates; the first two fit the 300 volumes and agree exactly.
     assert timing.marker == "Scanner/Scan Start"
+    fitting = [c["Marker"] for c in timing.candidates if c.get("Fits")]
+    assert sorted(fitting) == ["Scanner/Scan Start", "Scanner/s"]
     assert round(timing.t0 * 250) == 36  # Mk3 at 1-based point 37
     assert timing.n_volumes == 299 and timing.window_samples == 540
+    np.testing.assert_array_equal(timing.starts, 36 + 540 * np.arange(299))
     last_end = 36 + 299 * 540 + 540
     assert last_end - raw.n_times == 13

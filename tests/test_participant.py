@@ -55,10 +55,10 @@ def test_noddi_fixture_with_derivative_eeg(noddi, tmp_path):
 
 
 def test_noddi_fixture_raw_eeg_without_markers_is_refused_or_warned(noddi, tmp_path):
-    """The raw 5 kHz recordings have no volume markers: t0 = 0 with a warning, or too short."""
+    """The raw 5 kHz recordings have no volume markers: refused, naming what was found."""
     proc = spec2vol(noddi, tmp_path / "out", "participant", "--participant-label", "32")
-    # the filled raw EEG lasts 10 s: far fewer windows than discard + context + 1 -> bad data
     assert proc.returncode == 65, proc.stderr
+    assert "no trigger train fits the 300 BOLD volumes" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").rglob("*_spectrogram.npy"))
 

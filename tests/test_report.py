@@ -13,11 +13,13 @@ from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
+import mne
 import nibabel as nib
 import numpy as np
 import pytest
 
 from spec2vol_bids.derivatives import bids_name, write_json
+from spec2vol_bids.triggers import VolumeTiming, volume_timing
 from spec2vol_bids.provenance import write_provenance
 from spec2vol_bids.report import (
     plot_alignment_qc,
@@ -81,7 +83,8 @@ def _subject(out: Path, sub: str, rng, *, synth: bool) -> None:
         r = np.clip(rng.normal(0.2, 0.2, SHAPE), -1, 1) * (target[..., 0] > 0.3)
         _nifti(func_dir / bids_name(ents, "statmap", ".nii.gz", desc="dynamics"), r, (3, 3, 4))
     fig_dir = out / f"sub-{sub}" / "figures"
-    plot_alignment_qc(onsets, TR, fig_dir / bids_name(ents, "qc", ".svg", desc="alignment"),
+    timing = VolumeTiming(np.rint(onsets * 250).astype(int), TR, 250.0, int(TR * 250))
+    plot_alignment_qc(timing, fig_dir / bids_name(ents, "qc", ".svg", desc="alignment"),
                       title=f"sub-{sub} run-1")
     plot_spectrogram_qc(spec, freqs, CHANNELS,
                         fig_dir / bids_name(ents, "qc", ".svg", desc="spectrogram"))
@@ -236,13 +239,24 @@ def test_participant_report_without_synthesis(derivatives, tmp_path):
 
 
 def test_qc_figures_are_deterministic_svg(tmp_path):
-    onsets = np.arange(30) * 2.0
-    first = plot_alignment_qc(onsets, 2.0, tmp_path / "a.svg")
-    second = plot_alignment_qc(onsets, 2.0, tmp_path / "b.svg")
+    # a train with a stray trigger before it and two triggers missing inside
+    train = 3000 + np.arange(30) * 1000
+    info = mne.create_info(["Cz", "Pz"], 500.0, "eeg")
+    raw = mne.io.RawArray(np.zeros((2, 40000)), info, verbose=False)
+    markers = np.r_[1200, np.delete(train, [7, 8])] / 500.0
+    raw.set_annotations(mne.Annotations(markers, 0.0, ["Response/R128"] * len(markers)))
+    timing = volume_timing(raw, 2.0, n_volumes=30, discard=2, context=4)
+    first = plot_alignment_qc(timing, tmp_path / "a.svg")
+    second = plot_alignment_qc(timing, tmp_path / "b.svg")
     assert first.read_bytes() == second.read_bytes()
-    assert ET.parse(first).getroot().tag == "{http://www.w3.org/2000/svg}svg"
-    # a single marker cannot give an interval, yet the figure is still made
-    assert plot_alignment_qc([5.0], 2.0, tmp_path / "one.svg").stat().st_size > 1000
+    root = ET.parse(first).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    # what the figure's title and marks show (its text is drawn as paths)
+    meta = timing.sidecar()["VolumeTiming"]
+    assert meta["FilledVolumes"] == [7, 8] and meta["StrayMarkersSeconds"] == [2.4]
+    # a single volume cannot give an interval, yet the figure is still made
+    one = VolumeTiming(np.array([2500]), 2.0, 500.0, 1000)
+    assert plot_alignment_qc(one, tmp_path / "one.svg").stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.svg", "b.svg", "one.svg"]
     with pytest.raises(ValueError, match="does not match"):
         plot_spectrogram_qc(np.zeros((5, 3, 4)), np.arange(4), ["a", "b"], tmp_path / "s.svg")

@@ -12,17 +12,22 @@ import pytest
 
 from spec2vol_bids.eeg import drop_flat_channels, read_eeg
 from spec2vol_bids.errors import DataError
-from spec2vol_bids.spectra import flat_channels, frequency_bins, tr_spectrogram
+from spec2vol_bids.spectra import flat_channels, frequency_bins, tr_spectrogram, window_starts
 
 CH_NAMES = ["Fp1", "Fz", "Cz", "Pz", "Oz", "C3", "C4", "T7"]
 
 
-def loop_spectrogram(data, sfreq, t0, tr, n_windows, n_bins):
+def every_tr(t0, tr, sfreq, n_windows):
+    """Window starts one TR apart from t0, as the reference computes them."""
+    return [int(np.floor((t0 + v * tr) * sfreq + 0.5)) for v in range(n_windows)]
+
+
+def loop_spectrogram(data, sfreq, starts, tr, n_bins):
     """The straightforward reference: one numpy FFT per channel and window, in float64."""
     window = int(np.floor(tr * sfreq + 0.5))
+    n_windows = len(starts)
     out = np.zeros((n_windows, data.shape[0], n_bins))
-    for v in range(n_windows):
-        start = int(np.floor((t0 + v * tr) * sfreq + 0.5))
+    for v, start in enumerate(starts):
         for c in range(data.shape[0]):
             out[v, c] = np.abs(np.fft.rfft(data[c, start:start + window]))[1:n_bins + 1]
     for v in range(n_windows):
@@ -63,12 +68,32 @@ def test_matches_loop_brainvision(tmp_path, sfreq, tr):
     raw = read_eeg(write_bv(tmp_path, data, sfreq), work_dir=tmp_path / "work")
     picks = ["Oz", "Fp1", "Cz", "C3", "T7", "Fz", "Pz", "C4"]  # not file order
     t0 = t0_sample / sfreq
-    spec, freqs = tr_spectrogram(raw, picks, t0=t0, tr=tr, n_windows=n_windows,
+    spec, freqs = tr_spectrogram(raw, picks, starts=every_tr(t0, tr, sfreq, n_windows), tr=tr,
                                  chunk_windows=4)
-    ref = loop_spectrogram(raw.get_data(picks=picks), sfreq, t0, tr, n_windows, 249)
+    ref = loop_spectrogram(raw.get_data(picks=picks), sfreq, every_tr(t0, tr, sfreq, n_windows), tr, 249)
     assert spec.dtype == np.float32
     assert_close_to_max(spec, ref)
     np.testing.assert_allclose(freqs, np.arange(1, 250) / tr, rtol=1e-12)
+
+
+def test_windows_at_each_trigger_match_the_loop(tmp_path):
+    """Windows at per-volume triggers (jittered, one interval a sample long than the others,
+    as real trigger trains are): each window starts at its own trigger."""
+    sfreq, tr = 1000.0, 2.0
+    data = simulated_eeg(len(CH_NAMES), 25000, sfreq, seed=5)
+    raw = read_eeg(write_bv(tmp_path, data, sfreq), work_dir=tmp_path / "work")
+    starts = 311 + np.arange(11) * 2000 + np.array([0, 1, -1, 0, 2, 0, 0, -2, 1, 0, 3])
+    spec, _ = tr_spectrogram(raw, CH_NAMES, starts=starts, tr=tr, chunk_windows=3)
+    ref = loop_spectrogram(raw.get_data(picks=CH_NAMES), sfreq, list(starts), tr, 249)
+    assert_close_to_max(spec, ref)
+    with pytest.raises(DataError, match="increasing starts"):
+        tr_spectrogram(raw, CH_NAMES, starts=starts[::-1], tr=tr)
+
+
+@pytest.mark.parametrize("sfreq,tr", [(250.0, 2.16), (1000.0, 2.0003), (5000.0, 1.28)])
+def test_window_starts_every_tr_from_a_sample(sfreq, tr):
+    t0 = 37 / sfreq
+    np.testing.assert_array_equal(window_starts(t0, tr, sfreq, 50), every_tr(t0, tr, sfreq, 50))
 
 
 def test_matches_loop_through_mne_reader_and_uneven_windows(tmp_path):
@@ -79,9 +104,9 @@ def test_matches_loop_through_mne_reader_and_uneven_windows(tmp_path):
     mne.io.RawArray(data, mne.create_info(CH_NAMES[:5], sfreq, "eeg"), verbose=False).save(
         path, verbose=False)
     raw = read_eeg(path, work_dir=tmp_path)
-    spec, _ = tr_spectrogram(raw, CH_NAMES[:5], t0=0.5, tr=tr, n_windows=n_windows,
+    spec, _ = tr_spectrogram(raw, CH_NAMES[:5], starts=every_tr(0.5, tr, sfreq, n_windows), tr=tr,
                              freq_bins=300, chunk_windows=3)
-    ref = loop_spectrogram(data, sfreq, 0.5, tr, n_windows, 300)
+    ref = loop_spectrogram(data, sfreq, every_tr(0.5, tr, sfreq, n_windows), tr, 300)
     assert_close_to_max(spec, ref)
 
 
@@ -139,7 +164,7 @@ def test_nan_is_refused(tmp_path):
     data[2, 1234] = np.nan
     raw = read_eeg(write_bv(tmp_path, data, 250.0, fmt="binary_float32"), work_dir=tmp_path)
     with pytest.raises(DataError, match="NaN or infinite EEG samples in channel.* Cz") as err:
-        tr_spectrogram(raw, CH_NAMES[:4], t0=0, tr=2.0, n_windows=9)
+        tr_spectrogram(raw, CH_NAMES[:4], starts=every_tr(0, 2.0, raw.info["sfreq"], 9), tr=2.0)
     assert err.value.code == 65 and "sub-01_eeg.eeg" in str(err.value)
 
 
@@ -151,10 +176,11 @@ def test_same_bytes_whatever_the_thread_count(tmp_path, monkeypatch):
     results = []
     for threads in ("1", "2", "3", "3"):
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
-        spec, _ = tr_spectrogram(raw, CH_NAMES, t0=0.25, tr=tr, n_windows=10, chunk_windows=2)
+        spec, _ = tr_spectrogram(raw, CH_NAMES, starts=every_tr(0.25, tr, sfreq, 10), tr=tr,
+                                 chunk_windows=2)
         results.append(spec.tobytes())
     assert len(set(results)) == 1
-    ref = loop_spectrogram(raw.get_data(picks=CH_NAMES), sfreq, 0.25, tr, 10, 249)
+    ref = loop_spectrogram(raw.get_data(picks=CH_NAMES), sfreq, every_tr(0.25, tr, sfreq, 10), tr, 249)
     assert_close_to_max(np.frombuffer(results[0], np.float32).reshape(ref.shape), ref)
 
 
@@ -164,7 +190,7 @@ def test_file_shrinking_under_the_reader_is_a_data_error(tmp_path):
     with open(vhdr.with_suffix(".eeg"), "r+b") as fh:
         fh.truncate(3 * 2 * 2500)
     with pytest.raises(DataError, match="shorter than its header") as err:
-        tr_spectrogram(raw, CH_NAMES[:3], t0=0, tr=2.0, n_windows=9)
+        tr_spectrogram(raw, CH_NAMES[:3], starts=every_tr(0, 2.0, raw.info["sfreq"], 9), tr=2.0)
     assert err.value.code == 65
 
 
@@ -176,10 +202,10 @@ def test_constant_within_windows_is_not_flat(tmp_path):
     data[1] = np.repeat(np.linspace(-3e-6, 5e-6, 10), window)
     data[3] = 0.0  # flat at zero: its spectrum is exactly 0
     raw = read_eeg(write_bv(tmp_path, data, sfreq, fmt="binary_float32"), work_dir=tmp_path)
-    spec, _ = tr_spectrogram(raw, CH_NAMES[:5], t0=0, tr=tr, n_windows=9, freq_bins=200)
+    spec, _ = tr_spectrogram(raw, CH_NAMES[:5], starts=every_tr(0, tr, sfreq, 9), tr=tr, freq_bins=200)
     assert flat_channels(spec).tolist() == [False, False, False, True, False]
     keep = [0, 1, 2, 4]
-    ref = loop_spectrogram(raw.get_data()[keep], sfreq, 0, tr, 9, 200)
+    ref = loop_spectrogram(raw.get_data()[keep], sfreq, every_tr(0, tr, sfreq, 9), tr, 200)
     assert_close_to_max(spec[:, keep], ref)
 
 
@@ -189,11 +215,12 @@ def test_flat_channel_left_out(tmp_path, caplog):
     data[3] = 2e-6  # a constant (disconnected) channel
     raw = read_eeg(write_bv(tmp_path, data, sfreq, fmt="binary_float32"), work_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="spec2vol_bids.spectra"):
-        spec, _ = tr_spectrogram(raw, CH_NAMES[:6], t0=0, tr=tr, n_windows=9, freq_bins=200)
+        spec, _ = tr_spectrogram(raw, CH_NAMES[:6], starts=every_tr(0, tr, sfreq, 9), tr=tr,
+                                 freq_bins=200)
     assert "flat channel(s) left out: Pz" in caplog.text
     assert flat_channels(spec).tolist() == [False, False, False, True, False, False]
     keep = [0, 1, 2, 4, 5]
-    ref = loop_spectrogram(raw.get_data()[keep], sfreq, 0, tr, 9, 200)
+    ref = loop_spectrogram(raw.get_data()[keep], sfreq, every_tr(0, tr, sfreq, 9), tr, 200)
     assert_close_to_max(spec[:, keep], ref)
     kept, names, flat = drop_flat_channels(spec, CH_NAMES[:6])
     assert flat == ["Pz"] and names == ["Fp1", "Fz", "Cz", "Oz", "C3"]
@@ -204,5 +231,5 @@ def test_flat_channel_left_out(tmp_path, caplog):
 
 def test_windows_beyond_the_recording(tmp_path):
     raw = read_eeg(write_bv(tmp_path, simulated_eeg(3, 5000, 250.0), 250.0), work_dir=tmp_path)
-    with pytest.raises(DataError, match="the recording has 5000"):
-        tr_spectrogram(raw, CH_NAMES[:3], t0=0.1, tr=2.0, n_windows=10)
+    with pytest.raises(DataError, match="within the recording's 5000 samples"):
+        tr_spectrogram(raw, CH_NAMES[:3], starts=every_tr(0.1, 2.0, raw.info["sfreq"], 10), tr=2.0)

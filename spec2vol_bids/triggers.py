@@ -1,0 +1,564 @@
+"""Volume timing: which EEG samples belong to which fMRI volume, right or refused.
+
+Every number spec2vol produces depends on cutting the EEG into the TR windows of the BOLD
+volumes, so the timing is taken from the scanner's own record, the trigger train, and never
+guessed:
+
+1. **Candidates.** Every marker series of the recording is a candidate: each description of the
+   EEG file's own markers (``Response/R128``, ``Scanner/Scan Start``, EDF annotations, ...) and
+   each value of every label column of the run's ``events.tsv`` (``trial_type=10`` when the
+   scanner pulse is a numeric code, as in OpenNeuro ds002725). Series faster than half a TR are
+   slice markers and are grouped per volume (the first slice of each volume).
+2. **Trains.** In each series the longest chain of markers whose spacings are whole numbers of
+   the TR (within ``max(2 samples, 0.5 %)``) is its trigger train. Markers off the chain are
+   *strays* (a relay pulse, the last trigger of a previous scan, a duplicate) and are dropped
+   and counted; triggers missing inside the chain (a gap of k TRs) are *filled* by linear
+   interpolation between their neighbours. A chain must have at least three triggers and
+   observe at least half of its volumes. The period is the least-squares slope of the train:
+   its difference from the nominal TR is the EEG-scanner clock drift, reported in ppm.
+3. **Fit.** A train fits the BOLD series when it holds exactly one trigger per volume; or fewer,
+   when the recording stopped before the scan did (the train runs into the recording's end and
+   starts after a trigger-free TR, so its first trigger is the first volume's); or, with
+   ``--first-volume-trigger K``, when trigger K onwards holds the volumes (the K-1 before are
+   dummy scans; triggers after the last volume are then ignored).
+4. **Choice.** Exactly the fitting trains count. None: refused, naming what was found. Several:
+   they must agree within ``max(2 samples, 1 % of the TR)`` on every volume, or the run is
+   refused; the EEG file's own markers are preferred to events.tsv, and known volume-marker
+   names (``R128``, ``Scan Start``, ``Volume``, ``V``, ``T``) to others.
+5. **Windows.** Volume ``v``'s window starts at its own trigger (observed or filled), so drift
+   does not accumulate over a run. Only ``--eeg-offset S`` places the volumes every TR from
+   ``S`` seconds instead (``--eeg-offset 0``: the EEG starts with the first volume).
+
+The choice and what it rests on (trigger series, per-volume onsets, strays, filled triggers,
+drift, the other candidates) go into the spectrogram's sidecar and the participant report.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spec2vol_bids.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
+
+#: Per-volume scanner marker names, in order of preference among trains that agree. Compared
+#: with the last "/"-separated part of a description (mne writes the BrainVision marker
+#: "Response,R128" as "Response/R128"), without whitespace and case-insensitively.
+VOLUME_MARKERS = ("R128", "Scan Start", "Volume", "V", "T")
+#: Where a marker series comes from.
+SOURCES = {"eeg": "EEG file", "events": "events.tsv"}
+
+# events.tsv columns that hold times, durations or free text rather than labels
+_NOT_LABELS = frozenset({"onset", "duration", "sample", "response_time", "stim_file", "hed"})
+# A regular train: spacing within this fraction of the nominal TR to estimate the period ...
+_PERIOD_TOLERANCE = 0.01
+# ... then every spacing within this fraction of the period (or 2 samples) of a whole number.
+_CHAIN_TOLERANCE = 0.005
+# Trains that fit must agree on every volume to within this fraction of the TR (or 2 samples).
+_AGREEMENT = 0.01
+# Markers looked back over for a train's previous trigger: at most this many strays between two.
+_LOOKBACK = 64
+_MIN_TRIGGERS = 3
+
+
+@dataclass(frozen=True, eq=False)
+class MarkerSeries:
+    """All markers of one kind in a recording.
+
+    Attributes
+    ----------
+    name : str
+        The description (EEG file) or ``column=value`` (events.tsv), as ``--volume-marker``
+        takes it.
+    source : {'eeg', 'events'}
+        The EEG file's own markers, or the run's events.tsv.
+    samples : ndarray of int
+        Sample indices from the first sample, sorted, without duplicates.
+    """
+
+    name: str
+    source: str
+    samples: np.ndarray = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"'{self.name}' ({SOURCES[self.source]})"
+
+
+@dataclass
+class Train:
+    """The trigger train found in a marker series (see the module docstring)."""
+
+    series: MarkerSeries
+    onsets: np.ndarray = field(repr=False)  # one sample per volume of the train
+    observed: np.ndarray = field(repr=False)  # whether volume i has its own trigger
+    strays: np.ndarray = field(repr=False)  # samples of the markers off the train
+    period: float  # fitted samples per volume
+    slices: bool  # grouped from slice markers
+
+    @property
+    def filled(self) -> np.ndarray:
+        return np.flatnonzero(~self.observed)
+
+    def describe(self, sfreq: float) -> str:
+        text = f"a regular train of {len(self.onsets)} triggers"
+        extra = [f"{len(self.filled)} filled" if len(self.filled) else "",
+                 f"{len(self.strays)} off the train" if len(self.strays) else "",
+                 "slice markers grouped per volume" if self.slices else ""]
+        extra = [e for e in extra if e]
+        return text + (f" ({', '.join(extra)})" if extra else "") + \
+            f" from {self.onsets[0] / sfreq:.3f} s"
+
+
+@dataclass
+class VolumeTiming:
+    """Where the fMRI volumes lie in an EEG recording.
+
+    Attributes
+    ----------
+    starts : ndarray of int
+        The first sample of each volume's TR window, for the volumes the EEG covers.
+    tr, sfreq : float
+        Repetition time (s) and EEG sampling frequency (Hz).
+    window_samples : int
+        Samples in one TR window, ``round(tr * sfreq)``.
+    train : Train | None
+        The trigger train the windows follow; ``None`` with ``--eeg-offset``.
+    first_trigger : int
+        The 1-based index of the train's trigger that marks the first BOLD volume.
+    candidates : list of dict
+        Every marker series considered, for the sidecar and the report.
+    """
+
+    starts: np.ndarray = field(repr=False)
+    tr: float
+    sfreq: float
+    window_samples: int
+    train: Train | None = None
+    first_trigger: int = 1
+    candidates: list = field(default_factory=list, repr=False)
+
+    @property
+    def n_volumes(self) -> int:
+        return len(self.starts)
+
+    @property
+    def t0(self) -> float:
+        return float(self.starts[0]) / self.sfreq
+
+    @property
+    def marker(self) -> str | None:
+        return self.train.series.name if self.train else None
+
+    @property
+    def drift_ppm(self) -> float | None:
+        if self.train is None:
+            return None
+        return (self.train.period / (self.tr * self.sfreq) - 1.0) * 1e6
+
+    def sidecar(self) -> dict:
+        """What the spectrogram's JSON sidecar records about the timing."""
+        fs = self.sfreq
+        meta = {
+            "VolumeOnsetSeconds": self.t0,
+            "VolumeMarker": self.marker,
+            "VolumeOnsetsSeconds": [round(float(s) / fs, 6) for s in self.starts],
+        }
+        if self.train is None:
+            meta["VolumeTiming"] = {"Method": "--eeg-offset: one volume every RepetitionTime"}
+            return meta
+        train, skip = self.train, self.first_trigger - 1
+        used = slice(skip, skip + self.n_volumes)
+        meta["VolumeTiming"] = {
+            "Method": "trigger train: each window starts at its volume's trigger",
+            "Marker": train.series.name,
+            "MarkerSource": SOURCES[train.series.source],
+            "SliceMarkersGroupedPerVolume": train.slices,
+            "TriggersInTrain": int(len(train.onsets)),
+            "FirstVolumeTrigger": self.first_trigger,
+            "TriggersObserved": int(train.observed[used].sum()),
+            "FilledVolumes": [int(i) - skip for i in train.filled if skip <= i < skip + self.n_volumes],
+            "StrayMarkersSeconds": [round(float(s) / fs, 6) for s in train.strays],
+            "MedianIntervalSeconds": float(np.median(np.diff(train.onsets))) / fs,
+            "FittedIntervalSeconds": train.period / fs,
+            "ClockDriftPPM": round(self.drift_ppm, 2),
+            "Candidates": self.candidates,
+        }
+        return meta
+
+
+def marker_series(raw, events_tsv: str | Path | None = None) -> list[MarkerSeries]:
+    """Every marker series of a recording: its own markers, then its events.tsv labels.
+
+    Parameters
+    ----------
+    raw : mne.io.BaseRaw
+        The recording (its annotations are the EEG file's markers).
+    events_tsv : str | Path | None
+        The run's ``*_events.tsv``: onsets in seconds from the first EEG sample. An unreadable
+        file is set aside with a warning (the EEG file's own markers remain).
+
+    Returns
+    -------
+    series : list of MarkerSeries
+        Markers outside the recording are left out.
+    """
+    sfreq = float(raw.info["sfreq"])
+    found: list[MarkerSeries] = []
+    ann = raw.annotations
+    if len(ann):
+        samples = raw.time_as_index(ann.onset, use_rounding=True, origin=ann.orig_time)
+        names = np.array([str(d).strip() for d in ann.description], dtype=object)
+        for name in dict.fromkeys(names):
+            found.append(_series(str(name), "eeg", samples[names == name], raw.n_times))
+    if events_tsv is not None:
+        found += _events_series(Path(events_tsv), sfreq, raw.n_times)
+    return [s for s in found if len(s.samples)]
+
+
+def _series(name: str, source: str, samples, n_times: int) -> MarkerSeries:
+    samples = np.unique(np.asarray(samples, dtype=np.int64))
+    return MarkerSeries(name, source, samples[(samples >= 0) & (samples < n_times)])
+
+
+def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]:
+    from spec2vol_bids.sidecars import read_tsv
+
+    try:
+        rows = read_tsv(path)
+    except Exception as exc:  # any unreadable events.tsv: the EEG file's markers still count
+        logger.warning("%s: events.tsv set aside (%s); the EEG file's own markers are used",
+                       path, " ".join(str(exc).split()))
+        return []
+    if not rows or "onset" not in rows[0]:
+        logger.warning("%s: events.tsv has no onset column; set aside", path)
+        return []
+    onsets = np.array([_number(r["onset"]) for r in rows])
+    valid = np.isfinite(onsets)
+    samples = np.floor(onsets * sfreq + 0.5)
+    series = []
+    for column in rows[0]:
+        if column in _NOT_LABELS:
+            continue
+        values = np.array([r.get(column, "") for r in rows], dtype=object)
+        for value in dict.fromkeys(values[valid]):
+            if value in ("", "n/a"):
+                continue
+            hits = valid & (values == value)
+            series.append(_series(f"{column}={value}", "events", samples[hits], n_times))
+    return series
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return np.nan
+
+
+def find_train(series: MarkerSeries, tr: float, sfreq: float) -> Train | None:
+    """The trigger train of a marker series at repetition time ``tr``, or ``None``."""
+    nominal = tr * sfreq
+    samples = series.samples
+    slices = False
+    if len(samples) >= 2 and np.median(np.diff(samples)) < 0.5 * nominal:
+        samples, slices = _group_slices(samples, nominal), True
+    if len(samples) < _MIN_TRIGGERS:
+        return None
+    spacing = np.diff(samples)
+    near = spacing[np.abs(spacing - nominal) <= _PERIOD_TOLERANCE * nominal]
+    if len(near) < _MIN_TRIGGERS - 1:
+        return None
+    chain = _longest_chain(samples, float(np.median(near)))
+    if len(chain) < _MIN_TRIGGERS:
+        return None
+    on_chain = samples[chain]
+    steps = np.rint(np.diff(on_chain) / np.median(near)).astype(np.int64)
+    index = np.concatenate([[0], np.cumsum(steps)])
+    if len(chain) < 0.5 * (index[-1] + 1):
+        return None
+    period, _ = np.polyfit(index.astype(float), on_chain.astype(float), 1)
+    volumes = np.arange(index[-1] + 1)
+    observed = np.zeros(len(volumes), dtype=bool)
+    observed[index] = True
+    onsets = np.floor(np.interp(volumes, index, on_chain) + 0.5).astype(np.int64)
+    strays = np.setdiff1d(samples, on_chain)
+    return Train(series, onsets, observed, strays, float(period), slices)
+
+
+def _group_slices(samples: np.ndarray, nominal: float) -> np.ndarray:
+    """The first slice marker of each volume.
+
+    Volumes acquired with a pause after the slices show as gaps longer than 1.5 slice
+    intervals; back-to-back acquisitions (NODDI) have none, so slices are counted instead:
+    round(TR / slice interval) per volume.
+    """
+    gaps = np.diff(samples)
+    step = np.median(gaps)
+    breaks = np.flatnonzero(gaps > 1.5 * step)
+    if len(breaks):
+        return np.concatenate([samples[:1], samples[breaks + 1]])
+    return samples[::max(1, int(round(nominal / step)))]
+
+
+def _longest_chain(samples: np.ndarray, period: float) -> list[int]:
+    """Indices of the longest chain of markers spaced by whole numbers of ``period``.
+
+    Dynamic programming over the sorted markers: the chain ending at marker i extends the
+    longest chain ending at one of the previous markers that lies k >= 1 periods back (within
+    the tolerance); among equally long ones, the one closest to a whole number of periods.
+    """
+    tolerance = max(2.0, _CHAIN_TOLERANCE * period)
+    n = len(samples)
+    length = np.ones(n, dtype=np.int64)
+    previous = np.full(n, -1, dtype=np.int64)
+    for i in range(1, n):
+        lo = max(0, i - _LOOKBACK)
+        back = samples[i] - samples[lo:i]
+        k = np.rint(back / period)
+        residual = np.abs(back - k * period)
+        fits = np.flatnonzero((k >= 1) & (residual <= tolerance))
+        if len(fits):
+            best = length[fits + lo].max()
+            ties = fits[length[fits + lo] == best]
+            # among equally long chains the one this marker continues most regularly
+            previous[i] = ties[np.argmin(residual[ties])] + lo
+            length[i] = best + 1
+    chain, i = [], int(np.argmax(length))
+    while i >= 0:
+        chain.append(i)
+        i = int(previous[i])
+    return chain[::-1]
+
+
+def volume_timing(
+    raw,
+    tr: float,
+    *,
+    n_volumes: int | None,
+    events_tsv: str | Path | None = None,
+    marker: str | None = None,
+    offset: float | None = None,
+    first_trigger: int | None = None,
+    discard: int,
+    context: int,
+    source: str | Path | None = None,
+) -> VolumeTiming:
+    """Find the TR window of every fMRI volume in an EEG recording.
+
+    Parameters
+    ----------
+    raw : mne.io.BaseRaw
+        The EEG recording.
+    tr : float
+        The BOLD repetition time, seconds.
+    n_volumes : int | None
+        Volumes of the BOLD series; ``None`` for EEG without BOLD (the train decides).
+    events_tsv : str | Path | None
+        The run's events.tsv; its labels are candidate trigger series too.
+    marker : str | None
+        ``--volume-marker``: consider only this series. Matched, case- and whitespace-
+        insensitively, with a whole description, its last ``/``-separated part, an events.tsv
+        ``column=value`` or its value; ``eeg:NAME`` or ``events:NAME`` restricts the source.
+    offset : float | None
+        ``--eeg-offset``: the first volume starts ``offset`` seconds after the first sample and
+        the others follow every TR; markers are not used.
+    first_trigger : int | None
+        ``--first-volume-trigger``: the 1-based trigger of the train that marks the first volume.
+    discard, context : int
+        A run must cover at least ``discard + context + 1`` volumes.
+    source : str | Path | None
+        The file to name in messages (default: the recording's data file).
+
+    Returns
+    -------
+    timing : VolumeTiming
+
+    Raises
+    ------
+    DataError (65)
+        No trigger train fits the BOLD series, two fitting trains disagree, the named marker is
+        absent, or the EEG covers too few volumes; the message names what was found and the
+        options that resolve it.
+    UsageError (64)
+        ``marker`` or ``first_trigger`` with ``offset``; ``offset`` outside the recording.
+    """
+    path = source or raw.filenames[0]
+    sfreq = float(raw.info["sfreq"])
+    window = int(np.floor(tr * sfreq + 0.5))
+    needed = discard + context + 1
+    if offset is not None:
+        if marker is not None or first_trigger is not None:
+            raise UsageError("--eeg-offset places the volumes itself: leave out --volume-marker "
+                             "and --first-volume-trigger")
+        timing = _offset_timing(raw, tr, offset, n_volumes, window, path)
+    else:
+        timing = _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window, path)
+    if timing.n_volumes < needed:
+        raise DataError(f"the EEG covers {timing.n_volumes} TR windows from t0 = {timing.t0:.3f} s, "
+                        f"fewer than the {needed} needed (discard {discard} + context {context} + 1)",
+                        path=path)
+    if n_volumes is not None and timing.n_volumes < n_volumes:
+        logger.warning("%s: the EEG covers %d of %d volumes; the run is truncated to %d", path,
+                       timing.n_volumes, n_volumes, timing.n_volumes)
+    return timing
+
+
+def _offset_timing(raw, tr, offset, n_volumes, window, path) -> VolumeTiming:
+    from spec2vol_bids.spectra import window_starts
+
+    sfreq = float(raw.info["sfreq"])
+    if not np.isfinite(offset) or not 0 <= offset * sfreq < raw.n_times:
+        raise UsageError(f"--eeg-offset {offset} s lies outside the recording "
+                         f"({raw.n_times / sfreq:.1f} s): {path}")
+    wanted = n_volumes if n_volumes is not None else int((raw.n_times - offset * sfreq) // (tr * sfreq)) + 1
+    starts = window_starts(offset, tr, sfreq, wanted)
+    return VolumeTiming(starts[starts + window <= raw.n_times], float(tr), sfreq, window)
+
+
+def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window, path):
+    sfreq = float(raw.info["sfreq"])
+    series = marker_series(raw, events_tsv)
+    if marker is not None:
+        chosen = [s for s in series if _matches(s, marker)]
+        if not chosen:
+            raise DataError(f"no marker {marker!r} in the recording or its events.tsv "
+                            f"(markers: {_names(series)})", path=path)
+        series = chosen
+    trains = {s: find_train(s, tr, sfreq) for s in series}
+    skip = (first_trigger or 1) - 1
+    fitting = [t for t in trains.values()
+               if t is not None and _fits(t, n_volumes, first_trigger, raw.n_times)]
+    candidates = [_candidate(s, t, sfreq, t in fitting) for s, t in trains.items()]
+    if not fitting:
+        raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger), path=path)
+    fitting.sort(key=_preference)
+    chosen = fitting[0]
+    wanted = n_volumes if n_volumes is not None else len(chosen.onsets) - skip
+    for other in fitting[1:]:
+        gap = _disagreement(chosen, other, skip, wanted)
+        if gap > max(2.0, _AGREEMENT * tr * sfreq):
+            raise DataError(
+                f"two trigger trains fit the {wanted} volumes but disagree by up to "
+                f"{gap / sfreq:.3f} s: {chosen.series.label} from {chosen.onsets[skip] / sfreq:.3f} s "
+                f"and {other.series.label} from {other.onsets[skip] / sfreq:.3f} s; choose one "
+                "with --volume-marker (eeg:NAME or events:NAME)", path=path)
+    starts = chosen.onsets[skip:skip + wanted]
+    if len(chosen.strays) or len(chosen.filled):
+        logger.warning("%s: volume triggers %s: %s", path, chosen.series.label, chosen.describe(sfreq))
+    return VolumeTiming(starts[starts + window <= raw.n_times], float(tr), sfreq, window,
+                        train=chosen, first_trigger=skip + 1,
+                        candidates=[c for c in candidates if c is not None])
+
+
+def _fits(train: Train, n_volumes: int | None, first_trigger: int | None, n_times: int) -> bool:
+    """Whether the train holds the BOLD volumes (see the module docstring, step 3).
+
+    A train with fewer triggers than volumes fits only when the recording stopped before the
+    scan did: the train ends where the recording ends (its next trigger would lie beyond the
+    last sample) and, unless ``--first-volume-trigger`` says where the scan starts, it starts
+    after a trigger-free TR (had the scan been running when the recording started, that TR
+    would hold a trigger). More triggers than volumes fit only with ``--first-volume-trigger``.
+    """
+    available = len(train.onsets) - (first_trigger or 1) + 1
+    if available < 1:
+        return False
+    if n_volumes is None or available == n_volumes:
+        return True
+    if available > n_volumes:  # extra triggers after the last volume: only when told
+        return first_trigger is not None
+    tolerance = max(2.0, _CHAIN_TOLERANCE * train.period)
+    cut_by_the_end = train.onsets[-1] + train.period > n_times - 1 - tolerance
+    starts_inside = first_trigger is not None or train.onsets[0] - train.period >= -tolerance
+    return cut_by_the_end and starts_inside
+
+
+def _preference(train: Train) -> tuple:
+    name = re.sub(r"\s+", "", train.series.name.rsplit("/", 1)[-1].split("=", 1)[-1]).lower()
+    known = [re.sub(r"\s+", "", m).lower() for m in VOLUME_MARKERS]
+    rank = known.index(name) if name in known else len(known)
+    return (train.series.source != "eeg", rank, -int(train.observed.sum()))
+
+
+def _disagreement(a: Train, b: Train, skip: int, wanted: int) -> float:
+    x, y = a.onsets[skip:skip + wanted], b.onsets[skip:skip + wanted]
+    n = min(len(x), len(y))
+    return float(np.max(np.abs(x[:n] - y[:n]))) if n else 0.0
+
+
+def _matches(series: MarkerSeries, wanted: str) -> bool:
+    source = None
+    text = wanted
+    if ":" in wanted and wanted.split(":", 1)[0].lower() in SOURCES:
+        source, text = wanted.split(":", 1)
+        source = source.lower()
+    if source is not None and series.source != source:
+        return False
+
+    def key(s: str) -> str:
+        return re.sub(r"\s+", "", s).lower()
+
+    name = series.name
+    forms = {key(name), key(name.rsplit("/", 1)[-1]), key(name.split("=", 1)[-1])}
+    return key(text) in forms
+
+
+def _candidate(series: MarkerSeries, train: Train | None, sfreq: float, fits: bool) -> dict:
+    spacing = np.diff(series.samples)
+    entry = {"Marker": series.name, "Source": SOURCES[series.source], "Count": int(len(series.samples)),
+             "MedianIntervalSeconds": round(float(np.median(spacing)) / sfreq, 6) if len(spacing) else None}
+    if train is not None:
+        entry |= {"TrainTriggers": int(len(train.onsets)), "TrainFilled": int(len(train.filled)),
+                  "TrainStrays": int(len(train.strays)), "Fits": fits}
+    return entry
+
+
+def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trigger) -> str:
+    volumes = f"the {n_volumes} BOLD volumes" if n_volumes is not None else "the recording"
+    if first_trigger is not None:
+        volumes += f" from trigger {first_trigger}"
+    if not trains:
+        found = "the recording and its events.tsv hold no markers"
+    else:
+        ranked = sorted(trains.items(), key=lambda st: (st[1] is None, -len(st[0].samples)))
+        parts = []
+        for series, train in ranked[:6]:
+            spacing = np.diff(series.samples)
+            every = f", every {np.median(spacing) / sfreq:.3f} s" if len(spacing) else ""
+            count = len(series.samples)
+            text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
+            if train is not None:
+                text += f": {train.describe(sfreq)}"
+            parts.append(text)
+        more = f" and {len(trains) - 6} more" if len(trains) > 6 else ""
+        found = "found " + "; ".join(parts) + more
+    return (f"no trigger train fits {volumes} at RepetitionTime {tr:g} s ({found}); give "
+            "--volume-marker NAME, --first-volume-trigger K when the train holds dummy or extra "
+            "triggers, or --eeg-offset SECONDS (0 when the EEG starts with the first volume)")
+
+
+def _names(series: list[MarkerSeries]) -> str:
+    names = [s.label for s in series[:10]]
+    return ", ".join(names) + (" ..." if len(series) > 10 else "") if names else "none"
+
+
+def marker_repetition_time(raw, events_tsv=None, marker: str | None = None) -> float | None:
+    """The repetition time implied by a recording's volume markers, or ``None``.
+
+    For EEG recorded without BOLD (or whose BOLD is not shared) the scanner's volume markers
+    are the only record of the TR: the median spacing of the series named ``marker``, else of
+    the first known volume-marker name (:data:`VOLUME_MARKERS`) with at least three markers.
+    Slice markers are not used: grouping them needs the TR.
+    """
+    sfreq = float(raw.info["sfreq"])
+    series = marker_series(raw, events_tsv)
+    for name in [marker] if marker else VOLUME_MARKERS:
+        for s in series:
+            if _matches(s, name) and len(s.samples) >= _MIN_TRIGGERS:
+                return float(np.median(np.diff(s.samples))) / sfreq
+    return None

@@ -1,0 +1,226 @@
+"""Volume timing from the trigger train (spec2vol_bids.triggers): right or refused."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mne
+import numpy as np
+import pytest
+
+from spec2vol_bids.errors import DataError, UsageError
+from spec2vol_bids.triggers import find_train, marker_series, volume_timing
+
+SFREQ = 500.0
+TR = 2.0
+PERIOD = 1000  # samples per TR
+
+
+def raw_with_markers(*series, sfreq=SFREQ, n_times=40000, first_samp=0):
+    """A RawArray whose annotations carry, for each (samples, description), those markers."""
+    info = mne.create_info(["Cz", "Pz"], sfreq, "eeg")
+    raw = mne.io.RawArray(np.zeros((2, n_times)), info, first_samp=first_samp, verbose=False)
+    raw.set_meas_date(1_500_000_000)
+    onsets, names = [], []
+    for samples, description in series:
+        onsets += list(np.asarray(samples, dtype=float))
+        names += [description] * len(samples)
+    # With a measurement date, annotation onsets count from it, i.e. from sample 0 before
+    # first_samp (as in FIF files cut from a longer recording).
+    raw.set_annotations(mne.Annotations((np.asarray(onsets) + first_samp) / sfreq, 0.0, names,
+                                        orig_time=raw.info["meas_date"]))
+    raw._filenames = [Path("sim_eeg.fif")]
+    return raw
+
+
+def timing_of(raw, n_volumes=30, **kwargs):
+    return volume_timing(raw, TR, n_volumes=n_volumes, discard=2, context=4, **kwargs)
+
+
+@pytest.mark.parametrize("description", ["Response/R128", "Scanner/Scan Start", "Volume",
+                                         "Stimulus/V", "T"])
+def test_a_clean_train_gives_one_window_per_trigger(description):
+    onsets = 1237 + np.arange(30) * PERIOD
+    timing = timing_of(raw_with_markers((onsets, description)))
+    assert timing.marker == description
+    np.testing.assert_array_equal(timing.starts, onsets)
+    assert round(timing.t0 * SFREQ) == 1237 and timing.window_samples == PERIOD
+    meta = timing.sidecar()["VolumeTiming"]
+    assert meta["TriggersObserved"] == 30 and meta["FilledVolumes"] == []
+    assert meta["StrayMarkersSeconds"] == [] and meta["ClockDriftPPM"] == 0
+
+
+def test_first_samp_does_not_shift_the_train():
+    raw = raw_with_markers((777 + np.arange(30) * PERIOD, "Response/R128"), first_samp=12345)
+    assert timing_of(raw).starts[0] == 777
+
+
+def test_slice_markers_are_grouped_per_volume():
+    # 20 slices per 2 s volume, back to back (as NODDI) ...
+    slices = 333 + np.arange(30 * 20) * 50
+    timing = timing_of(raw_with_markers((slices, "Scanner/s ")))
+    np.testing.assert_array_equal(timing.starts, 333 + np.arange(30) * PERIOD)
+    assert timing.sidecar()["VolumeTiming"]["SliceMarkersGroupedPerVolume"]
+    # ... and with a pause after each volume's slices.
+    slices = (333 + np.arange(30)[:, None] * PERIOD + np.arange(10) * 40).ravel()
+    timing = timing_of(raw_with_markers((slices, "Scanner/s")))
+    np.testing.assert_array_equal(timing.starts, 333 + np.arange(30) * PERIOD)
+
+
+def test_a_stray_trigger_before_the_train_is_dropped_not_taken_as_t0():
+    """A previous scan's last R128 in the same recording: the old code took it as t0."""
+    train = 5000 + np.arange(30) * PERIOD
+    timing = timing_of(raw_with_markers((np.r_[1234, train], "Response/R128")))
+    np.testing.assert_array_equal(timing.starts, train)
+    assert timing.sidecar()["VolumeTiming"]["StrayMarkersSeconds"] == [1234 / SFREQ]
+
+
+def test_a_relay_pulse_inside_and_a_duplicate_are_strays():
+    train = 700 + np.arange(30) * PERIOD
+    markers = np.r_[train, train[10] + 60, train[20] + 3]
+    timing = timing_of(raw_with_markers((markers, "Response/R128")))
+    np.testing.assert_array_equal(timing.starts, train)
+    assert len(timing.sidecar()["VolumeTiming"]["StrayMarkersSeconds"]) == 2
+
+
+def test_missing_triggers_are_filled_where_the_gap_is_whole_trs():
+    train = 900 + np.arange(30) * PERIOD
+    kept = np.delete(train, [5, 17, 18, 19])
+    timing = timing_of(raw_with_markers((kept, "Response/R128")))
+    np.testing.assert_array_equal(timing.starts, train)
+    meta = timing.sidecar()["VolumeTiming"]
+    assert meta["FilledVolumes"] == [5, 17, 18, 19] and meta["TriggersObserved"] == 26
+
+
+def test_windows_follow_each_trigger_so_drift_does_not_accumulate():
+    # The EEG clock runs 500 ppm fast against the scanner's: over 30 volumes the triggers
+    # drift 14.5 samples away from t0 + v * TR.
+    true = np.floor(250 + np.arange(30) * PERIOD * (1 + 500e-6) + 0.5).astype(int)
+    timing = timing_of(raw_with_markers((np.delete(true, 12), "Response/R128")))
+    assert np.abs(timing.starts - true).max() <= 1  # the filled one within a sample
+    np.testing.assert_array_equal(np.delete(timing.starts, 12), np.delete(true, 12))
+    assert timing.drift_ppm == pytest.approx(500, abs=30)
+
+
+def test_a_train_that_does_not_fit_the_volume_count_is_refused():
+    """The ds002725 situation: a train that starts ~28 volumes late (with a gap)."""
+    late = 28 * PERIOD + np.arange(342) * PERIOD
+    raw = raw_with_markers((np.delete(late, np.arange(5, 68)), "trigger"), n_times=400 * PERIOD)
+    with pytest.raises(DataError) as err:
+        timing_of(raw, n_volumes=370)
+    message = str(err.value)
+    assert err.value.code == 65 and "sim_eeg.fif" in message and "\n" not in message
+    assert "no trigger train fits the 370 BOLD volumes" in message
+    assert "'trigger' (EEG file) 279 markers" in message and "342 triggers (63 filled" in message
+    assert "--volume-marker" in message and "--first-volume-trigger" in message
+    assert "--eeg-offset" in message
+
+
+def test_dummy_scan_triggers_need_first_volume_trigger():
+    train = 500 + np.arange(32) * PERIOD  # two dummy scans triggered, then 30 volumes
+    raw = raw_with_markers((train, "Response/R128"))
+    with pytest.raises(DataError, match="32 triggers"):
+        timing_of(raw)
+    timing = timing_of(raw, first_trigger=3)
+    np.testing.assert_array_equal(timing.starts, train[2:])
+    assert timing.sidecar()["VolumeTiming"]["FirstVolumeTrigger"] == 3
+
+
+def test_irregular_gap_splits_the_train():
+    """ds002725 sub-03: 7 triggers, a gap of 93.78 TRs, then the scan's own train."""
+    first = 1000 + np.arange(7) * PERIOD
+    second = first[-1] + 93_783 + np.arange(40) * PERIOD
+    raw = raw_with_markers((np.r_[first, second], "trigger"), n_times=150_000)
+    timing = timing_of(raw, n_volumes=40)  # the second train is the scan
+    np.testing.assert_array_equal(timing.starts, second)
+    assert len(timing.sidecar()["VolumeTiming"]["StrayMarkersSeconds"]) == 7
+    with pytest.raises(DataError, match="no trigger train fits the 47 BOLD volumes"):
+        timing_of(raw, n_volumes=47)  # both together only across an irregular gap
+
+
+def test_no_markers_is_refused_unless_the_offset_is_given():
+    raw = raw_with_markers()
+    with pytest.raises(DataError, match="hold no markers") as err:
+        timing_of(raw)
+    assert "--eeg-offset SECONDS (0 when the EEG starts with the first volume)" in str(err.value)
+    timing = timing_of(raw, offset=0.0)
+    assert timing.t0 == 0 and timing.marker is None and timing.train is None
+    np.testing.assert_array_equal(timing.starts, np.arange(30) * PERIOD)
+    timing = timing_of(raw, offset=0.5)
+    assert timing.starts[0] == 250 and timing.sidecar()["VolumeTiming"]["Method"].startswith("--eeg-offset")
+
+
+def test_two_fitting_trains_must_agree():
+    volumes = 400 + np.arange(30) * PERIOD
+    relay = volumes + 78  # 0.156 s later, as ds002725's relayed pulse
+    raw = raw_with_markers((volumes, "Response/R128"), (relay, "Stimulus/S 47"))
+    with pytest.raises(DataError, match="two trigger trains fit the 30 volumes but disagree by up to "
+                                        "0.156 s") as err:
+        timing_of(raw)
+    assert "--volume-marker" in str(err.value)
+    assert timing_of(raw, marker="S 47").starts[0] == 478
+    # trains that agree (a copy of the markers, a marker one sample later) are one train
+    raw = raw_with_markers((volumes, "Response/R128"), (volumes + 1, "Scanner/Volume"))
+    timing = timing_of(raw)
+    assert timing.marker == "Response/R128" and timing.starts[0] == 400
+
+
+def test_marker_and_offset_options():
+    raw = raw_with_markers((400 + np.arange(30) * PERIOD, "Stimulus/S  5"), ([50], "Response/R128"))
+    assert timing_of(raw, marker="S 5").starts[0] == 400
+    assert timing_of(raw, marker="stimulus/s  5").marker == "Stimulus/S  5"
+    assert timing_of(raw, marker="eeg:S 5").starts[0] == 400
+    with pytest.raises(DataError, match="no marker 'events:S 5'"):
+        timing_of(raw, marker="events:S 5")
+    with pytest.raises(DataError, match="no marker 'R99'"):
+        timing_of(raw, marker="R99")
+    with pytest.raises(UsageError):
+        timing_of(raw, marker="S 5", offset=1.0)
+    with pytest.raises(UsageError, match="outside the recording"):
+        timing_of(raw, offset=100.0)
+
+
+def test_mismatched_tr_is_refused_with_what_was_found():
+    raw = raw_with_markers((100 + np.arange(30) * PERIOD, "Response/R128"))
+    with pytest.raises(DataError, match=r"at RepetitionTime 2.05 s .*'Response/R128' \(EEG file\) "
+                                        r"30 markers, every 2.000 s") as err:
+        volume_timing(raw, 2.05, n_volumes=30, discard=2, context=4)
+    assert err.value.code == 65
+    assert volume_timing(raw, 2.015, n_volumes=30, discard=2, context=4).starts[0] == 100  # within 1 %
+
+
+def test_coverage_truncates_then_refuses(caplog):
+    raw = raw_with_markers((1000 + np.arange(40) * PERIOD, "Response/R128"), n_times=35500)
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.triggers"):
+        timing = timing_of(raw, n_volumes=40)
+    assert timing.n_volumes == 34  # (35500 - 1000) // 1000 full windows; later markers cut off
+    # Without a BOLD series (synthesis from EEG alone): one volume per trigger.
+    assert timing_of(raw, n_volumes=None).n_volumes == 34
+    short = raw_with_markers((1000 + np.arange(6) * PERIOD, "Response/R128"), n_times=7500)
+    with pytest.raises(DataError, match="fewer than the 7 needed"):
+        timing_of(short, n_volumes=6)
+
+
+def test_events_tsv_labels_are_candidates(tmp_path):
+    """Numeric trial_type codes (ds002725): the scanner pulse is code 10."""
+    raw = raw_with_markers(n_times=40000)
+    volumes = 300 + np.arange(30) * PERIOD
+    lines = ["onset\tduration\ttrial_type"]
+    events = [(s / SFREQ, "10") for s in volumes] + [(s / SFREQ + 0.4, "265") for s in volumes[::3]]
+    lines += [f"{o:.3f}\t0.001\t{t}" for o, t in sorted(events)]
+    tsv = tmp_path / "sub-01_task-x_events.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+    names = {s.name: len(s.samples) for s in marker_series(raw, tsv)}
+    assert names == {"trial_type=10": 30, "trial_type=265": 10}
+    timing = timing_of(raw, events_tsv=tsv)
+    assert timing.marker == "trial_type=10"
+    np.testing.assert_array_equal(timing.starts, volumes)
+    assert timing.sidecar()["VolumeTiming"]["MarkerSource"] == "events.tsv"
+    assert timing_of(raw, events_tsv=tsv, marker="events:10").starts[0] == 300
+
+
+def test_find_train_needs_a_regular_series():
+    heart = np.cumsum(np.random.default_rng(0).normal(420, 40, 80)).astype(int)
+    series = marker_series(raw_with_markers((heart, "Pulse Artifact/R"), n_times=40000))[0]
+    assert find_train(series, TR, SFREQ) is None
