@@ -15,7 +15,7 @@ import signal
 import sys
 import tomllib
 import traceback
-from datetime import datetime
+from datetime import date, datetime, time
 from pathlib import Path
 
 from spec2vol_bids import __version__
@@ -25,10 +25,15 @@ from spec2vol_bids.errors import (
     MissingInputError,
     Spec2VolError,
     UsageError,
+    one_line,
 )
 
 LOGGER = logging.getLogger("spec2vol_bids")
+# the loggers whose records go to OUTPUT_DIR/logs/
+_LOGGERS = ("spec2vol_bids", "mne", "py.warnings")
 MODEL_NAMES = ("spec2vol", "e2fnet")
+# The largest target grid axis: the networks' outputs are volumes of an fMRI run, not images
+MAX_GRID = 256
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -54,6 +59,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _grid_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_GRID:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_GRID} voxels, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**32 - 1, got {text}")
     return value
 
 
@@ -127,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FFT bins kept per TR window, DC excluded (default: 249, the authors')")
     freq.add_argument("--fmax", type=_positive_float, metavar="HZ",
                       help="keep the FFT bins up to this frequency instead of --freq-bins")
-    g.add_argument("--target-grid", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
+    g.add_argument("--target-grid", type=_grid_size, nargs=3, metavar=("X", "Y", "Z"),
                    help="BOLD target grid (default: native when 64x64 in-plane and <= 40 slices, "
                         "else 64 64 30), by 3-D DCT truncation")
     g.add_argument("--discard-volumes", type=_nonnegative_int, default=6, metavar="N",
@@ -177,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs processed in parallel (default: 1)")
     g.add_argument("--omp-nthreads", type=_positive_int, metavar="N",
                    help="threads per process for FFTs and PyTorch (default: all cores / nprocs)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     g.add_argument("--config-file", type=Path, metavar="TOML",
                    help="a TOML file holding any of these options by their long names")
     g.add_argument("--notrack", action="store_true",
@@ -194,8 +213,15 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
             table = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise MissingInputError("configuration file not found", path=path) from exc
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"not a valid TOML file ({exc})", path=path) from exc
+    except IsADirectoryError as exc:
+        raise MissingInputError("--config-file names a folder; give a TOML file", path=path) from exc
+    except OSError as exc:
+        raise MissingInputError(f"cannot read the configuration file ({exc.strerror})", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError("the configuration file is not UTF-8 text (TOML files are UTF-8)",
+                         path=path) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"not a valid TOML file ({one_line(exc)})", path=path) from exc
     known = {a.dest: a for a in parser._actions if a.dest not in ("help", "version", "config_file")}
     aliases = {}
     for action in parser._actions:
@@ -218,13 +244,24 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
 
 def _coerce(action: argparse.Action, value):
     """Give a TOML value the type the command line would have given it."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._CountAction)):
-        if isinstance(action, argparse._StoreTrueAction) and not isinstance(value, bool):
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
             raise TypeError("expected true or false")
         return value
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 3:
+            raise TypeError("expected a count from 0 to 3 (how many -v)")
+        return value
+    if isinstance(value, (dict, datetime, date, time)) or (
+            isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
+        raise TypeError(f"expected {'a list of values' if action.nargs else 'a single value'}")
     convert = action.type or (lambda v: v)
     if isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*") or isinstance(action.nargs, int):
         values = value if isinstance(value, list) else [value]
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise TypeError(f"expected {action.nargs} values, got {len(values)}")
+        if not values and action.nargs == "+":
+            raise TypeError("expected at least one value")
         out = [convert(str(v)) if action.type else str(v) for v in values]
     else:
         if isinstance(value, list):
@@ -309,6 +346,12 @@ def _setup_logging(verbose: int) -> None:
     # MNE and pybids talk a lot at INFO; their warnings still reach the log file.
     for name in ("mne", "bids"):
         logging.getLogger(name).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    # Python warnings of the libraries (numpy, nilearn, torch) go to the log file, and to the
+    # console only with -v: a user's terminal gets spec2vol's own lines, not raw warn() output.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = [handler] if verbose else [logging.NullHandler()]
+    warnings_log.propagate = False
 
 
 def add_log_file(output_dir: Path, level: str) -> Path:
@@ -318,9 +361,19 @@ def add_log_file(output_dir: Path, level: str) -> Path:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s | %(message)s"))
-    logging.getLogger("spec2vol_bids").addHandler(handler)
-    logging.getLogger("mne").addHandler(handler)
+    for name in _LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     return path
+
+
+def _close_log_files() -> None:
+    """Detach and close the log files :func:`add_log_file` opened (main may run in-process)."""
+    logging.captureWarnings(False)
+    for name in _LOGGERS:
+        log = logging.getLogger(name)
+        for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(handler)
+            handler.close()
 
 
 def _limit_threads(n: int) -> None:
@@ -337,6 +390,7 @@ def _sigterm_as_interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """Run the BIDS-App; return its exit code (never raises for user mistakes)."""
     verbose = 0
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         opts = parse_args(argv)
         verbose = opts.verbose
@@ -351,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         from spec2vol_bids.group import run_group
 
         layout.check_output_dir(opts.bids_dir, opts.output_dir)
+        layout.check_work_dir(opts.bids_dir, opts.work_dir)
         layout.check_bids_dir(opts.bids_dir)
         return run_group(opts)
     except Spec2VolError as exc:
@@ -366,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         LOGGER.debug("internal error", exc_info=True)
         if verbose >= 2:
             traceback.print_exc()
-        print(f"spec2vol: internal error: {type(exc).__name__}: {exc} "
+        print(f"spec2vol: internal error: {type(exc).__name__}: {one_line(exc)} "
               "(rerun with -vv for the traceback; please report it)", file=sys.stderr)
         return EX_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        _close_log_files()
 
 
 if __name__ == "__main__":  # pragma: no cover

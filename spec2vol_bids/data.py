@@ -138,13 +138,32 @@ def find_runs(out_dir: str | Path, *, participant_label: Sequence[str] | None = 
             raise DataError(f"malformed JSON ({exc}); rerun the participant level", path=sidecar) from exc
         if "Channels" not in meta:
             raise DataError("the sidecar has no Channels list; rerun the participant level", path=sidecar)
-        n_windows = int(_open_npy(path).shape[0])
+        n_windows = int(_checked_spectrogram(path, meta).shape[0])
         target = targets.get(_run_key(entities))
         n_volumes = n_windows
         if target is not None:
             n_volumes = min(n_windows, int(nib.load(target).shape[3]))
         runs.append(Run(entities, path, meta, target, n_volumes))
     return runs
+
+
+def _checked_spectrogram(path: Path, meta: dict) -> np.ndarray:
+    """The spectrogram, memory-mapped, refused (65) when its shape differs from its sidecar's
+    or it holds NaN or infinity: every number trained or evaluated on must be finite."""
+    spec = _open_npy(path)
+    shape, bins = tuple(spec.shape), meta.get("FrequencyBinsHz")
+    if (len(shape) != 3 or shape[1] != len(meta["Channels"])
+            or meta.get("NumberOfWindows", shape[0]) != shape[0]
+            or (bins is not None and len(bins) != shape[2])):
+        raise DataError(f"the spectrogram's shape {shape} does not match its sidecar (windows "
+                        f"{meta.get('NumberOfWindows')}, {len(meta['Channels'])} channels, "
+                        f"{None if bins is None else len(bins)} bins); rerun the participant level",
+                        path=path)
+    for start in range(0, spec.shape[0], 256):
+        if not np.isfinite(spec[start:start + 256]).all():
+            raise DataError("the spectrogram holds NaN or infinite values; rerun the participant "
+                            "level for this run", path=path)
+    return spec
 
 
 def _as_set(value, prefix: str) -> set | None:

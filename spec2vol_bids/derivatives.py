@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -43,8 +46,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise OutputError(f"cannot create folder ({exc.strerror})", path=path.parent) from exc
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}",
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}-{os.getpid()}-",
+                               suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp creates 0600 files; outputs should get the permissions any new file would.
@@ -59,19 +62,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-_TEMPORARY = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp")
+def _writer_identity() -> str:
+    """This machine, boot and PID namespace, as 10 hex digits.
+
+    A process id means something only within one PID namespace of one boot of one machine:
+    jobs on other nodes, or in other containers, sharing OUTPUT_DIR (SLURM arrays on a shared
+    file system) have process ids this process cannot see. Temporary names carry this identity
+    so that only this identity's dead writers' files are taken for stale.
+    """
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        with contextlib.suppress(OSError):
+            parts.append(os.readlink(source) if source.endswith("/pid") else
+                         Path(source).read_text().strip())
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:10]
+
+
+_WRITER = _writer_identity()
+# ".<name>.<identity>-<pid>-<random>.tmp<suffixes>"; earlier versions wrote no identity
+_TEMPORARY = re.compile(r"^\..+\.(?:([0-9a-f]{10})-)?(\d+)-[^.]+\.tmp")
+#: A temporary file this old is stale whoever wrote it: no write of spec2vol takes a day.
+STALE_AFTER_S = 24 * 3600
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete temporary files that killed processes left behind under ``folder``.
 
-    A temporary file of :func:`atomic_path` carries its writer's process id; it is stale when
-    no process of that id is running (a live writer, e.g. a concurrent job, is left alone).
+    A temporary file of :func:`atomic_path` carries its writer's identity (host, boot, PID
+    namespace) and process id. It is stale when it comes from this identity and no process of
+    that id is running, or when it is older than :data:`STALE_AFTER_S` (a writer on another
+    node or in another container cannot be asked; a live one is left alone).
     """
     removed = []
+    now = time.time()
     for path in Path(folder).rglob(".*.tmp*"):
         match = _TEMPORARY.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if not match:
+            continue
+        try:
+            old = now - path.stat().st_mtime > STALE_AFTER_S
+        except FileNotFoundError:
+            continue
+        ours = match.group(1) == _WRITER
+        if old or (ours and not _pid_alive(int(match.group(2)))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -281,13 +281,14 @@ def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:
     raw : mne.io.BaseRaw
         The recording.
     channels_tsv : str | Path | None
-        The BIDS ``channels.tsv`` of the recording. When it names exactly the recording's
-        channels, its ``type`` column decides (``EEG`` kept; ECG, EOG, EMG, TRIG, MISC, …
-        dropped) and channels whose ``status`` is ``bad`` are dropped. Otherwise (no such file,
-        unreadable, no ``name``/``type`` column, other names) the recording decides, with a
-        warning when a file was set aside: its channel types, minus channels named like
-        non-EEG signals (ECG, EKG, EOG, HEOG, VEOG, EMG, trigger/status, …), because many
-        headers type everything EEG.
+        The BIDS ``channels.tsv`` of the recording. When it has a row for every channel of the
+        recording, its ``type`` column decides (``EEG`` kept; ECG, EOG, EMG, TRIG, MISC, …
+        dropped); rows of channels the recording lacks are ignored with a warning. Otherwise
+        (no such file, unreadable, no ``name``/``type`` column, channels without a row) the
+        recording decides, with a warning when a file was set aside: its channel types, minus
+        channels named like non-EEG signals (ECG, EKG, EOG, HEOG, VEOG, EMG, trigger/status, …),
+        because many headers type everything EEG. Either way, channels whose ``status`` is
+        ``bad`` in the file are dropped.
 
     Returns
     -------
@@ -301,18 +302,22 @@ def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:
         Fewer than two EEG channels: the spectrogram is z-scored across channels.
     """
     path = raw.filenames[0]
-    rows = _channel_rows(Path(channels_tsv), raw.ch_names) if channels_tsv is not None else None
-    if rows is not None:
+    rows = _channel_rows(Path(channels_tsv), raw.ch_names) if channels_tsv is not None else {}
+    if rows and all(name in rows for name in raw.ch_names):
         names = [name for name in raw.ch_names if rows[name].get("type", "").upper() == "EEG"]
-        bad = [name for name in names if rows[name].get("status", "").lower() == "bad"]
-        if bad:
-            logger.info("%s: marked bad in channels.tsv, dropped: %s", path, ", ".join(bad))
-            names = [name for name in names if name not in bad]
     else:
+        if rows:
+            logger.warning("%s: no row for channel(s) %s; channel types taken from the EEG file "
+                           "instead (its bad-channel marks still apply)", channels_tsv,
+                           ", ".join(n for n in raw.ch_names if n not in rows)[:200])
         names = [
             name for name, kind in zip(raw.ch_names, raw.get_channel_types())
             if kind == "eeg" and not _NON_EEG_NAME.match(name.strip())
         ]
+    bad = [name for name in names if rows.get(name, {}).get("status", "").lower() == "bad"]
+    if bad:
+        logger.info("%s: marked bad in channels.tsv, dropped: %s", path, ", ".join(bad))
+        names = [name for name in names if name not in bad]
     dropped = [name for name in raw.ch_names if name not in names]
     if dropped:
         logger.info("%s: not used as EEG: %s", path, ", ".join(dropped))
@@ -324,28 +329,30 @@ def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:
     return names
 
 
-def _channel_rows(path: Path, ch_names: list[str]) -> dict[str, dict] | None:
-    """channels.tsv rows by name, or ``None`` (with a warning) when the file cannot decide."""
+def _channel_rows(path: Path, ch_names: list[str]) -> dict[str, dict]:
+    """channels.tsv rows by name (of the recording's channels); empty, with a warning, when the
+    file cannot be used."""
     from spec2vol_bids.sidecars import read_tsv
 
     try:
         rows = read_tsv(path)
     except (DataError, MissingInputError) as exc:
         logger.warning("%s; channel types taken from the EEG file instead", exc)
-        return None
+        return {}
     if not rows or "name" not in rows[0] or "type" not in rows[0]:
         logger.warning("%s: no 'name' and 'type' columns; channel types taken from the EEG file "
                        "instead", path)
-        return None
-    by_name = {row["name"]: row for row in rows}
-    if set(by_name) != set(ch_names) or len(by_name) != len(rows):
-        only_tsv = [n for n in by_name if n not in ch_names]
-        only_file = [n for n in ch_names if n not in by_name]
-        logger.warning("%s: names differ from the EEG file's (only in channels.tsv: %s; only in the "
-                       "file: %s); channel types taken from the EEG file instead", path,
-                       ", ".join(only_tsv[:5]) or "none", ", ".join(only_file[:5]) or "none")
-        return None
-    return by_name
+        return {}
+    names = [row["name"] for row in rows]
+    if len(set(names)) != len(names):
+        logger.warning("%s: a channel name appears twice; channel types taken from the EEG file "
+                       "instead", path)
+        return {}
+    extra = [n for n in names if n not in ch_names]
+    if extra:
+        logger.warning("%s: rows for channel(s) the recording lacks, ignored: %s", path,
+                       ", ".join(extra[:5]))
+    return {row["name"]: row for row in rows if row["name"] in ch_names}
 
 
 def canonical_channel_order(names) -> list[str]:

@@ -7,6 +7,7 @@ line prints that line and exits with the code, without a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 EX_OK = 0
@@ -67,3 +68,17 @@ class MissingInputError(Spec2VolError):
 
 class OutputError(Spec2VolError):
     code = EX_CANTCREAT
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(error: BaseException | str, limit: int = 200) -> str:
+    """A library's error text fit for a one-line message: terminal colour codes removed,
+    whitespace collapsed, cut at a word boundary (with "...") when longer than ``limit``."""
+    text = error if isinstance(error, str) else (str(error) or type(error).__name__)
+    text = " ".join(_ANSI.sub("", text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3].rsplit(" ", 1)[0]
+    return cut + "..."

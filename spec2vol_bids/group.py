@@ -73,19 +73,6 @@ def split_validation(runs: Sequence[Run], select: str) -> tuple[list[Run], list[
     return [r for r in runs if r.subject != val], [r for r in runs if r.subject == val]
 
 
-def _fetch_templates(runs: Sequence[Run]) -> None:
-    """Get the T1w of every template space the report draws on, before any training: a
-    node without the file fails now (exit 66, with the pre-fetch command), not after hours."""
-    from spec2vol_bids import templates
-    from spec2vol_bids.layout import is_template_space
-
-    spaces = {(e.get("space"), e.get("res"))
-              for e in (parse_entities(r.target.name) for r in runs if r.target is not None)}
-    for space, res in sorted(spaces, key=str):
-        if is_template_space(space):
-            templates.template_anatomy(space, res)
-
-
 def run_group(opts) -> int:
     """Run the group level as ``opts`` (the command line's namespace) asks; return 0.
 
@@ -106,7 +93,6 @@ def run_group(opts) -> int:
     if not paired:
         raise NothingSelectedError("no paired EEG spectrogram and BOLD target derivatives found; "
                                    "run the participant level first", path=out_dir)
-    _fetch_templates(paired)
     subjects = subjects_of(paired)
     if len(subjects) < 2:
         raise DataError(f"training needs at least two subjects with paired EEG and BOLD; found "
@@ -226,7 +212,8 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
                    checkpoint: Path, extra: dict) -> train.TrainResult:
     """Train one model and store it as ``folder/model.pt`` + ``model.json`` + ``history.tsv``."""
     cfg = dataclasses.replace(config, model=model_name)
-    label = f"{extra.get('Fold')} {model_name}"
+    fold = extra.get("Fold")
+    label = f"{'final model' if fold == 'final' else f'fold {fold}'} {model_name}"
     result = train.train(train_runs, channels, cfg, work_dir=work_dir,
                          checkpoint=checkpoint / "checkpoint.pt", val_runs=val_runs, description=label)
     if not train.is_main():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,8 @@ from spec2vol_bids.errors import (
     UsageError,
     ValidationError,
 )
+
+logger = logging.getLogger(__name__)
 
 EEG_EXTENSIONS = (".vhdr", ".edf", ".bdf", ".set", ".fif")  # order = preference when ambiguous
 BOLD_EXTENSIONS = (".nii.gz", ".nii")
@@ -77,6 +80,8 @@ _IGNORED_VALIDATOR_ISSUES = (
     "MALFORMED_BVAL", "DWI_MISSING_BVEC", "DWI_MISSING_BVAL", "VOLUME_COUNT_MISMATCH",
 )
 _VALIDATOR_TIMEOUT_S = 600
+# mne-bids' lock files ("<file>.lock"), which earlier spec2vol versions left in BIDS_DIR
+_STALE_LOCKS = "**/*.lock"
 _SKIP_HINT = "fix the dataset, or pass --skip-bids-validation to go on at your own risk"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _SPLIT_RE = re.compile(r"_split-(\d+)_")
@@ -258,6 +263,11 @@ def validate_bids_dir(bids_dir: str | Path, *, participant_labels: Iterable[str]
     if validator not in ("auto", "node", "python"):
         raise ValueError(f"unknown validator {validator!r}")
     bids_dir = check_bids_dir(bids_dir)
+    locks = sorted(bids_dir.rglob("*.lock"))
+    if locks:
+        logger.warning("%s: %d stale lock file(s) in BIDS_DIR, e.g. %s, left by mne-bids (which "
+                       "earlier spec2vol versions read sidecars with); not validated, they can be "
+                       "deleted", bids_dir, len(locks), locks[0].relative_to(bids_dir))
     labels = _clean_labels(participant_labels, "sub", "participant")
     ignored = _unselected_subject_dirs(bids_dir, labels)
     summary = None
@@ -284,24 +294,38 @@ def check_output_dir(bids_dir: str | Path, output_dir: str | Path) -> Path:
         OUTPUT_DIR is BIDS_DIR, lies inside its raw tree, is ``BIDS_DIR/derivatives`` itself, or
         contains BIDS_DIR.
     """
+    return _outside_the_raw_tree(bids_dir, output_dir, "OUTPUT_DIR", "spec2vol")
+
+
+def check_work_dir(bids_dir: str | Path, work_dir: str | Path) -> Path:
+    """Refuse a ``-w/--work-dir`` that would write into the raw dataset, as for OUTPUT_DIR, or
+    that names a file; return it resolved."""
+    work = _outside_the_raw_tree(bids_dir, work_dir, "-w/--work-dir", "spec2vol_work")
+    if work.exists() and not work.is_dir():
+        raise UsageError("-w/--work-dir names a file, not a folder; give a folder for the "
+                         "intermediate files", path=work_dir)
+    return work
+
+
+def _outside_the_raw_tree(bids_dir, folder, what: str, example: str) -> Path:
     bids = Path(bids_dir).expanduser().resolve()
-    out = Path(output_dir).expanduser().resolve()
-    suggestion = (f"use {bids / 'derivatives' / 'spec2vol'} (BIDS_DIR/derivatives/spec2vol) "
+    out = Path(folder).expanduser().resolve()
+    suggestion = (f"use {bids / 'derivatives' / example} (BIDS_DIR/derivatives/{example}) "
                   "or a folder outside BIDS_DIR")
     if out == bids:
-        raise UsageError(f"OUTPUT_DIR is BIDS_DIR; the input dataset is never written to: "
-                         f"{suggestion}", path=output_dir)
+        raise UsageError(f"{what} is BIDS_DIR; the input dataset is never written to: "
+                         f"{suggestion}", path=folder)
     if bids.is_relative_to(out):
-        raise UsageError(f"OUTPUT_DIR contains BIDS_DIR ({bids}); outputs would mix with the "
-                         f"input: {suggestion}", path=output_dir)
+        raise UsageError(f"{what} contains BIDS_DIR ({bids}); outputs would mix with the "
+                         f"input: {suggestion}", path=folder)
     if out.is_relative_to(bids):
         parts = out.relative_to(bids).parts
         if parts[0] != "derivatives":
-            raise UsageError(f"OUTPUT_DIR is inside the raw tree of BIDS_DIR ({bids}), which "
-                             f"must stay untouched: {suggestion}", path=output_dir)
+            raise UsageError(f"{what} is inside the raw tree of BIDS_DIR ({bids}), which "
+                             f"must stay untouched: {suggestion}", path=folder)
         if len(parts) == 1:
-            raise UsageError("OUTPUT_DIR is BIDS_DIR/derivatives itself; each pipeline writes "
-                             f"to a folder of its own: {suggestion}", path=output_dir)
+            raise UsageError(f"{what} is BIDS_DIR/derivatives itself; each pipeline writes "
+                             f"to a folder of its own: {suggestion}", path=folder)
     return out
 
 
@@ -1005,7 +1029,7 @@ def _unselected_subject_dirs(bids_dir: Path, labels: list[str]) -> list[str]:
 def _run_node_validator(bids_dir: Path, ignored_subjects: list[str]) -> str | None:
     """Run the node bids-validator; ``None`` when it could not run or its output is unusable."""
     config = {"ignore": list(_IGNORED_VALIDATOR_ISSUES),
-              "ignoredFiles": [f"/{name}/**" for name in ignored_subjects]}
+              "ignoredFiles": [f"/{name}/**" for name in ignored_subjects] + [_STALE_LOCKS]}
     with tempfile.TemporaryDirectory(prefix="spec2vol-validator-") as tmp:
         config_file = Path(tmp) / "bids-validator-config.json"
         config_file.write_text(json.dumps(config), encoding="utf-8")
@@ -1054,7 +1078,7 @@ def _python_filename_check(bids_dir: Path, ignored_subjects: list[str]) -> str:
                          and not _ignored((rel_folder / d).as_posix() + "/", patterns))
         for name in sorted(names):
             rel = (rel_folder / name).as_posix()
-            if name.startswith(".") or _ignored(rel, patterns):
+            if name.startswith(".") or name.endswith(".lock") or _ignored(rel, patterns):
                 continue
             n_checked += 1
             if not validator.is_bids("/" + rel):

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -110,11 +111,49 @@ def _eeg_inputs(pair) -> list[Path]:
 
 
 def _is_done(sidecar: Path, data: Path, digest: str) -> bool:
+    """Whether a run's output is up to date: made from the same inputs and options (its
+    sidecar's hash) and still intact (readable, of the shape its sidecar gives), so a damaged
+    or truncated output is recomputed rather than trusted."""
     if not (sidecar.exists() and data.exists()):
         return False
     try:
-        return read_json(sidecar).get("InputHash") == digest
+        meta = read_json(sidecar)
     except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("InputHash") != digest:
+        return False
+    intact = _intact_spectrogram if data.suffix == ".npy" else _intact_target
+    if intact(data, meta):
+        return True
+    LOGGER.warning("%s: damaged (unreadable or not the shape its sidecar gives); recomputing", data)
+    return False
+
+
+def _intact_spectrogram(npy: Path, meta: dict) -> bool:
+    try:
+        shape = np.load(npy, mmap_mode="r").shape
+        return shape == (meta["NumberOfWindows"], len(meta["Channels"]), len(meta["FrequencyBinsHz"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _intact_target(nii: Path, meta: dict) -> bool:
+    """The header's shape is the sidecar's and the file holds all of its data: a ``.nii.gz``'s
+    gzip trailer records the uncompressed size, which a truncated file does not end with."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(nii)
+        shape = tuple(img.shape)
+        if shape != (*meta["TargetGrid"], meta["NumberOfVolumes"]):
+            return False
+        size = int(img.header.get_data_offset()) + int(np.prod(shape)) * img.get_data_dtype().itemsize
+        with open(nii, "rb") as fh:
+            if nii.name.endswith(".gz"):
+                fh.seek(-4, os.SEEK_END)
+                return int.from_bytes(fh.read(4), "little") == size % 2**32
+            return os.fstat(fh.fileno()).st_size >= size
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return False
 
 
@@ -386,7 +425,8 @@ def process_bold(pair, opts: dict, tr: float, result: RunResult) -> None:
     sidecar = out / bids_name(pair.entities, "bold", ".json", desc="target")
     options = {k: opts.get(k) for k in BOLD_OPTIONS} | {"tr": tr}
     mask_source = _mask_source(pair)
-    digest = input_hash([pair.bold, *(p for p in [pair.bold_json, mask_source] if p)], options)
+    digest = input_hash([pair.bold, *pair.bold_sidecars, *([mask_source] if mask_source else [])],
+                        options)
     result.target = str(nii)
     if _is_done(sidecar, nii, digest):
         result.n_volumes = read_json(sidecar)["NumberOfVolumes"]
@@ -432,35 +472,25 @@ def _mask_source(pair) -> Path | None:
 
 
 def fetch_templates(pairs) -> list[Path]:
-    """Get the TemplateFlow files the runs in template spaces need, before any work is done.
-
-    The brain mask is needed when the derivative has none; the T1w image is the anatomical
-    background of the report figures, which the group level draws at its very end: a template
-    missing on an offline node is better found now than after hours of training.
+    """Get the TemplateFlow brain masks the runs need, before any work is done: those of runs
+    in template spaces whose derivatives hold none. Nothing else is fetched (the reports' T1w
+    background is never downloaded: :func:`spec2vol_bids.templates.local_template_anatomy`).
 
     Returns
     -------
     paths : list of Path
-        The masks, then the T1w images, in ``TEMPLATEFLOW_HOME`` (downloaded only when missing).
+        The masks, in ``TEMPLATEFLOW_HOME`` (downloaded only when missing).
 
     Raises
     ------
     MissingInputError (66)
-        A file is missing and cannot be downloaded; the message says how to pre-fetch it.
+        A mask is missing and cannot be downloaded; the message says how to pre-fetch it.
     """
     from spec2vol_bids import layout, templates
 
-    masks, anatomy = [], []
-    for pair in pairs:
-        if pair.bold is None or not layout.is_template_space(pair.space):
-            continue
-        if pair.bold_mask is None and (pair.space, pair.res) not in masks:
-            masks.append((pair.space, pair.res))
-        if (pair.space, pair.res) not in anatomy:
-            anatomy.append((pair.space, pair.res))
-    # the masks first: without them the run is wrong, without the T1w only its figures
-    return ([templates.template_mask(*m) for m in masks]
-            + [templates.template_anatomy(*a) for a in anatomy])
+    needed = sorted({(p.space, p.res) for p in pairs if p.bold is not None and p.bold_mask is None
+                     and layout.is_template_space(p.space)}, key=str)
+    return [templates.template_mask(space, res) for space, res in needed]
 
 
 def _write_mask(source: Path, target_img, path: Path) -> None:
@@ -612,6 +642,7 @@ def run_participant(opts) -> int:
 
     started = datetime.now(timezone.utc)
     layout.check_output_dir(opts.bids_dir, opts.output_dir)
+    layout.check_work_dir(opts.bids_dir, opts.work_dir)
     if not opts.skip_bids_validation:
         layout.validate_bids_dir(opts.bids_dir, participant_labels=opts.participant_label)
     else:

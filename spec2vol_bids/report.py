@@ -5,7 +5,8 @@ line plots, PNG for images), the stylesheet is inline, and there is no script, w
 remote resource. They read only what the levels left in ``OUTPUT_DIR`` (see
 ``docs/interfaces.md``), so they can be rebuilt at any time and say plainly which parts have no
 data yet; figures of data in a template space (``space-MNI152NLin2009cAsym``) are drawn over the
-template's T1w image from TemplateFlow (see :func:`anatomical_underlay`).
+template's T1w image when TemplateFlow's home holds it, else over what is at hand, as the caption
+says (see :func:`anatomical_underlay`).
 """
 
 from __future__ import annotations
@@ -629,10 +630,14 @@ def _mean_image(paths: list[Path], reduce_time: bool):
 def anatomical_underlay(reference, reference_path: Path, targets: list[Path]):
     """The anatomical background of a figure on ``reference``'s grid, and where it comes from.
 
-    When ``reference_path`` lies in a template space (a ``space-`` entity naming a TemplateFlow
-    template, e.g. ``space-MNI152NLin2009cAsym_res-2``), the background is the template's T1w
-    image from TemplateFlow, resampled to the reference grid. Otherwise it is the mean of the
-    measured volumes ``targets`` on the same grid (no template, no download).
+    In a template space (a ``space-`` entity naming a TemplateFlow template, e.g.
+    ``space-MNI152NLin2009cAsym_res-2``) the background is the template's T1w image when
+    ``TEMPLATEFLOW_HOME`` holds it; it is never downloaded (a figure must not decide whether a
+    participant is processed on a node without network). Without it, an MNI space is drawn over
+    the MNI152 template nilearn ships, and any other space over the mean of the measured volumes
+    ``targets`` on the same grid; the caption then says so and how to get the template's own.
+    Outside template spaces the background is that mean volume. Backgrounds are resampled to
+    the reference grid.
 
     Parameters
     ----------
@@ -641,20 +646,14 @@ def anatomical_underlay(reference, reference_path: Path, targets: list[Path]):
     reference_path : Path
         The file ``reference`` comes from (or stands for): its name gives the space.
     targets : list of Path
-        ``*_desc-target_bold`` series of the same runs, for spaces without a template.
+        ``*_desc-target_bold`` series of the same runs.
 
     Returns
     -------
     background : nibabel image | None
-        ``None`` when there is no template and no target on the reference grid.
+        ``None`` when there is neither a template nor a target on the reference grid.
     source : str
         A phrase naming the background, for captions.
-
-    Raises
-    ------
-    MissingInputError (66)
-        The template's T1w is not in ``TEMPLATEFLOW_HOME`` and cannot be downloaded; the message
-        says how to pre-fetch it.
     """
     from spec2vol_bids import templates
     from spec2vol_bids.layout import is_template_space
@@ -662,17 +661,32 @@ def anatomical_underlay(reference, reference_path: Path, targets: list[Path]):
     entities = dict(part.split("-", 1) for part in reference_path.name.split(".")[0].split("_")
                     if "-" in part)
     space, res = entities.get("space"), entities.get("res")
+    missing = ""
     if is_template_space(space):
         from nilearn.image import resample_to_img
 
-        path = templates.template_anatomy(space, res)
-        background = resample_to_img(path, reference, interpolation="continuous",
-                                     force_resample=True, copy_header=True)
-        return background, f"the {space} T1w template from TemplateFlow ({path.name})"
+        path = templates.local_template_anatomy(space, res)
+        missing = (f"the {space} T1w is not in TEMPLATEFLOW_HOME; to draw on it, run "
+                   f"TEMPLATEFLOW_HOME={templates.templateflow_home()} "
+                   f"{templates.prefetch_command(space, res, 'T1w')}")
+        template, source = None, None
+        if path is not None:
+            template, source = path, f"the {space} T1w template from TemplateFlow ({path.name})"
+        elif space.startswith("MNI152"):
+            from nilearn.datasets import load_mni152_template
+
+            template = load_mni152_template(resolution=2)  # in nilearn's package data
+            source = (f"the MNI152 2009 symmetric template shipped with nilearn, standing in for "
+                      f"the {space} T1w ({missing})")
+        if template is not None:
+            background = resample_to_img(template, reference, interpolation="continuous",
+                                         force_resample=True, copy_header=True)
+            return background, source
     background, n_bg = _mean_image(targets, reduce_time=True) if targets else (None, 0)
+    note = f" ({missing})" if missing else ""
     if background is None or background.shape != reference.shape[:3]:
-        return None, "no background (no measured targets on the same grid)"
-    return background, f"the mean measured volume of {n_bg} run(s)"
+        return None, f"no background (no measured targets on the same grid){note}"
+    return background, f"the mean measured volume of {n_bg} run(s){note}"
 
 
 def _stat_map_uri(stat, background, title: str) -> str:

@@ -78,9 +78,13 @@ def frequency_bins(tr: float, sfreq: float, *, freq_bins: int = 249, fmax: float
     window = int(np.floor(tr * sfreq + 0.5))
     available = window // 2
     if fmax is not None:
+        top = available * sfreq / window
+        if fmax > top:
+            raise DataError(f"--fmax {fmax:g} Hz is above the {top:.1f} Hz that a {window}-sample "
+                            f"TR window at {sfreq:g} Hz holds; lower --fmax")
         n_bins = int(np.floor(fmax * window / sfreq + 1e-9))
         if n_bins < 1:
-            raise DataError(f"--fmax {fmax} Hz keeps no frequency bin (bin width "
+            raise DataError(f"--fmax {fmax:g} Hz keeps no frequency bin (bin width "
                             f"{sfreq / window:.3f} Hz)")
     else:
         n_bins = int(freq_bins)

@@ -54,6 +54,10 @@ def write_synth(pred: np.ndarray, path: str | Path, *, affine: np.ndarray, tr: f
     source volumes ``first_volume`` … ``first_volume + N − 1``.
     """
     data = np.ascontiguousarray(np.asarray(pred, dtype=np.float32).transpose(2, 3, 1, 0))
+    if not np.isfinite(data).all():
+        raise DataError(f"model {sidecar.get('Model')} (fold {sidecar.get('Fold')}) produced NaN or "
+                        "infinite values; nothing was written (check the model file and the run's "
+                        "spectrogram)", path=path)
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms(img.header.get_zooms()[:3] + (float(tr),))
@@ -193,6 +197,9 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     extra = meta.get("extra") or {}
     side = read_json(spectrogram.with_suffix(".json"))
     spec = np.load(spectrogram, mmap_mode="r")
+    if not np.isfinite(spec).all():
+        raise DataError("the spectrogram holds NaN or infinite values; rerun the participant "
+                        "level for this run", path=spectrogram)
     config = meta["config"]
     if spec.shape[2] != config["freq_bins"]:
         raise DataError(f"the model was trained on {config['freq_bins']} frequency bins but "

@@ -1,12 +1,16 @@
 """Brain masks and anatomy of standard spaces from TemplateFlow, with explicit offline behaviour.
 
 fMRIPrep-style outputs in a template space (``space-MNI152NLin2009cAsym``) come with their own
-brain mask; when one is missing, the template's mask is taken from TemplateFlow, and the
-template's T1w image is the anatomical background of the report figures. TemplateFlow downloads
-missing files from its S3 host on first use, which on a compute node without network would end
-in a ``requests`` traceback. Here nothing is downloaded when the file is in ``TEMPLATEFLOW_HOME``
-already, and a failed download is one :class:`MissingInputError` (exit 66) that says how to
+brain mask. Only when one is missing does the computation need TemplateFlow (the template's
+mask): nothing is downloaded when the file is in ``TEMPLATEFLOW_HOME`` already, and a failed
+download is one :class:`MissingInputError` (exit 66), raised before any work, that says how to
 pre-fetch the file on a machine with network.
+
+The template's T1w image is only the anatomical background of the report figures, so it is
+never downloaded: :func:`local_template_anatomy` looks in ``TEMPLATEFLOW_HOME`` (without
+importing TemplateFlow, which may reach for the network), and the reports fall back on what is
+at hand (see :func:`spec2vol_bids.report.anatomical_underlay`). Compute nodes without network
+process template-space derivatives as they are.
 """
 
 from __future__ import annotations
@@ -71,18 +75,31 @@ def template_mask(space: str, res: str | None = None) -> Path:
                           "or give a derivative dataset that has *_desc-brain_mask files")
 
 
-def template_anatomy(space: str, res: str | None = None) -> Path:
-    """The ``tpl-<space>[_res-<r>]_T1w.nii.gz`` of a TemplateFlow template: the anatomical
-    background of figures in that space.
+def templateflow_home() -> Path:
+    """``$TEMPLATEFLOW_HOME``, or TemplateFlow's default ``~/.cache/templateflow``."""
+    return Path(os.environ.get("TEMPLATEFLOW_HOME", str(Path.home() / ".cache" / "templateflow")))
 
-    Parameters and errors as :func:`template_mask`.
+
+def local_template_anatomy(space: str, res: str | None = None) -> Path | None:
+    """The template's T1w image when ``TEMPLATEFLOW_HOME`` holds it, else ``None``; no request.
+
+    TemplateFlow names it ``tpl-<space>/tpl-<space>[_res-<rr>]_T1w.nii.gz`` (fMRIPrep's
+    ``res-2`` is TemplateFlow's ``res-02``); an empty placeholder of a not yet fetched file does
+    not count.
     """
-    return _template_file(space, res, "T1w", "")
+    folder = templateflow_home() / f"tpl-{space}"
+    if res is None:
+        candidates = sorted(folder.glob(f"tpl-{space}*_T1w.nii.gz"))
+    else:
+        labels = {str(res), f"{int(res):02d}"} if str(res).isdigit() else {str(res)}
+        candidates = [folder / f"tpl-{space}_res-{label}_T1w.nii.gz" for label in sorted(labels)]
+    found = [p for p in candidates if "_desc-" not in p.name and p.is_file() and p.stat().st_size > 0]
+    return found[0] if found else None
 
 
 def _template_file(space: str, res: str | None, kind: str, alternative: str) -> Path:
     query, what = _KINDS[kind]
-    home = os.environ.get("TEMPLATEFLOW_HOME", str(Path.home() / ".cache" / "templateflow"))
+    home = templateflow_home()
     hint = (f"the {space} {what}{f' at res-{res}' if res is not None else ''} is not in "
             f"TEMPLATEFLOW_HOME ({home}) and could not be downloaded; pre-fetch it on a machine "
             f"with network with TEMPLATEFLOW_HOME={home} {prefetch_command(space, res, kind)}"

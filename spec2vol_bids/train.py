@@ -274,9 +274,16 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
         loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=indices,
                                              num_workers=config.num_workers,
                                              pin_memory=device.type == "cuda")
-        train_loss = _train_epoch(net, model, loader, optimizer, scheduler, config, device,
-                                  desc=f"{description} epoch {epoch + 1}/{config.epochs}",
-                                  show=config.progress and rank == 0)
+        try:
+            train_loss = _train_epoch(net, model, loader, optimizer, scheduler, config, device,
+                                      desc=f"{description} epoch {epoch + 1}/{config.epochs}",
+                                      show=config.progress and rank == 0)
+        except Diverged as exc:
+            raise _diverged(description, epoch + 1, str(exc), exc.lr, checkpoint) from None
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise _diverged(description, epoch + 1, f"non-finite weights in {bad[0]}",
+                            optimizer.param_groups[0]["lr"], checkpoint)
         row = {"epoch": epoch + 1, "step": scheduler.last_epoch, "train_loss": train_loss,
                "val_loss": float("nan"), "val_ssim": float("nan"),
                "lr": optimizer.param_groups[0]["lr"]}
@@ -300,6 +307,9 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
 
     selected = config.epochs
     if config.select == "val":
+        if best["state"] is None:
+            raise _diverged(description, config.epochs, "no finite validation SSIM in any epoch",
+                            optimizer.param_groups[0]["lr"], checkpoint)
         model.load_state_dict(best["state"])
         selected = best["epoch"]
     model.eval()
@@ -325,8 +335,12 @@ def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, de
         with sync:
             (loss / group).backward()
         if stepping:
-            if config.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.clip_grad if config.clip_grad > 0 else math.inf)
+            # checked on the all-reduced gradients, so every DDP rank stops at the same step
+            if not torch.isfinite(norm):
+                raise Diverged(f"the gradient norm is {float(norm)}, the batch loss "
+                               f"{float(loss.detach()):.4g}", optimizer)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -338,6 +352,27 @@ def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, de
                         samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}")
     bar.close()
     return total / max(count, 1)
+
+
+class Diverged(Exception):
+    """Raised inside an epoch when the loss or the gradients stop being finite."""
+
+    def __init__(self, what: str, optimizer):
+        super().__init__(what)
+        self.lr = optimizer.param_groups[0]["lr"]
+
+
+class TrainingDiverged(DataError):
+    """The training of a fold produced non-finite numbers (exit 65): nothing of it is kept but
+    its last good checkpoint."""
+
+
+def _diverged(description: str, epoch: int, what: str, lr: float, checkpoint: Path) -> TrainingDiverged:
+    kept = (f"the checkpoint of the last good epoch is kept in {checkpoint}" if checkpoint.exists()
+            else "no epoch finished, so no checkpoint is kept")
+    return TrainingDiverged(f"{description}: training diverged in epoch {epoch} ({what} at learning "
+                            f"rate {lr:.3g}); lower --lr or raise --warmup-steps (or --clip-grad "
+                            f"above 0); {kept}; nothing of this fold was written")
 
 
 @torch.no_grad()

@@ -5,22 +5,26 @@ volumes, so the timing is taken from the scanner's own record, the trigger train
 guessed:
 
 1. **Candidates.** Every marker series of the recording is a candidate: each description of the
-   EEG file's own markers (``Response/R128``, ``Scanner/Scan Start``, EDF annotations, ...) and
-   each value of every label column of the run's ``events.tsv`` (``trial_type=10`` when the
-   scanner pulse is a numeric code, as in OpenNeuro ds002725). Series faster than half a TR are
-   slice markers and are grouped per volume (the first slice of each volume).
+   EEG file's own markers (``Response/R128``, ``Scanner/Scan Start``, EDF annotations, ...),
+   each code of its stim channels (``Status=128``), and each value of every label column of the
+   run's ``events.tsv`` (``trial_type=10`` when the scanner pulse is a numeric code, as in
+   OpenNeuro ds002725). Series faster than half a TR are slice markers and are grouped per
+   volume (the first slice of each volume; see :func:`_group_slices`).
 2. **Trains.** In each series the longest chain of markers whose spacings are whole numbers of
-   the TR (within ``max(2 samples, 0.5 %)``) is its trigger train. Markers off the chain are
-   *strays* (a relay pulse, the last trigger of a previous scan, a duplicate) and are dropped
-   and counted; triggers missing inside the chain (a gap of k TRs) are *filled* by linear
-   interpolation between their neighbours. A chain must have at least three triggers and
-   observe at least half of its volumes. The period is the least-squares slope of the train:
-   its difference from the nominal TR is the EEG-scanner clock drift, reported in ppm.
-3. **Fit.** A train fits the BOLD series when it holds exactly one trigger per volume; or fewer,
-   when the recording stopped before the scan did (the train runs into the recording's end and
-   starts after a trigger-free TR, so its first trigger is the first volume's); or, with
-   ``--first-volume-trigger K``, when trigger K onwards holds the volumes (the K-1 before are
-   dummy scans; triggers after the last volume are then ignored).
+   the TR (within ``max(2 samples, 0.5 %)``) is a trigger train; the longest chain among the
+   markers left is another, and so on (a previous scan in the same recording). Markers off a
+   train are its *strays* (a relay pulse, the last trigger of a previous scan, a duplicate);
+   triggers missing inside it (a gap of k TRs) are *filled* by linear interpolation between
+   their neighbours. A train has at least three triggers and observes at least half of its
+   volumes. Its period is the least-squares slope of its triggers: the difference from the
+   nominal TR is the EEG-scanner clock drift, reported in ppm (warned about beyond 1000 ppm,
+   which is a wrong RepetitionTime rather than drift).
+3. **Fit.** A train fits the BOLD series when it holds exactly one trigger per volume. With
+   ``--first-volume-trigger K`` trigger K onwards must hold the volumes (the K-1 before are
+   dummy scans, triggers after the last volume are ignored) or run into the recording's end
+   (the EEG stopped before the scan did). Fewer triggers than volumes are never accepted
+   without it: an early stop, a late start, lost first triggers and a paused recording look
+   alike in the markers.
 4. **Choice.** Exactly the fitting trains count. None: refused, naming what was found. Several:
    they must agree within ``max(2 samples, 1 % of the TR)`` on every volume, or the run is
    refused; the EEG file's own markers are preferred to events.tsv, and known volume-marker
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +66,8 @@ _PERIOD_TOLERANCE = 0.01
 _CHAIN_TOLERANCE = 0.005
 # Trains that fit must agree on every volume to within this fraction of the TR (or 2 samples).
 _AGREEMENT = 0.01
+# A fitted trigger period this far from RepetitionTime is not clock drift but a wrong TR.
+_SUSPICIOUS_DRIFT_PPM = 1000
 # Markers looked back over for a train's previous trigger: at most this many strays between two.
 _LOOKBACK = 64
 _MIN_TRIGGERS = 3
@@ -216,9 +223,34 @@ def marker_series(raw, events_tsv: str | Path | None = None) -> list[MarkerSerie
         names = np.array([str(d).strip() for d in ann.description], dtype=object)
         for name in dict.fromkeys(names):
             found.append(_series(str(name), "eeg", samples[names == name], raw.n_times))
+    found += _stim_series(raw)
     if events_tsv is not None:
         found += _events_series(Path(events_tsv), sfreq, raw.n_times)
     return [s for s in found if len(s.samples)]
+
+
+def _stim_series(raw) -> list[MarkerSeries]:
+    """Trigger codes of the recording's stim channels (BioSemi ``Status``, FIF ``STI 014``):
+    one series per code, ``<channel>=<code>``, at the samples where the channel takes it."""
+    import mne
+
+    series = []
+    for name, kind in zip(raw.ch_names, raw.get_channel_types()):
+        if kind != "stim":
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                events = mne.find_events(raw, stim_channel=name, shortest_event=1,
+                                         consecutive=True, initial_event=True, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - an unreadable stim channel only loses its codes
+            logger.warning("%s: stim channel %s not read (%s)", raw.filenames[0], name, exc)
+            continue
+        samples = events[:, 0] - raw.first_samp
+        for code in np.unique(events[:, 2]):
+            series.append(_series(f"{name}={int(code)}", "eeg", samples[events[:, 2] == code],
+                                  raw.n_times))
+    return series
 
 
 def _series(name: str, source: str, samples, n_times: int) -> MarkerSeries:
@@ -261,49 +293,72 @@ def _number(text: str) -> float:
         return np.nan
 
 
-def find_train(series: MarkerSeries, tr: float, sfreq: float) -> Train | None:
-    """The trigger train of a marker series at repetition time ``tr``, or ``None``."""
+def find_trains(series: MarkerSeries, tr: float, sfreq: float) -> list[Train]:
+    """The trigger trains of a marker series at repetition time ``tr``, longest first.
+
+    A series may hold several: a recording of two scans, or a scan's train and the last
+    triggers of a previous one. The longest regular chain is taken, then the longest among the
+    remaining markers, and so on; each train's strays are all the series' markers off it.
+    """
     nominal = tr * sfreq
-    samples = series.samples
-    slices = False
+    samples, slices = series.samples, False
     if len(samples) >= 2 and np.median(np.diff(samples)) < 0.5 * nominal:
         samples, slices = _group_slices(samples, nominal), True
-    if len(samples) < _MIN_TRIGGERS:
-        return None
-    spacing = np.diff(samples)
-    near = spacing[np.abs(spacing - nominal) <= _PERIOD_TOLERANCE * nominal]
-    if len(near) < _MIN_TRIGGERS - 1:
-        return None
-    chain = _longest_chain(samples, float(np.median(near)))
-    if len(chain) < _MIN_TRIGGERS:
-        return None
-    on_chain = samples[chain]
-    steps = np.rint(np.diff(on_chain) / np.median(near)).astype(np.int64)
-    index = np.concatenate([[0], np.cumsum(steps)])
-    if len(chain) < 0.5 * (index[-1] + 1):
-        return None
-    period, _ = np.polyfit(index.astype(float), on_chain.astype(float), 1)
-    volumes = np.arange(index[-1] + 1)
-    observed = np.zeros(len(volumes), dtype=bool)
-    observed[index] = True
-    onsets = np.floor(np.interp(volumes, index, on_chain) + 0.5).astype(np.int64)
-    strays = np.setdiff1d(samples, on_chain)
-    return Train(series, onsets, observed, strays, float(period), slices)
+    trains: list[Train] = []
+    remaining = samples
+    while len(remaining) >= _MIN_TRIGGERS:
+        spacing = np.diff(remaining)
+        near = spacing[np.abs(spacing - nominal) <= _PERIOD_TOLERANCE * nominal]
+        if len(near) < _MIN_TRIGGERS - 1:
+            break
+        chain = _longest_chain(remaining, float(np.median(near)))
+        if len(chain) < _MIN_TRIGGERS:
+            break
+        on_chain = remaining[chain]
+        remaining = np.delete(remaining, chain)
+        steps = np.rint(np.diff(on_chain) / np.median(near)).astype(np.int64)
+        index = np.concatenate([[0], np.cumsum(steps)])
+        if len(chain) < 0.5 * (index[-1] + 1):
+            continue  # mostly filled: a sparse series that happens to fall on the TR grid
+        period, _ = np.polyfit(index.astype(float), on_chain.astype(float), 1)
+        volumes = np.arange(index[-1] + 1)
+        observed = np.zeros(len(volumes), dtype=bool)
+        observed[index] = True
+        onsets = np.floor(np.interp(volumes, index, on_chain) + 0.5).astype(np.int64)
+        trains.append(Train(series, onsets, observed, np.setdiff1d(samples, on_chain),
+                            float(period), slices))
+    return trains
 
 
 def _group_slices(samples: np.ndarray, nominal: float) -> np.ndarray:
-    """The first slice marker of each volume.
+    """The first slice marker of each volume, from per-slice markers.
 
-    Volumes acquired with a pause after the slices show as gaps longer than 1.5 slice
-    intervals; back-to-back acquisitions (NODDI) have none, so slices are counted instead:
-    round(TR / slice interval) per volume.
+    Volumes acquired with a pause after their slices show as regular gaps longer than 1.5
+    slice intervals, one per volume: each gap starts a volume, and a first group with fewer
+    slices than the others (a recording started mid-volume) is dropped. Back-to-back
+    acquisitions (NODDI) have none: slice ``j`` of the run is the marker ``j`` slice intervals
+    after the first one (a missing slice marker leaves a gap, not a shift), and volumes start
+    every round(TR / slice interval) slices. Where the first marker lies within a slice interval
+    of the recording's start, the recording may have started mid-volume and the grouping is
+    unknown: no volume starts are returned.
     """
     gaps = np.diff(samples)
-    step = np.median(gaps)
+    step = float(np.median(gaps))
+    per_volume = max(1, int(round(nominal / step)))
     breaks = np.flatnonzero(gaps > 1.5 * step)
-    if len(breaks):
-        return np.concatenate([samples[:1], samples[breaks + 1]])
-    return samples[::max(1, int(round(nominal / step)))]
+    expected_volumes = (samples[-1] - samples[0]) / nominal
+    if len(breaks) >= 0.5 * expected_volumes:  # a pause after every volume
+        starts = np.concatenate([[0], breaks + 1])
+        sizes = np.diff(np.concatenate([starts, [len(samples)]]))
+        if len(sizes) > 1 and sizes[0] < np.median(sizes[1:]):
+            starts = starts[1:]
+        return samples[starts]
+    if samples[0] < 1.5 * step:
+        return samples[:0]
+    # slices per gap, not slices since the first marker: a fractional slice interval (333.3
+    # samples at 5 kHz) must not accumulate into an off-by-one over a run
+    index = np.concatenate([[0], np.cumsum(np.maximum(np.rint(gaps / step), 1))]).astype(np.int64)
+    return samples[index % per_volume == 0]
 
 
 def _longest_chain(samples: np.ndarray, period: float) -> list[int]:
@@ -430,11 +485,11 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
             raise DataError(f"no marker {marker!r} in the recording or its events.tsv "
                             f"(markers: {_names(series)})", path=path)
         series = chosen
-    trains = {s: find_train(s, tr, sfreq) for s in series}
+    trains = {s: find_trains(s, tr, sfreq) for s in series}
     skip = (first_trigger or 1) - 1
-    fitting = [t for t in trains.values()
-               if t is not None and _fits(t, n_volumes, first_trigger, raw.n_times)]
-    candidates = [_candidate(s, t, sfreq, t in fitting) for s, t in trains.items()]
+    fitting = [t for found in trains.values() for t in found
+               if _fits(t, n_volumes, first_trigger, raw.n_times)]
+    candidates = [_candidate(s, found, sfreq, fitting) for s, found in trains.items()]
     if not fitting:
         raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger), path=path)
     fitting.sort(key=_preference)
@@ -451,31 +506,36 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     starts = chosen.onsets[skip:skip + wanted]
     if len(chosen.strays) or len(chosen.filled):
         logger.warning("%s: volume triggers %s: %s", path, chosen.series.label, chosen.describe(sfreq))
-    return VolumeTiming(starts[starts + window <= raw.n_times], float(tr), sfreq, window,
-                        train=chosen, first_trigger=skip + 1,
-                        candidates=[c for c in candidates if c is not None])
+    timing = VolumeTiming(starts[starts + window <= raw.n_times], float(tr), sfreq, window,
+                          train=chosen, first_trigger=skip + 1, candidates=candidates)
+    if abs(timing.drift_ppm) > _SUSPICIOUS_DRIFT_PPM:
+        logger.warning("%s: the triggers come every %.6f s, RepetitionTime says %g s (%+.0f ppm; "
+                       "EEG-scanner clock drift stays below a few hundred ppm): check the BOLD "
+                       "sidecar's RepetitionTime", path, chosen.period / sfreq, tr, timing.drift_ppm)
+    return timing
 
 
 def _fits(train: Train, n_volumes: int | None, first_trigger: int | None, n_times: int) -> bool:
     """Whether the train holds the BOLD volumes (see the module docstring, step 3).
 
-    A train with fewer triggers than volumes fits only when the recording stopped before the
-    scan did: the train ends where the recording ends (its next trigger would lie beyond the
-    last sample) and, unless ``--first-volume-trigger`` says where the scan starts, it starts
-    after a trigger-free TR (had the scan been running when the recording started, that TR
-    would hold a trigger). More triggers than volumes fit only with ``--first-volume-trigger``.
+    Without ``--first-volume-trigger`` only a train of exactly one trigger per volume fits:
+    fewer triggers could be a recording that stopped early, or one that started late, lost
+    its first triggers or paused, and which of these cannot be read from the markers. With it
+    the user says where the scan starts: triggers after the last volume are ignored, and a
+    train that runs into the end of the recording (whose next trigger would lie beyond its
+    last sample) may hold fewer.
     """
     available = len(train.onsets) - (first_trigger or 1) + 1
     if available < 1:
         return False
     if n_volumes is None or available == n_volumes:
         return True
-    if available > n_volumes:  # extra triggers after the last volume: only when told
-        return first_trigger is not None
+    if first_trigger is None:
+        return False
+    if available > n_volumes:
+        return True
     tolerance = max(2.0, _CHAIN_TOLERANCE * train.period)
-    cut_by_the_end = train.onsets[-1] + train.period > n_times - 1 - tolerance
-    starts_inside = first_trigger is not None or train.onsets[0] - train.period >= -tolerance
-    return cut_by_the_end and starts_inside
+    return train.onsets[-1] + train.period > n_times - 1 - tolerance
 
 
 def _preference(train: Train) -> tuple:
@@ -508,13 +568,13 @@ def _matches(series: MarkerSeries, wanted: str) -> bool:
     return key(text) in forms
 
 
-def _candidate(series: MarkerSeries, train: Train | None, sfreq: float, fits: bool) -> dict:
+def _candidate(series: MarkerSeries, trains: list[Train], sfreq: float, fitting: list) -> dict:
     spacing = np.diff(series.samples)
     entry = {"Marker": series.name, "Source": SOURCES[series.source], "Count": int(len(series.samples)),
-             "MedianIntervalSeconds": round(float(np.median(spacing)) / sfreq, 6) if len(spacing) else None}
-    if train is not None:
-        entry |= {"TrainTriggers": int(len(train.onsets)), "TrainFilled": int(len(train.filled)),
-                  "TrainStrays": int(len(train.strays)), "Fits": fits}
+             "MedianIntervalSeconds": round(float(np.median(spacing)) / sfreq, 6) if len(spacing) else None,
+             "Trains": [{"Triggers": int(len(t.onsets)), "Filled": int(len(t.filled)),
+                         "FirstSeconds": round(float(t.onsets[0]) / sfreq, 6),
+                         "Fits": any(t is f for f in fitting)} for t in trains]}
     return entry
 
 
@@ -522,24 +582,30 @@ def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trig
     volumes = f"the {n_volumes} BOLD volumes" if n_volumes is not None else "the recording"
     if first_trigger is not None:
         volumes += f" from trigger {first_trigger}"
+    off_tr = False
     if not trains:
         found = "the recording and its events.tsv hold no markers"
     else:
-        ranked = sorted(trains.items(), key=lambda st: (st[1] is None, -len(st[0].samples)))
+        ranked = sorted(trains.items(), key=lambda st: (not st[1], -len(st[0].samples)))
         parts = []
-        for series, train in ranked[:6]:
+        for series, found_trains in ranked[:6]:
             spacing = np.diff(series.samples)
             every = f", every {np.median(spacing) / sfreq:.3f} s" if len(spacing) else ""
             count = len(series.samples)
             text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
-            if train is not None:
-                text += f": {train.describe(sfreq)}"
+            if found_trains:
+                text += ": " + " and ".join(t.describe(sfreq) for t in found_trains)
+            elif len(spacing) and 0.01 < abs(np.median(spacing) / (tr * sfreq) - 1) < 0.2:
+                off_tr = True
             parts.append(text)
         more = f" and {len(trains) - 6} more" if len(trains) > 6 else ""
         found = "found " + "; ".join(parts) + more
-    return (f"no trigger train fits {volumes} at RepetitionTime {tr:g} s ({found}); give "
+    tr_hint = ("; if a series above marks the volumes at another interval, the BOLD sidecar's "
+               "RepetitionTime is wrong" if off_tr else "")
+    return (f"no trigger train fits {volumes} at RepetitionTime {tr:g} s ({found}){tr_hint}; give "
             "--volume-marker NAME, --first-volume-trigger K when the train holds dummy or extra "
-            "triggers, or --eeg-offset SECONDS (0 when the EEG starts with the first volume)")
+            "triggers or the recording stopped before the scan, or --eeg-offset SECONDS (0 when "
+            "the EEG starts with the first volume)")
 
 
 def _names(series: list[MarkerSeries]) -> str:

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import PARTICIPANT_OPTIONS, assert_clean_failure, partial_files, run_spec2vol, unreadable_outputs
 
+from spec2vol_bids.errors import DataError
+
 def eeg_file(bids: Path, subject: str = "01", ext: str = ".vhdr") -> Path:
     return bids / f"sub-{subject}" / "eeg" / f"sub-{subject}_task-rest_eeg{ext}"
 
@@ -194,7 +196,12 @@ def test_eeg_shorter_than_the_volumes(simulated_bids, tmp_path):
     set_vhdr_entry(vhdr, "DataPoints", str(keep))
     out = tmp_path / "out"
     proc = participant(simulated_bids, out)
-    assert_clean_failure(proc, 65, "sub-01_task-rest_eeg.", "covers", out_dir=out)
+    # 6 of 20 triggers recorded: an early stop, a late start or a pause look alike
+    assert_clean_failure(proc, 65, "sub-01_task-rest_eeg.vhdr", "no trigger train fits the 20 BOLD "
+                         "volumes", out_dir=out)
+    proc = participant(simulated_bids, out, "--first-volume-trigger", "1")
+    assert_clean_failure(proc, 65, "sub-01_task-rest_eeg.vhdr", "covers 5 TR windows", "fewer than "
+                         "the 7 needed", out_dir=out)
     assert not spectrogram(out).exists()
 
 
@@ -463,3 +470,73 @@ def test_no_partial_files_helper_sees_partial_writes(tmp_path):
     assert [p.name for p in partial_files(tmp_path)] == [".x_bold.nii.gz.abc123.tmp.nii.gz"]
     assert [line.split(":")[0] for line in unreadable_outputs(tmp_path)] == [
         str(tmp_path / "bad.npy"), str(tmp_path / "sub-01" / "x_bold.nii.gz")]
+
+
+# -- non-finite numbers: refused where they would enter, never written -----------------------
+
+@pytest.mark.parametrize("damage, needle", [
+    ("weights", "the model's weights hold NaN or infinite values"),
+    ("norm", "normalisation statistics hold NaN or infinite values"),
+    ("channels", "the model file lists no EEG channels"),
+])
+def test_model_file_with_non_finite_numbers_is_refused(model_channels, tmp_path, damage, needle):
+    import torch
+
+    from spec2vol_bids.models import load_checkpoint
+
+    path = save_tiny_model(tmp_path / "model.pt", model_channels)
+    payload = torch.load(path, weights_only=True)
+    if damage == "weights":
+        name = next(iter(payload["state_dict"]))
+        payload["state_dict"][name] = payload["state_dict"][name].clone().fill_(float("nan"))
+    elif damage == "norm":
+        payload["norm_stats"]["max"] = float("inf")
+    else:
+        payload["channels"] = []
+    torch.save(payload, path)
+    with pytest.raises(DataError, match=needle) as err:
+        load_checkpoint(path)
+    assert err.value.code == 65 and str(path) in str(err.value)
+
+
+def test_synthesis_with_a_nan_model_writes_nothing(simulated_bids, participant_outputs, model_channels,
+                                                   tmp_path):
+    import torch
+
+    path = save_tiny_model(tmp_path / "model.pt", model_channels)
+    payload = torch.load(path, weights_only=True)
+    for tensor in payload["state_dict"].values():
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+    torch.save(payload, path)
+    proc = participant(simulated_bids, participant_outputs, "--model", path)
+    assert_clean_failure(proc, 65, "model.pt", "NaN or infinite", out_dir=participant_outputs)
+    assert not synth(participant_outputs).exists()
+
+
+def test_nan_in_a_spectrogram_is_refused_by_the_group_level(simulated_bids_source, participant_outputs,
+                                                            tmp_path):
+    spec_file = spectrogram(participant_outputs, "02")
+    spec = np.load(spec_file)
+    spec[5, 3, 2] = np.nan
+    np.save(spec_file, spec)
+    proc = run_spec2vol(simulated_bids_source, participant_outputs, "group", "--model-config", "tiny",
+                        "--epochs", "1", "-w", tmp_path / "work")
+    assert_clean_failure(proc, 65, spec_file.name, "NaN or infinite values", out_dir=participant_outputs)
+    assert not (participant_outputs / "models").exists()
+
+
+def test_divergence_stops_the_fold_and_keeps_nothing_of_it(simulated_bids_source, participant_outputs,
+                                                           tmp_path):
+    proc = run_spec2vol(simulated_bids_source, participant_outputs, "group", "--model-config", "tiny",
+                        "--batch-size", "4", "--epochs", "2", "--lr", "1e30", "--warmup-steps", "0",
+                        "--omp-nthreads", "1", "-w", tmp_path / "work", "--split", "fixed",
+                        "--test-subjects", "03", "--no-final")
+    line = assert_clean_failure(proc, 65, "fold fixed spec2vol: training diverged in epoch 1",
+                                "lower --lr", out_dir=participant_outputs)
+    assert "no epoch finished, so no checkpoint is kept" in line
+    fold = participant_outputs / "models" / "fold-fixed"
+    assert not (fold / "done.json").exists() and not list(fold.rglob("model.pt"))
+    assert not list(participant_outputs.rglob("*_desc-synth_bold.nii.gz"))
+    assert not (participant_outputs / "group_metrics.tsv").exists()
+    assert "Warning" not in proc.stderr and "warn(" not in proc.stderr

@@ -263,10 +263,23 @@ def test_noddi_fixture_header(tmp_path):
     # Scan Start, the slice markers grouped per volume (30 per 540 samples) and the one-off
     # "Scanner Start" are candidates; the first two fit the 300 volumes and agree exactly.
     assert timing.marker == "Scanner/Scan Start"
-    fitting = [c["Marker"] for c in timing.candidates if c.get("Fits")]
+    fitting = [c["Marker"] for c in timing.candidates if any(t["Fits"] for t in c["Trains"])]
     assert sorted(fitting) == ["Scanner/Scan Start", "Scanner/s"]
     assert round(timing.t0 * 250) == 36  # Mk3 at 1-based point 37
     assert timing.n_volumes == 299 and timing.window_samples == 540
     np.testing.assert_array_equal(timing.starts, 36 + 540 * np.arange(299))
     last_end = 36 + 299 * 540 + 540
     assert last_end - raw.n_times == 13
+
+
+def test_channels_tsv_with_an_extra_row_still_decides(tmp_path, caplog):
+    raw = read_eeg(write_bv(tmp_path, ch_names=["Fp1", "C3", "Cz", "CW1"]), work_dir=tmp_path / "work")
+    tsv = tmp_path / "channels.tsv"
+    tsv.write_text("name\ttype\tstatus\nFp1\tEEG\tgood\nC3\tEEG\tbad\nCz\tEEG\tgood\n"
+                   "CW1\tMISC\tgood\nTRIG\tTRIG\tgood\n")
+    with caplog.at_level(logging.WARNING):
+        assert eeg_channels(raw, tsv) == ["Fp1", "Cz"]  # C3 bad, CW1 not EEG
+    assert "rows for channel(s) the recording lacks, ignored: TRIG" in caplog.text
+    # a channel without a row: the file's types decide, the bad mark still holds
+    tsv.write_text("name\ttype\tstatus\nFp1\tEEG\tgood\nC3\tEEG\tbad\nCz\tEEG\tgood\n")
+    assert eeg_channels(raw, tsv) == ["Fp1", "Cz", "CW1"]

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import resource
 import shutil
 import signal
 import stat
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -331,3 +334,119 @@ def test_inputs_are_never_modified(simulated_bids, tmp_path):
     after = checksums(simulated_bids)
     assert sorted(after) == sorted(before)  # nothing created, nothing left behind
     assert {k: v for k, v in after.items() if v[0]} == {k: v for k, v in before.items() if v[0]}
+
+
+def test_raw_dataset_untouched_by_runs_killed_while_reading(simulated_bids, tmp_path):
+    """Every file of BIDS_DIR keeps its bytes, size, time and mode: after a validated run, and
+    after a run killed with SIGKILL while it reads the EEG. A stale mne-bids lock file (left
+    by an earlier version, which read sidecars through mne-bids) neither stalls the run nor
+    fails its validation."""
+    channels = next(simulated_bids.glob("sub-01/eeg/*_channels.tsv"))
+    stale = channels.with_name(channels.name + ".lock")
+    stale.write_text("")
+    before = checksums(simulated_bids)
+    options = [o for o in PARTICIPANT_OPTIONS if o != "--skip-bids-validation"]
+    tic = time.monotonic()
+    proc = run_spec2vol(simulated_bids, tmp_path / "out", "participant", *options)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - tic < 60 and "stale lock file" in proc.stderr
+    assert checksums(simulated_bids) == before
+    for seconds in (1.5, 3.0, 4.5):  # killed at different points of reading and writing
+        out = tmp_path / f"killed-{seconds}"
+        kill_after(start(simulated_bids, out, "participant", *PARTICIPANT_OPTIONS, "-w",
+                         tmp_path / f"work-{seconds}"), seconds)
+        assert checksums(simulated_bids) == before, f"killed after {seconds} s"
+    assert sorted(p.name for p in simulated_bids.rglob("*.lock")) == [stale.name]
+
+
+def test_work_dir_inside_the_raw_dataset_or_a_file_is_refused(simulated_bids, tmp_path):
+    before = checksums(simulated_bids)
+    for work, needle in [(simulated_bids / "work", "-w/--work-dir is inside the raw tree"),
+                         (simulated_bids, "-w/--work-dir is BIDS_DIR")]:
+        for level in ("participant", "group"):
+            proc = run_spec2vol(simulated_bids, tmp_path / "out", level, "--skip-bids-validation",
+                                "-w", work)
+            assert_clean_failure(proc, 64, needle)
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    proc = run_spec2vol(simulated_bids, tmp_path / "out", "participant", "--skip-bids-validation",
+                        "-w", afile)
+    assert_clean_failure(proc, 64, "names a file, not a folder")
+    assert checksums(simulated_bids) == before and not (tmp_path / "out").exists()
+
+
+def test_up_to_date_means_verified(simulated_bids, tmp_path):
+    """A rerun skips a run only when every file it reads is unchanged and its outputs are
+    intact: a truncated spectrogram or target, or a changed data file that the BrainVision
+    header names outside the run's folder, is recomputed."""
+    out = tmp_path / "out"
+    assert run_spec2vol(simulated_bids, out, "participant", *PARTICIPANT_OPTIONS).returncode == 0
+    spec = next(out.glob("sub-01/eeg/*_spectrogram.npy"))
+    target = next(out.glob("sub-01/func/*_desc-target_bold.nii.gz"))
+    reference = {p: p.read_bytes() for p in (spec, target)}
+    for damaged in (spec, target):
+        with open(damaged, "r+b") as fh:
+            fh.truncate(damaged.stat().st_size - 100)
+        proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01",
+                            *PARTICIPANT_OPTIONS)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{damaged}: damaged" in proc.stderr
+        assert damaged.read_bytes() == reference[damaged]
+    # the header's DataFile= may name a file in another folder: it is an input too
+    vhdr = next(simulated_bids.glob("sub-01/eeg/*_eeg.vhdr"))
+    elsewhere = tmp_path / "raw-data" / "recording.eeg"
+    elsewhere.parent.mkdir()
+    shutil.move(vhdr.with_suffix(".eeg"), elsewhere)
+    text = vhdr.read_text()
+    vhdr.write_text(text.replace(f"DataFile={vhdr.stem}.eeg", f"DataFile={elsewhere}"))
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *PARTICIPANT_OPTIONS)
+    assert proc.returncode == 0 and "spectrogram up to date" not in proc.stderr  # the header changed
+    assert run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01",
+                        *PARTICIPANT_OPTIONS).stderr.count("spectrogram up to date") == 1
+    data = np.memmap(elsewhere, dtype=np.float32, mode="r+")
+    data[1000:2000] *= 2.0  # same size, same name: the content changed (and the mtime)
+    data.flush()
+    del data
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *PARTICIPANT_OPTIONS)
+    assert proc.returncode == 0 and "spectrogram up to date" not in proc.stderr
+
+
+def test_temporaries_of_writers_on_other_nodes_are_left_alone(tmp_path):
+    """OUTPUT_DIR shared by jobs that cannot see each other's process ids (other nodes, other
+    containers): a live writer's temporary file survives the others' clean-up."""
+    from spec2vol_bids import derivatives
+
+    out = tmp_path / "out"
+    (out / "sub-01").mkdir(parents=True)
+    # a writer in a PID namespace of its own (where the machine allows one) keeps its file open
+    # while this process cleans up; it then finishes its write
+    writer = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from spec2vol_bids.derivatives import atomic_path
+        with atomic_path(Path({str(out / "sub-01" / "x.json")!r})) as tmp:
+            tmp.write_text("{{}}")
+            Path({str(tmp_path / "ready")!r}).write_text(tmp.name)
+            time.sleep(4)
+    """)
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc"]
+    isolated = shutil.which("unshare") and subprocess.run(
+        [*prefix, "true"], capture_output=True).returncode == 0
+    proc = subprocess.Popen([*(prefix if isolated else []), sys.executable, "-c", writer],
+                            env=cli_env(), stderr=subprocess.PIPE, text=True)
+    wait_for((tmp_path / "ready").exists, proc, timeout=60)
+    assert derivatives.remove_stale_temporaries(out) == []
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert (out / "sub-01" / "x.json").read_text() == "{}"
+    # the same by name: another identity's writer, whose process id does not exist here, is
+    # alive as far as this process can tell; this identity's dead writer is stale, and so is
+    # any temporary file older than a day
+    other = out / "sub-01" / ".y.json.0123456789-4194000-abcd.tmp.json"
+    dead = out / "sub-01" / f".z.json.{derivatives._WRITER}-4194000-abcd.tmp.json"
+    ancient = out / "sub-01" / ".w.json.0123456789-4194000-abcd.tmp.json"
+    for path in (other, dead, ancient):
+        path.write_text("")
+    day_ago = time.time() - derivatives.STALE_AFTER_S - 60
+    os.utime(ancient, (day_ago, day_ago))
+    assert sorted(derivatives.remove_stale_temporaries(out)) == sorted([dead, ancient])
+    assert other.exists()

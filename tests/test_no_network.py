@@ -70,3 +70,59 @@ def test_both_levels_run_without_network(simulated_bids, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "group_metrics.tsv").read_text().count("sub-03") == 2  # spec2vol and the mean volume
     assert nib.load(out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.nii.gz").shape == (32, 32, 8, 14)
+
+
+RECORDER = '''\
+"""Record every attempt to reach the network (then refuse it), for the template-space test."""
+import os
+import socket
+
+
+def _record(*args, **kwargs):
+    with open(os.environ["SPEC2VOL_NETWORK_LOG"], "a") as fh:
+        fh.write(repr(args[:2]) + "\\n")
+    raise OSError(101, "network is unreachable (blocked by spec2vol's no-network test)")
+
+
+socket.socket.connect = _record
+socket.socket.connect_ex = _record
+socket.create_connection = _record
+socket.getaddrinfo = _record
+'''
+
+
+def test_template_space_derivatives_make_no_request(simulated_bids_source, tmp_path):
+    """fMRIPrep derivatives in MNI152NLin2009cAsym with their own brain masks, on a node without
+    network: with an empty TemplateFlow home and with one holding the template, both levels run
+    and nothing tries to reach the network."""
+    from test_fmriprep import SPACE, _fmriprep, _templateflow_home
+
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep")
+    recorder = tmp_path / "recorder"
+    recorder.mkdir()
+    (recorder / "sitecustomize.py").write_text(RECORDER, encoding="utf-8")
+    log = tmp_path / "requests.log"
+    populated = _templateflow_home(tmp_path / "populated", mask=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prefix, _ = offline(tmp_path)
+    out = tmp_path / "out"
+    participant = ("participant", *PARTICIPANT_OPTIONS, "--bold-derivatives", deriv)
+    group = ("group", *GROUP_OPTIONS, "--epochs", "1", "--split", "fixed", "--test-subjects", "03",
+             "--no-final", "--skip-bids-validation")
+    # both levels with an empty home, then the participant level (which refreshes the reports)
+    # with a home that holds the template
+    for home, args in [(empty, participant), (empty, group), (populated, participant)]:
+        env = cli_env(PYTHONPATH=str(recorder), SPEC2VOL_NETWORK_LOG=str(log),
+                      TEMPLATEFLOW_HOME=str(home))
+        proc = subprocess.run([*prefix, *spec2vol_command(simulated_bids_source, out, *args)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        report = (out / ("group.html" if args is group else "sub-03.html")).read_text(encoding="utf-8")
+        if args is group:
+            assert "the MNI152 2009 symmetric template shipped with nilearn" in report
+    assert f"the {SPACE} T1w template from TemplateFlow" in report
+    assert not log.exists(), log.read_text()
+    assert sorted(p.name for p in populated.rglob("*") if p.is_file()) == [
+        "template_description.json", f"tpl-{SPACE}_res-02_T1w.nii.gz"]
+    assert not list(empty.iterdir())

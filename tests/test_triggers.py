@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from spec2vol_bids.errors import DataError, UsageError
-from spec2vol_bids.triggers import find_train, marker_series, volume_timing
+from spec2vol_bids.triggers import find_trains, marker_series, volume_timing
 
 SFREQ = 500.0
 TR = 2.0
@@ -191,10 +191,15 @@ def test_mismatched_tr_is_refused_with_what_was_found():
 
 
 def test_coverage_truncates_then_refuses(caplog):
+    # the recording stopped after 35 of 40 volumes: which volumes its 35 triggers are cannot be
+    # read from them (a late start or lost first triggers look the same), so the user says it
     raw = raw_with_markers((1000 + np.arange(40) * PERIOD, "Response/R128"), n_times=35500)
+    with pytest.raises(DataError, match="or the recording stopped before the scan"):
+        timing_of(raw, n_volumes=40)
     with caplog.at_level(logging.WARNING, logger="spec2vol_bids.triggers"):
-        timing = timing_of(raw, n_volumes=40)
+        timing = timing_of(raw, n_volumes=40, first_trigger=1)
     assert timing.n_volumes == 34  # (35500 - 1000) // 1000 full windows; later markers cut off
+    assert "covers 34 of 40 volumes" in caplog.text
     # Without a BOLD series (synthesis from EEG alone): one volume per trigger.
     assert timing_of(raw, n_volumes=None).n_volumes == 34
     short = raw_with_markers((1000 + np.arange(6) * PERIOD, "Response/R128"), n_times=7500)
@@ -223,4 +228,89 @@ def test_events_tsv_labels_are_candidates(tmp_path):
 def test_find_train_needs_a_regular_series():
     heart = np.cumsum(np.random.default_rng(0).normal(420, 40, 80)).astype(int)
     series = marker_series(raw_with_markers((heart, "Pulse Artifact/R"), n_times=40000))[0]
-    assert find_train(series, TR, SFREQ) is None
+    assert find_trains(series, TR, SFREQ) == []
+
+
+# -- cases a new user built (docs: none of them may give shifted windows with exit 0) -------
+
+@pytest.mark.parametrize("case", ["first trigger missing", "irregular gap", "paused recording",
+                                  "dummies and an early stop", "late start and early stop"])
+def test_a_short_train_is_never_taken_for_the_first_volumes(case):
+    """Fewer triggers than volumes, with the recording ending just after the last one: without
+    --first-volume-trigger these are refused, whatever the tail (each was accepted, shifted by
+    1 to 20 volumes, when the recording's end was taken as proof of an early stop)."""
+    volumes = 2000 + np.arange(40) * PERIOD
+    markers = {
+        "first trigger missing": volumes[1:],
+        "irregular gap": np.r_[volumes[:19], volumes[19:] + PERIOD // 2],
+        "paused recording": np.r_[volumes[:15], volumes[20:] - 4300],
+        "dummies and an early stop": np.r_[volumes[0] - 2 * PERIOD, volumes[0] - PERIOD, volumes[:30]],
+        "late start and early stop": volumes[5:31] - 5 * PERIOD + 998,
+    }[case]
+    raw = raw_with_markers((markers, "Response/R128"), n_times=int(markers[-1]) + PERIOD + 500)
+    with pytest.raises(DataError, match="no trigger train fits the 40 BOLD volumes"):
+        timing_of(raw, n_volumes=40)
+
+
+def test_two_scans_in_one_series_must_be_told_apart():
+    first = 1000 + np.arange(40) * PERIOD
+    second = first[-1] + 37_300 + np.arange(40) * PERIOD  # another scan, a non-integer gap later
+    raw = raw_with_markers((np.r_[first, second], "Response/R128"), n_times=int(second[-1]) + 3000)
+    with pytest.raises(DataError, match="two trigger trains fit the 40 volumes but disagree"):
+        timing_of(raw, n_volumes=40)
+    # a 45-volume scan, then the 40 of this run: the one that fits is found, not only the longest
+    longer = 1000 + np.arange(45) * PERIOD
+    second = longer[-1] + 37_300 + np.arange(40) * PERIOD
+    raw = raw_with_markers((np.r_[longer, second], "Response/R128"), n_times=int(second[-1]) + 3000)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=40).starts, second)
+
+
+def test_slice_markers_from_a_recording_started_mid_volume():
+    # back to back, 20 per volume; the recording starts at slice 8 of a volume: where volumes
+    # begin is unknown from the slices alone
+    slices = np.arange(8, 20 * 42) * 50 - 8 * 50 + 20
+    raw = raw_with_markers((slices, "Scanner/s"), n_times=int(slices[-1]) + 2000)
+    with pytest.raises(DataError, match="no trigger train fits"):
+        timing_of(raw, n_volumes=40, first_trigger=3)
+    # with a pause after each volume, the partial first volume is left out of the train
+    slices = (500 + np.arange(41)[:, None] * PERIOD + np.arange(10) * 40).ravel()[6:]
+    timing = timing_of(raw_with_markers((slices, "Scanner/s"), n_times=45000), n_volumes=40)
+    np.testing.assert_array_equal(timing.starts, 500 + np.arange(1, 41) * PERIOD)
+
+
+def test_a_missing_slice_marker_does_not_lose_the_train():
+    slices = 333 + np.arange(40 * 20) * 50
+    timing = timing_of(raw_with_markers((np.delete(slices, 417), "Scanner/s"), n_times=42000),
+                       n_volumes=40)
+    np.testing.assert_array_equal(timing.starts, 333 + np.arange(40) * PERIOD)
+    # the first slice of a volume missing: that volume's start is filled from its neighbours
+    timing = timing_of(raw_with_markers((np.delete(slices, 400), "Scanner/s"), n_times=42000),
+                       n_volumes=40)
+    np.testing.assert_array_equal(timing.starts, 333 + np.arange(40) * PERIOD)
+
+
+def test_stim_channel_codes_are_candidates(tmp_path):
+    """BioSemi's Status or FIF's STI 014 carry the scanner pulses as codes on a channel."""
+    info = mne.create_info(["Cz", "Pz", "STI 014"], SFREQ, ["eeg", "eeg", "stim"])
+    data = np.zeros((3, 40000))
+    volumes = 700 + np.arange(30) * PERIOD
+    for start in volumes:
+        data[2, start:start + 5] = 128
+    data[2, 9000:9003] = 3  # a button press
+    path = tmp_path / "sub-01_task-x_eeg.fif"
+    mne.io.RawArray(data, info, verbose=False).save(path, verbose=False)
+    raw = mne.io.read_raw_fif(path, verbose=False)
+    timing = timing_of(raw)
+    assert timing.marker == "STI 014=128"
+    np.testing.assert_array_equal(timing.starts, volumes)
+
+
+def test_a_repetition_time_that_disagrees_with_the_triggers(caplog):
+    raw = raw_with_markers((100 + np.rint(np.arange(30) * 1005.0).astype(int), "Response/R128"))
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.triggers"):
+        timing = timing_of(raw)  # 0.5 % apart: the windows follow the triggers, with a warning
+    assert timing.drift_ppm == pytest.approx(5000, abs=50)
+    assert "check the BOLD sidecar's RepetitionTime" in caplog.text
+    raw = raw_with_markers((100 + np.arange(30) * 1020, "Response/R128"))
+    with pytest.raises(DataError, match="the BOLD sidecar's RepetitionTime is wrong"):
+        timing_of(raw)  # 2 % apart: refused, pointing at the TR

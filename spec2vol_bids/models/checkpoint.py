@@ -14,16 +14,15 @@ unpickled is refused (:class:`~spec2vol_bids.errors.DataError`, exit 65), never 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
-import os
-import tempfile
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import EX_IOERR, DataError, MissingInputError, OutputError
+from ..derivatives import write_bytes
+from ..errors import DataError, MissingInputError, one_line
 from .registry import config_from_dict, model_from_config
 
 FORMAT = "spec2vol-model"
@@ -82,26 +81,35 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str, channels, norm_s
         "norm_stats": _plain(norm_stats),
         "extra": _plain(extra),
     }
-    path = Path(path)
-    # The temporary file sits next to the target so that os.replace is an atomic rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # Serialised in memory first: torch.save reports a failed write (a full disk) as a
-        # RuntimeError, a plain file write as the OSError handled below.
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        full = error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        raise OutputError(f"cannot write the model checkpoint ({error.strerror or error})",
-                          path=path, code=EX_IOERR if full else None) from error
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: torch.save reports a failed write (a full disk) as a
+    # RuntimeError; write_bytes reports it as exit 74 like any other write.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path = write_bytes(path, buffer.getbuffer())
     return path
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """What torch's safe loader objected to, without its advice to load the file unsafely."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1]
+        reason = reason.split(" Please use", 1)[0].split("Check the documentation", 1)[0]
+        return one_line(reason) or "unsupported content"
+    return one_line(text.split(". ", 1)[0] if "Weights only load failed" in text else text)
+
+
+def _finite_numbers(value) -> bool:
+    """Whether every number inside ``value`` (nested dicts and lists) is finite."""
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite_numbers(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if torch.is_tensor(value):
+        return bool(torch.isfinite(value).all()) if value.is_floating_point() else True
+    return True
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
@@ -137,9 +145,8 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means "not a safe checkpoint"
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"not a readable spec2vol model checkpoint (refused by the safe "
-                        f"loader: {reason[:200]}); use a model.pt written by spec2vol",
+                        f"loader: {_unpickler_reason(error)}); use a model.pt written by spec2vol",
                         path=path) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError("not a spec2vol model checkpoint (no 'spec2vol-model' format tag); "
@@ -153,9 +160,20 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         model = model_from_config(config)
         model.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        reason = " ".join(str(error).split())[:300]
         raise DataError(f"the checkpoint's configuration and weights do not fit together "
-                        f"({reason}); re-train the model", path=path) from error
+                        f"({one_line(error, 300)}); re-train the model", path=path) from error
+    bad = [name for name, tensor in payload["state_dict"].items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise DataError(f"the model's weights hold NaN or infinite values ({len(bad)} tensors, e.g. "
+                        f"{bad[0]}); re-train the model", path=path)
+    if not _finite_numbers(payload.get("norm_stats")):
+        raise DataError("the model's EEG normalisation statistics hold NaN or infinite values; "
+                        "re-train the model", path=path)
+    channels = payload.get("channels")
+    if not isinstance(channels, list) or not channels or not all(isinstance(c, str) and c for c in channels):
+        raise DataError("the model file lists no EEG channels (its 'channels' must be a non-empty "
+                        "list of names); use a model.pt written by spec2vol", path=path)
     meta = {key: payload.get(key) for key in
             ("model_name", "config", "channels", "norm_stats", "extra", "format_version")}
     if isinstance(map_location, (str, torch.device)):
