@@ -214,9 +214,9 @@ def test_templateflow_mask_and_fmriprep_filter_file(simulated_bids_source, tmp_p
 def test_offline_node_needs_templateflow_only_for_a_missing_mask(simulated_bids_source, tmp_path):
     """Derivatives without brain masks need the template's (exit 66 up front, with the pre-fetch
     command); derivatives with masks need nothing from TemplateFlow."""
-    home = tmp_path / "empty-home"
-    home.mkdir()
-    for masks in (False, True):
+    for masks in (True, False):
+        home = tmp_path / f"empty-home-{masks}"
+        home.mkdir()
         deriv = _fmriprep(simulated_bids_source, tmp_path / f"fmriprep-{masks}", masks=masks)
         out = tmp_path / f"out-{masks}"
         command = spec2vol_command(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
@@ -228,9 +228,9 @@ def test_offline_node_needs_templateflow_only_for_a_missing_mask(simulated_bids_
                               env=cli_env(TEMPLATEFLOW_HOME=str(home)))
         if masks:
             assert proc.returncode == 0, proc.stderr
+            assert not list(home.iterdir())  # TemplateFlow was not even asked
         else:
             assert_clean_failure(proc, 66, "pre-fetch", f"TEMPLATEFLOW_HOME={home}",
                                  f"tf.get('{SPACE}', resolution=2, desc='brain', suffix='mask')")
             assert "requests" not in proc.stderr
             assert not out.exists()  # found before anything was written
-    assert not list(home.iterdir())
