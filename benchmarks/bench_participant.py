@@ -4,14 +4,14 @@ Writes a 64-channel, 5 kHz, 474 s INT_16 BrainVision run (303 MB, R128 markers e
 as a BIDS dataset and, with ``--bold``, a 108×108×64×370 BOLD series, then measures:
 
 1. in a fresh subprocess, the participant level's EEG work for the run
-   (:func:`spec2vol_bids.participant.process_eeg`: read, channel choice, alignment,
+   (:func:`spec2vol_bids.participant.spectrogram.process_eeg`: read, channel choice, alignment,
    spectrogram, QC figures, ``.npy`` + sidecar) and its peak RSS (VmHWM), then
    ``bold_targets`` with ``--bold``;
 2. in this process, alternately, one plain ``mne.io.read_raw_brainvision(..., preload=True)``
    of the file (the reference) and ``process_eeg`` into a fresh output folder, ``--repeat``
    times each; the best wall times, their CPU times, and the ratio; the QC figures are timed
    on their own (the same two plots of the same spectrogram), as the target covers the EEG
-   preprocessing and its derivative (DESIGN §4), and the figures are reported apart;
+   preprocessing and its derivative (docs/design.md; the issue's target), and the figures are reported apart;
 3. with ``--cli``, the whole ``spec2vol BIDS OUT participant`` run in a subprocess: wall time
    and peak RSS (``os.wait4``);
 4. the spectrogram step against the straightforward per-channel, per-window numpy loop at
@@ -115,22 +115,24 @@ def write_bids(root: Path, *, sfreq: float, seconds: float, tr: float, n_volumes
 
 
 def eeg_participant(root: Path, out: Path, tr: float, n_volumes: int):
-    """``process_eeg(pair, opts, ...)`` as ``spec2vol root out participant`` calls it.
+    """``process_eeg(pair, config, ...)`` as ``spec2vol root out participant`` calls it.
 
     Returns a function that runs it once and returns its
-    :class:`~spec2vol_bids.participant.RunResult`; ``out`` must not hold the run's outputs
+    :class:`~spec2vol_bids.participant.result.RunResult`; ``out`` must not hold the run's outputs
     (``process_eeg`` would skip the run).
     """
-    from spec2vol_bids import cli, layout, participant
+    from spec2vol_bids.bids.pairing import find_run_pairs
+    from spec2vol_bids.cli.parser import parse_args
+    from spec2vol_bids.participant.result import RunResult
+    from spec2vol_bids.participant.spectrogram import process_eeg
 
-    opts = cli.parse_args([str(root), str(out), "participant", "--skip-bids-validation",
-                           "-w", str(out.parent / f"{out.name}_work")])
-    run_opts = {k: v for k, v in vars(opts).items() if k != "argv"} | {"model_tr": None}
-    pair = next(p for p in layout.find_run_pairs(root, participant_labels=["01"])[0] if p.eeg)
+    config = parse_args([str(root), str(out), "participant", "--skip-bids-validation",
+                         "-w", str(out.parent / f"{out.name}_work")])
+    pair = next(p for p in find_run_pairs(root, participant_labels=["01"])[0] if p.eeg)
 
     def run():
-        result = participant.RunResult(label=pair.label, entities=pair.entities)
-        participant.process_eeg(pair, run_opts, tr, n_volumes, result)
+        result = RunResult(label=pair.label, entities=pair.entities)
+        process_eeg(pair, config, tr, n_volumes, result)
         return result
 
     return run

@@ -1,6 +1,6 @@
 """BOLD targets: lazy reading, DCT resampling to the model's grid, per-volume normalisation.
 
-DESIGN §2, step 6. A BOLD series is read lazily (nibabel ``dataobj``), a few volumes at a time;
+docs/design.md, "Preprocessing", step 5. A BOLD series is read lazily (nibabel ``dataobj``), a few volumes at a time;
 each volume is resampled by truncating or zero-padding its orthonormal 3-D DCT-II (the
 authors' CN-EPFL treatment, 108×108×64 → 64×64×30) and min–max scaled to [0, 1] on its own.
 The affine is rescaled so that the resampled volume covers the same field of view.
@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import scipy.fft
 
-from spec2vol_bids.annex import require_content
-from spec2vol_bids.errors import DataError
+from spec2vol_bids.bids.annex import require_content
+from spec2vol_bids.errors import DataError, one_line
 from spec2vol_bids.spectra import fft_workers
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def load_bold(path):
     try:
         img = nib.load(path, keep_file_open=True)
     except _READ_ERRORS as exc:
-        raise DataError(f"cannot read the BOLD file ({_one_line(exc)})", path=path) from exc
+        raise DataError(f"cannot read the BOLD file ({one_line(exc)})", path=path) from exc
     if len(img.shape) != 4 or min(img.shape) < 1:
         raise DataError(f"a BOLD series must be 4-D with no empty dimension; this image is {'×'.join(map(str, img.shape))}",
                         path=path)
@@ -195,15 +195,10 @@ def bold_targets(img, grid, *, chunk: int = 32):
         try:
             block = np.asarray(img.dataobj[..., a:b], dtype=np.float32)
         except _READ_ERRORS as exc:
-            raise DataError(f"cannot read BOLD volumes {a}-{b - 1} ({_one_line(exc)})",
+            raise DataError(f"cannot read BOLD volumes {a}-{b - 1} ({one_line(exc)})",
                             path=path) from exc
         try:
             out[..., a:b] = normalise_volumes(dct_resample(block, grid))
         except DataError as exc:
             raise DataError(f"{exc} (volumes {a}-{b - 1})", path=path) from exc
     return out, resampled_affine(img.affine, shape[:3], grid)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -20,17 +20,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from spec2vol_bids.derivatives import atomic_path, read_json
-from spec2vol_bids.errors import DataError, MissingInputError, NothingSelectedError
+from spec2vol_bids.config import Participant
+from spec2vol_bids.derivatives import atomic_path, read_spectrogram
+from spec2vol_bids.errors import DataError, NothingSelectedError
+from spec2vol_bids.naming import RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key
 
 logger = logging.getLogger(__name__)
 
-SPECTROGRAM_SUFFIX = "_desc-spec2vol_spectrogram.npy"
-TARGET_SUFFIX = "_desc-target_bold.nii.gz"
-#: entities that identify a run; ``space`` and ``desc`` only qualify a file of that run
-RUN_ENTITIES = ("subject", "session", "task", "acquisition", "run")
-_KEYS = {"sub": "subject", "ses": "session", "task": "task", "acq": "acquisition", "run": "run",
-         "space": "space", "res": "res", "desc": "desc"}
 #: mapped bytes read before a dataset drops its memory maps: pages of a mapping count in the
 #: process's resident set until it is unmapped, although the OS keeps them in its page cache
 MAP_RECYCLE_BYTES = 128 * 1024**2
@@ -60,11 +56,11 @@ class Run:
 
     @property
     def discard(self) -> int:
-        return int(self.meta.get("DiscardVolumes", 6))
+        return int(self.meta.get("DiscardVolumes", Participant.discard_volumes))
 
     @property
     def context(self) -> int:
-        return int(self.meta.get("Context", 20))
+        return int(self.meta.get("Context", Participant.context))
 
     @property
     def first_sample(self) -> int:
@@ -79,21 +75,6 @@ class Run:
     @property
     def name(self) -> str:
         return self.spectrogram.name[: -len(SPECTROGRAM_SUFFIX)]
-
-
-def parse_entities(filename: str) -> dict:
-    """Entities of a BIDS file name, under pybids' long names (``sub`` → ``subject`` …)."""
-    stem = filename.split(".")[0]
-    out = {}
-    for part in stem.split("_")[:-1]:
-        key, sep, value = part.partition("-")
-        if sep and key in _KEYS:
-            out[_KEYS[key]] = value
-    return out
-
-
-def _run_key(entities: dict) -> tuple:
-    return tuple(entities.get(name) for name in RUN_ENTITIES)
 
 
 def find_runs(out_dir: str | Path, *, participant_label: Sequence[str] | None = None,
@@ -118,52 +99,24 @@ def find_runs(out_dir: str | Path, *, participant_label: Sequence[str] | None = 
               "task": _as_set(task, "task-")}
     targets = {}
     for path in sorted(out_dir.glob(f"sub-*/**/func/*{TARGET_SUFFIX}")):
-        key = _run_key(parse_entities(path.name))
+        key = run_key(parse_name(path.name))
         if key in targets:
             raise DataError(f"two targets for one run ({targets[key].name} and {path.name}); "
                             "remove one", path=path.parent)
         targets[key] = path
     runs = []
     for path in sorted(out_dir.glob(f"sub-*/**/eeg/*{SPECTROGRAM_SUFFIX}")):
-        entities = {k: v for k, v in parse_entities(path.name).items() if k in RUN_ENTITIES}
+        entities = {k: v for k, v in parse_name(path.name).items() if k in RUN_ENTITIES}
         if any(sel is not None and entities.get(k) not in sel for k, sel in wanted.items()):
             continue
-        sidecar = path.with_suffix(".json")
-        try:
-            meta = read_json(sidecar)
-        except FileNotFoundError as exc:
-            raise MissingInputError("the spectrogram's JSON sidecar is missing; rerun the "
-                                    "participant level", path=sidecar) from exc
-        except ValueError as exc:
-            raise DataError(f"malformed JSON ({exc}); rerun the participant level", path=sidecar) from exc
-        if "Channels" not in meta:
-            raise DataError("the sidecar has no Channels list; rerun the participant level", path=sidecar)
-        n_windows = int(_checked_spectrogram(path, meta).shape[0])
-        target = targets.get(_run_key(entities))
+        meta = read_spectrogram(path, finite=True)[1]
+        n_windows = int(meta["NumberOfWindows"])
+        target = targets.get(run_key(entities))
         n_volumes = n_windows
         if target is not None:
             n_volumes = min(n_windows, int(nib.load(target).shape[3]))
         runs.append(Run(entities, path, meta, target, n_volumes))
     return runs
-
-
-def _checked_spectrogram(path: Path, meta: dict) -> np.ndarray:
-    """The spectrogram, memory-mapped, refused (65) when its shape differs from its sidecar's
-    or it holds NaN or infinity: every number trained or evaluated on must be finite."""
-    spec = _open_npy(path)
-    shape, bins = tuple(spec.shape), meta.get("FrequencyBinsHz")
-    if (len(shape) != 3 or shape[1] != len(meta["Channels"])
-            or meta.get("NumberOfWindows", shape[0]) != shape[0]
-            or (bins is not None and len(bins) != shape[2])):
-        raise DataError(f"the spectrogram's shape {shape} does not match its sidecar (windows "
-                        f"{meta.get('NumberOfWindows')}, {len(meta['Channels'])} channels, "
-                        f"{None if bins is None else len(bins)} bins); rerun the participant level",
-                        path=path)
-    for start in range(0, spec.shape[0], 256):
-        if not np.isfinite(spec[start:start + 256]).all():
-            raise DataError("the spectrogram holds NaN or infinite values; rerun the participant "
-                            "level for this run", path=path)
-    return spec
 
 
 def _as_set(value, prefix: str) -> set | None:

@@ -8,7 +8,6 @@ SIGKILL never leaves a half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import hashlib
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from spec2vol_bids import __version__
-from spec2vol_bids.errors import EX_CANTCREAT, EX_IOERR, OutputError
+from spec2vol_bids.errors import DataError, MissingInputError, OutputError, one_line, output_error
 
 PIPELINE_NAME = "spec2vol"
 
@@ -56,8 +55,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        code = EX_IOERR if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else EX_CANTCREAT
-        raise OutputError(f"cannot write file ({exc.strerror or exc})", path=path, code=code) from exc
+        raise output_error(exc, "file", path) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -172,6 +170,67 @@ def read_json(path: str | Path) -> dict:
         return json.load(fh)
 
 
+#: What the sidecar of a spectrogram spec2vol wrote holds (and a reused one must hold)
+SPECTROGRAM_KEYS = ("SamplingFrequency", "RepetitionTime", "FrequencyBinsHz", "Channels",
+                    "NumberOfWindows", "VolumeOnsetSeconds")
+
+
+def read_spectrogram(npy: str | Path, *, finite: bool = False):
+    """A spectrogram derivative, memory-mapped, and its sidecar, checked against each other.
+
+    Parameters
+    ----------
+    npy : str | Path
+        A ``*_desc-spec2vol_spectrogram.npy``; its JSON sidecar lies next to it.
+    finite : bool
+        Also refuse NaN or infinite values (read in blocks: every number trained or
+        evaluated on must be finite).
+
+    Returns
+    -------
+    spec : ndarray (memory-mapped), shape (windows, channels, bins)
+    meta : dict
+
+    Raises
+    ------
+    MissingInputError (66)
+        The sidecar is missing.
+    DataError (65)
+        Either file is unreadable, the sidecar lacks what spec2vol writes, the array is not the
+        shape the sidecar gives, or (``finite``) it holds NaN or infinity.
+    """
+    import numpy as np
+
+    npy = Path(npy)
+    sidecar = npy.with_suffix(".json")
+    try:
+        meta = read_json(sidecar)
+    except FileNotFoundError as exc:
+        raise MissingInputError("the spectrogram's JSON sidecar is missing; rerun the "
+                                "participant level", path=sidecar) from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"cannot read the spectrogram's sidecar ({one_line(exc)})", path=sidecar) from exc
+    missing = [k for k in SPECTROGRAM_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"the spectrogram's sidecar lacks {', '.join(missing)}: it was not "
+                        "written by spec2vol (rerun the participant level)", path=sidecar)
+    try:
+        spec = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the spectrogram ({one_line(exc)}); rerun the participant "
+                        "level", path=npy) from exc
+    expected = (meta["NumberOfWindows"], len(meta["Channels"]), len(meta["FrequencyBinsHz"]))
+    if tuple(spec.shape) != tuple(expected):
+        raise DataError(f"the spectrogram's shape {tuple(spec.shape)} does not match its sidecar "
+                        f"(windows, channels, bins) {expected}; rerun the participant level", path=npy)
+    if finite:
+        for start in range(0, spec.shape[0], 256):
+            if not np.isfinite(spec[start:start + 256]).all():
+                raise DataError("the spectrogram holds NaN or infinite values; rerun the "
+                                "participant level for this run", path=npy)
+    return spec, meta
+
+
 def container_info() -> dict | None:
     """Describe the container the tool runs in, from variables the images set."""
     kind = os.environ.get("SPEC2VOL_CONTAINER_TYPE")
@@ -233,24 +292,3 @@ def init_output_dataset(out_dir: str | Path, bids_dir: str | Path) -> Path:
     if not ignore.exists():
         write_text(ignore, BIDSIGNORE)
     return out_dir
-
-
-def bids_name(entities: Mapping[str, str | None], suffix: str, extension: str, **extra: str) -> str:
-    """Build a BIDS file name from entities in the standard order.
-
-    >>> bids_name({"subject": "01", "task": "rest", "run": "1"}, "bold", ".nii.gz", desc="synth")
-    'sub-01_task-rest_run-1_desc-synth_bold.nii.gz'
-    """
-    ent = {**{k: v for k, v in entities.items() if v not in (None, "")}, **extra}
-    order = [("subject", "sub"), ("session", "ses"), ("task", "task"), ("acquisition", "acq"),
-             ("run", "run"), ("space", "space"), ("res", "res"), ("desc", "desc")]
-    parts = [f"{key}-{ent[name]}" for name, key in order if ent.get(name) not in (None, "")]
-    return "_".join(parts + [suffix]) + extension
-
-
-def run_dir(out_dir: str | Path, entities: Mapping[str, str | None], datatype: str) -> Path:
-    """``OUT/sub-<s>/[ses-<t>/]<datatype>`` for a run's entities."""
-    path = Path(out_dir) / f"sub-{entities['subject']}"
-    if entities.get("session"):
-        path = path / f"ses-{entities['session']}"
-    return path / datatype

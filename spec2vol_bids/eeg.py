@@ -7,7 +7,7 @@ Two concerns of the participant level live here (docs/design.md, "Preprocessing"
   or :class:`~spec2vol_bids.errors.MissingInputError` (66) naming the file. BrainVision headers
   whose ``DataFile=``/``MarkerFile=`` name a missing file are read through a corrected copy of
   the header written to the work directory; the input is never modified. The BIDS sidecars are
-  read by spec2vol itself (:mod:`spec2vol_bids.sidecars`), not by mne-bids, which takes lock
+  read by spec2vol itself (:mod:`spec2vol_bids.bids.tsv`), not by mne-bids, which takes lock
   files inside the dataset while it reads.
 * :func:`eeg_channels` keeps EEG channels only and :func:`canonical_channel_order` puts them in
   one spatially sensible order shared by every subject.
@@ -17,6 +17,7 @@ Where the volumes lie in the recording is :mod:`spec2vol_bids.triggers`' job.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import re
@@ -24,15 +25,14 @@ import warnings
 from pathlib import Path
 
 import mne
-import numpy as np
 
-from spec2vol_bids.annex import require_content
-from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.bids.annex import require_content
+from spec2vol_bids.errors import DataError, MissingInputError, one_line
 from spec2vol_bids.spectra import flat_channels
 
 logger = logging.getLogger(__name__)
 
-_READERS = {
+READERS = {
     ".vhdr": mne.io.read_raw_brainvision,
     ".edf": mne.io.read_raw_edf,
     ".bdf": mne.io.read_raw_bdf,
@@ -86,9 +86,9 @@ def read_eeg(path, *, work_dir, verbose=False) -> mne.io.BaseRaw:
     path = Path(path)
     require_content(path, "EEG file")
     suffix = path.suffix.lower()
-    if suffix not in _READERS:
+    if suffix not in READERS:
         raise DataError(
-            f"unsupported EEG format {suffix!r}; use one of {', '.join(sorted(_READERS))}",
+            f"unsupported EEG format {suffix!r}; use one of {', '.join(sorted(READERS))}",
             path=path,
         )
     read_path = path
@@ -103,13 +103,13 @@ def read_eeg(path, *, work_dir, verbose=False) -> mne.io.BaseRaw:
             # mne warns about things that do not matter here (missing coordinates of an ECG
             # channel, deprecations); what does (duplicate names) is checked below.
             warnings.simplefilter("always")
-            raw = _READERS[suffix](read_path, **kwargs)
+            raw = READERS[suffix](read_path, **kwargs)
     except FileNotFoundError as exc:
         raise MissingInputError(f"a file this recording needs is missing ({exc})", path=path) from exc
     except Exception as exc:  # mne raises many types for malformed files; all are data errors
         # mne renames duplicate channels ("Fp1-0") and may then fail on the new names
         _refuse_duplicate_names(caught, path)
-        raise DataError(f"cannot read EEG file ({_one_line(exc)})", path=path) from exc
+        raise DataError(f"cannot read EEG file ({one_line(exc)})", path=path) from exc
     _refuse_duplicate_names(caught, path)
     sfreq = float(raw.info["sfreq"])
     if not PLAUSIBLE_SFREQ[0] <= sfreq <= PLAUSIBLE_SFREQ[1]:
@@ -125,11 +125,6 @@ def _refuse_duplicate_names(caught, path: Path) -> None:
         names = duplicates[0].split("duplicates for:", 1)[-1].split(". ", 1)[0].strip(" {}'.")
         raise DataError(f"the recording has duplicate channel names ({names}); each channel needs "
                         "a name of its own to be matched across subjects", path=path)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _parse_vhdr(text: str) -> dict[str, dict[str, str]]:
@@ -332,7 +327,7 @@ def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:
 def _channel_rows(path: Path, ch_names: list[str]) -> dict[str, dict]:
     """channels.tsv rows by name (of the recording's channels); empty, with a warning, when the
     file cannot be used."""
-    from spec2vol_bids.sidecars import read_tsv
+    from spec2vol_bids.bids.tsv import read_tsv
 
     try:
         rows = read_tsv(path)
@@ -373,21 +368,22 @@ def canonical_channel_order(names) -> list[str]:
         The same names (original spelling): 10-05 positions first in montage order, then the
         names the montage does not know, alphabetically (case-insensitive).
     """
-    rank = {name.lower(): i for i, name in enumerate(_standard_1005_names())}
+    rank = {name.lower(): i for i, name in enumerate(standard_montage().ch_names)}
     known = sorted((n for n in names if n.lower() in rank), key=lambda n: rank[n.lower()])
     unknown = sorted((n for n in names if n.lower() not in rank), key=lambda n: (n.lower(), n))
     return known + unknown
 
 
-def _standard_1005_names() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def standard_montage() -> mne.channels.DigMontage:
+    """The standard 10-05 montage (electrode names and positions), read once."""
     with warnings.catch_warnings():
         # mne 1.13 renames "standard_1005" to "colin27_1005"; both hold the same positions.
         warnings.simplefilter("ignore", FutureWarning)
         try:
-            montage = mne.channels.make_standard_montage("colin27_1005")
+            return mne.channels.make_standard_montage("colin27_1005")
         except ValueError:
-            montage = mne.channels.make_standard_montage("standard_1005")
-    return montage.ch_names
+            return mne.channels.make_standard_montage("standard_1005")
 
 
 def drop_flat_channels(spec, channels, *, source=None):

@@ -7,6 +7,7 @@ line prints that line and exits with the code, without a traceback.
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -68,6 +69,14 @@ class MissingInputError(Spec2VolError):
 
 class OutputError(Spec2VolError):
     code = EX_CANTCREAT
+
+
+def output_error(exc: OSError, what: str, path) -> OutputError:
+    """A failed write as the user's error: exit 74 when the disk or quota is full (or a file
+    size limit reached), 73 when the output cannot be created at all."""
+    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return OutputError(f"cannot write {what} ({exc.strerror or exc})", path=path,
+                       code=EX_IOERR if full else EX_CANTCREAT)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock
 
-from spec2vol_bids import evaluate, synthesize, train
-from spec2vol_bids.data import (PairedDataset, Run, cache_target, find_runs, parse_entities,
-                                resolve_channels, subjects_of)
-from spec2vol_bids.derivatives import bids_name, init_output_dataset, run_dir, write_json, write_text
+from spec2vol_bids import evaluate, logs, synthesize, train
+from spec2vol_bids.config import Config, Training, check_training
+from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
+from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.models import save_checkpoint
+from spec2vol_bids.naming import MASK_SUFFIX, TARGET_SUFFIX, build_name, parse_name, run_dir, source_uri
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +74,21 @@ def split_validation(runs: Sequence[Run], select: str) -> tuple[list[Run], list[
     return [r for r in runs if r.subject != val], [r for r in runs if r.subject == val]
 
 
-def run_group(opts) -> int:
-    """Run the group level as ``opts`` (the command line's namespace) asks; return 0.
+def run_group(config: Config) -> int:
+    """Run the group level as ``config`` asks; return 0.
 
     Raises
     ------
     Spec2VolError
         For missing derivatives, inconsistent channels or impossible options.
     """
-    out_dir, work_dir = Path(opts.output_dir), Path(opts.work_dir)
-    if getattr(opts, "omp_nthreads", None):
-        torch.set_num_threads(int(opts.omp_nthreads))
-    config = train.TrainConfig.from_options(opts)
-    config.check()
-    train.resolve_device(config.device)  # starts the process group under torchrun
-    runs = find_runs(out_dir, participant_label=opts.participant_label,
-                     session_label=getattr(opts, "session_label", None), task=getattr(opts, "task", None))
+    inputs, training = config.inputs, config.training
+    out_dir, work_dir = inputs.output_dir, config.execution.work_dir
+    torch.set_num_threads(config.execution.omp_nthreads)
+    check_training(training)
+    train.resolve_device(training.device)  # starts the process group under torchrun
+    runs = find_runs(out_dir, participant_label=inputs.participant_label,
+                     session_label=inputs.session_label, task=inputs.task)
     paired = [r for r in runs if r.target is not None]
     if not paired:
         raise NothingSelectedError("no paired EEG spectrogram and BOLD target derivatives found; "
@@ -97,27 +97,22 @@ def run_group(opts) -> int:
     if len(subjects) < 2:
         raise DataError(f"training needs at least two subjects with paired EEG and BOLD; found "
                         f"{len(subjects)} ({' '.join(subjects)})", path=out_dir)
-    channels = resolve_channels(paired, getattr(opts, "channels", None))
-    folds = plan_folds(subjects, opts.split, getattr(opts, "test_subjects", None))
-    chosen = folds
-    if opts.folds:
-        wanted = {f.removeprefix("sub-") for f in opts.folds}
-        unknown = sorted(wanted - {f.label for f in folds})
-        if unknown:
-            raise UsageError(f"--folds {' '.join(unknown)}: no such fold (folds: "
-                             f"{' '.join(f.label for f in folds)})")
-        chosen = [f for f in folds if f.label in wanted]
-    models = [config.model] + [m for m in (getattr(opts, "compare", None) or []) if m != config.model]
+    channels = resolve_channels(paired, training.channels)
+    folds = plan_folds(subjects, training.split, training.test_subjects)
+    chosen = _chosen_folds(folds, training.folds)
+    models = [training.model] + [m for m in training.compare if m != training.model]
     started = datetime.now(timezone.utc)
     if train.is_main():
-        _start_logs(opts)
+        init_output_dataset(out_dir, inputs.bids_dir)
+        if config.execution.argv:  # the command line, not a library call
+            logger.info("log: %s", logs.add_log_file(out_dir, "group"))
     logger.info("group level: %d subjects, %d runs, %d channels; folds %s; models %s",
                 len(subjects), len(paired), len(channels), " ".join(f.label for f in chosen),
                 ", ".join(models + [MEAN]))
 
     for fold in chosen:
         _locked_once(out_dir / "models" / f"fold-{fold.label}",
-                     lambda fold=fold: run_fold(fold, paired, channels, config, models,
+                     lambda fold=fold: run_fold(fold, paired, channels, training, models,
                                                 out_dir=out_dir, work_dir=work_dir))
     if train.is_main() and all(_done(out_dir, f.label) for f in folds):
         with FileLock(str(_lock_path(out_dir / "models" / "group"))):
@@ -126,39 +121,40 @@ def run_group(opts) -> int:
         pending = [f.label for f in folds if not _done(out_dir, f.label)]
         logger.info("folds still to run: %s; the group table is written when all have finished",
                     " ".join(pending))
-    if not getattr(opts, "no_final", False) and not opts.folds:
-        final_runs, final_val = split_validation(paired, config.select)
+    if not training.no_final and not training.folds:
+        final_runs, final_val = split_validation(paired, training.select)
         _locked_once(out_dir / "models" / "final",
-                     lambda: _train_final(final_runs, final_val, channels, config,
+                     lambda: _train_final(final_runs, final_val, channels, training,
                                           out_dir=out_dir, work_dir=work_dir))
     if train.is_main():
-        _finish_reports(opts, subjects, started)
+        _finish_reports(config, subjects, started)
     train.barrier()
     return 0
 
 
-def _start_logs(opts) -> None:
-    """Make OUTPUT_DIR a derivative dataset (it already is after the participant level) and log."""
-    from spec2vol_bids.cli import add_log_file
+def _chosen_folds(folds: list[Fold], wanted: Sequence[str] | None) -> list[Fold]:
+    """The folds ``--folds`` names (all without it)."""
+    if not wanted:
+        return folds
+    unknown = sorted(set(wanted) - {f.label for f in folds})
+    if unknown:
+        raise UsageError(f"--folds {' '.join(unknown)}: no such fold (folds: "
+                         f"{' '.join(f.label for f in folds)})")
+    return [f for f in folds if f.label in set(wanted)]
 
-    init_output_dataset(opts.output_dir, opts.bids_dir)
-    if hasattr(opts, "argv"):  # the command line, not a library call
-        logger.info("log: %s", add_log_file(Path(opts.output_dir), "group"))
 
-
-def _finish_reports(opts, subjects: Sequence[str], started: datetime) -> None:
+def _finish_reports(config: Config, subjects: Sequence[str], started: datetime) -> None:
     """group.html, every participant's report (now with metrics and slices) and provenance."""
     from spec2vol_bids import provenance, report
 
-    out_dir = Path(opts.output_dir)
-    config = {k: v for k, v in vars(opts).items() if k != "argv"}
+    out_dir = config.inputs.output_dir
     for subject in subjects:
         report.write_participant_report(out_dir, subject.removeprefix("sub-"))
-    logger.info("report: %s", report.write_group_report(out_dir, config=config))
+    logger.info("report: %s", report.write_group_report(out_dir, config=config.as_dict()))
     provenance.write_provenance(
-        out_dir, level="group", argv=getattr(opts, "argv", ["spec2vol"]), config=config,
-        seeds={"seed": opts.seed}, started=started, finished=datetime.now(timezone.utc),
-        stages={"group": (started, datetime.now(timezone.utc))},
+        out_dir, level="group", argv=list(config.execution.argv) or ["spec2vol"],
+        config=config.as_dict(), seeds={"seed": config.training.seed}, started=started,
+        finished=datetime.now(timezone.utc), stages={"group": (started, datetime.now(timezone.utc))},
     )
     logger.info("group level done: derivatives, models and reports in %s", out_dir)
 
@@ -208,7 +204,7 @@ def _broadcast(value):
 
 
 def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels: Sequence[str],
-                   config: train.TrainConfig, model_name: str, folder: Path, *, work_dir: Path,
+                   config: Training, model_name: str, folder: Path, *, work_dir: Path,
                    checkpoint: Path, extra: dict) -> train.TrainResult:
     """Train one model and store it as ``folder/model.pt`` + ``model.json`` + ``history.tsv``."""
     cfg = dataclasses.replace(config, model=model_name)
@@ -223,7 +219,7 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     meta = {
         **extra,
         "Model": model_name,
-        "Config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "num_workers")},
+        "Config": {name: getattr(cfg, name) for name in train.PROTOCOL},
         "Channels": list(channels),
         "NormStats": result.norm,
         "TrainSubjects": subjects_of(train_runs),
@@ -254,7 +250,7 @@ def _target_header(run: Run) -> nib.Nifti1Image:
     return nib.load(run.target)
 
 
-def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config: train.TrainConfig,
+def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config: Training,
              models: Sequence[str], *, out_dir: Path, work_dir: Path) -> dict:
     """Train, evaluate and synthesise one fold; write ``models/fold-<label>/metrics.tsv``."""
     folder = out_dir / "models" / f"fold-{fold.label}"
@@ -311,8 +307,7 @@ def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.Train
 
 def _run_mask(run: Run) -> np.ndarray | None:
     """The ``desc-brain_mask`` the participant level wrote beside the target, as ``(D, H, W)``."""
-    path = run.target.with_name(run.target.name.replace("_desc-target_bold.nii.gz",
-                                                        "_desc-brain_mask.nii.gz"))
+    path = run.target.with_name(run.target.name.replace(TARGET_SUFFIX, MASK_SUFFIX))
     if not path.is_file():
         return None
     return np.asarray(nib.load(path).dataobj).astype(bool).transpose(2, 0, 1)
@@ -325,20 +320,19 @@ def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str,
     They keep the target's ``space``/``res`` entities, so they overlay on the same template.
     """
     img = _target_header(run)
-    entities = {**run.entities, **{k: v for k, v in parse_entities(run.target.name).items()
+    entities = {**run.entities, **{k: v for k, v in parse_name(run.target.name).items()
                                    if k in ("space", "res")}}
     folder = run_dir(out_dir, entities, "func")
-    sources = [f"bids::{_relative(run.spectrogram, out_dir)}", f"bids::{_relative(run.target, out_dir)}",
-               f"bids::{_relative(model_path, out_dir)}"]
+    sources = [source_uri(p, out_dir, dataset="") for p in (run.spectrogram, run.target, model_path)]
     metrics = {"SSIM": float(result["ssim"].mean()), "PSNR": float(result["psnr"].mean()),
                "SSIM3D": float(result["ssim3d"].mean()), "Dynamics": result["dynamics"]}
-    synthesize.write_synth(result["pred"], folder / bids_name(entities, "bold", ".nii.gz", desc="synth"),
+    synthesize.write_synth(result["pred"], folder / build_name(entities, "bold", ".nii.gz", desc="synth"),
                            affine=img.affine, tr=float(run.meta["RepetitionTime"]),
                            first_volume=int(run.sample_volumes[0]),
                            sidecar={"Model": model_name, "Fold": fold, "Sources": sources,
                                     "Metrics": metrics})
     synthesize.write_statmap(
-        result["dynamics_map"], folder / bids_name(entities, "statmap", ".nii.gz", desc="dynamics"),
+        result["dynamics_map"], folder / build_name(entities, "statmap", ".nii.gz", desc="dynamics"),
         affine=img.affine,
         sidecar={"Description": "Voxel-wise Pearson correlation of the synthesised and measured BOLD "
                                 "time series (each voxel's mean removed); 0 outside the brain mask "
@@ -346,13 +340,6 @@ def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str,
                  "Model": model_name, "Fold": fold, "Sources": sources,
                  "SourceVolumes": [int(run.sample_volumes[0]), int(run.sample_volumes[-1])],
                  "MeanInMask": result["dynamics"]})
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def aggregate(out_dir: Path, labels: Sequence[str]) -> dict:

@@ -22,10 +22,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from spec2vol_bids.data import apply_norm, parse_entities
-from spec2vol_bids.derivatives import read_json, write_json, write_nifti
+from spec2vol_bids.config import Participant
+from spec2vol_bids.data import apply_norm
+from spec2vol_bids.derivatives import read_spectrogram, write_json, write_nifti
+from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
+from spec2vol_bids.naming import dataset_root, source_uri
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +87,6 @@ def _sidecar_path(path) -> Path:
     return path.with_name(path.name.split(".")[0] + ".json")
 
 
-def _montage() -> mne.channels.DigMontage:
-    name = "colin27_1005" if "colin27_1005" in mne.channels.get_builtin_montages() else "standard_1005"
-    return mne.channels.make_standard_montage(name)
-
-
 def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Sequence[str], *,
                    path: str | Path | None = None) -> np.ndarray:
     """Reorder a ``(V, C, F)`` spectrogram to the model's channels, interpolating missing ones.
@@ -114,7 +112,7 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
         raise DataError(f"{len(missing)} of the model's {len(model_channels)} EEG channels are missing "
                         f"({', '.join(missing)}); at most {MAX_MISSING:.0%} can be interpolated",
                         path=path)
-    montage = _montage()
+    montage = standard_montage()
     on_montage = {name.lower() for name in montage.ch_names}
     off = [name for name in missing if name.lower() not in on_montage]
     if off:
@@ -195,11 +193,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
         raise MissingInputError("the model file does not exist", path=model_path)
     model, meta = load_checkpoint(model_path, map_location=device)
     extra = meta.get("extra") or {}
-    side = read_json(spectrogram.with_suffix(".json"))
-    spec = np.load(spectrogram, mmap_mode="r")
-    if not np.isfinite(spec).all():
-        raise DataError("the spectrogram holds NaN or infinite values; rerun the participant "
-                        "level for this run", path=spectrogram)
+    spec, side = read_spectrogram(spectrogram, finite=True)
     config = meta["config"]
     if spec.shape[2] != config["freq_bins"]:
         raise DataError(f"the model was trained on {config['freq_bins']} frequency bins but "
@@ -208,7 +202,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     spec = match_channels(spec, side["Channels"], meta["channels"], path=spectrogram)
     # The windows do not depend on the context length: the model's own context is what it needs.
     context = int(config["context"])
-    first = int(side.get("DiscardVolumes", extra.get("DiscardVolumes", 6))) + context
+    first = int(side.get("DiscardVolumes", Participant.discard_volumes)) + context
     n_volumes = spec.shape[0]
     if target is not None:
         ref = nib.load(target)
@@ -222,18 +216,10 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
         raise DataError(f"the run has {spec.shape[0]} EEG windows, too few for discard + context "
                         f"({first}) + 1", path=spectrogram)
     pred = predict(model, context_batches(spec, volumes, context, meta["norm_stats"], batch_size), device)
-    entities = parse_entities(spectrogram.name)
     return write_synth(pred, out_path, affine=affine,
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
                        first_volume=first, sidecar={
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
-                           "Sources": [f"bids::{_relative(spectrogram, entities)}", *sources,
+                           "Sources": [source_uri(spectrogram, dataset_root(spectrogram), dataset=""), *sources,
                                        str(model_path)],
                        })
-
-
-def _relative(spectrogram: Path, entities: dict) -> str:
-    """The spectrogram's path relative to the derivative dataset root."""
-    parts = spectrogram.parts
-    start = parts.index(f"sub-{entities['subject']}") if f"sub-{entities['subject']}" in parts else -1
-    return "/".join(parts[start:])

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
+from spec2vol_bids.config import Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats
 from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.errors import DataError, UsageError
@@ -41,47 +42,10 @@ from spec2vol_bids.models import build_model
 
 logger = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Training options (defaults: the published protocol)."""
-
-    model: str = "spec2vol"
-    size: str = "full"
-    epochs: int = 50
-    batch_size: int = 16
-    grad_accum: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    warmup_steps: int = 50
-    restart_epochs: int = 10
-    clip_grad: float = 1.0
-    select: str = "last"
-    eeg_normalisation: str = "minmax"
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int = 0
-    progress: bool = True
-
-    @classmethod
-    def from_options(cls, opts, **changes) -> "TrainConfig":
-        """Build from the command line's namespace (``model_config`` → ``size``)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"size", "progress", "num_workers"}
-        values = {name: getattr(opts, name) for name in names if getattr(opts, name, None) is not None}
-        values["size"] = getattr(opts, "model_config", None) or cls.size
-        values["progress"] = getattr(opts, "verbose", 1) > 0
-        values.update(changes)
-        return cls(**values)
-
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "restart_epochs"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
-            raise UsageError("--lr must be positive; --weight-decay, --warmup-steps and "
-                             "--clip-grad must not be negative")
-        if self.select not in ("last", "val"):
-            raise UsageError(f"--select must be 'last' or 'val', not {self.select!r}")
+#: What of the configuration shapes a fold's training (and so whether its checkpoint resumes):
+#: not the device, the progress bars or which folds a job runs.
+PROTOCOL = ("model", "size", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
+            "warmup_steps", "restart_epochs", "clip_grad", "select", "eeg_normalisation", "seed")
 
 
 @dataclasses.dataclass
@@ -190,7 +154,7 @@ def _tuples(value):
 
 # -- training ---------------------------------------------------------------------------------
 
-def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfig, *,
+def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, *,
           work_dir: str | Path, checkpoint: str | Path, val_runs: Sequence[Run] = (),
           description: str = "") -> TrainResult:
     """Train one model on ``train_runs`` and return it with its normalisation and history.
@@ -201,7 +165,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
         Training runs (with targets); the EEG min–max scaling comes from these only.
     channels : list of str
         EEG channels in model order.
-    config : TrainConfig
+    config : spec2vol_bids.config.Training
         The protocol.
     work_dir : path
         Where targets are cached.
@@ -213,7 +177,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
     description : str
         Shown on the progress bar and in log lines (e.g. ``"fold 01 spec2vol"``).
     """
-    config.check()
+    check_training(config)
     if config.select == "val" and not val_runs:
         raise DataError("--select val needs a held-out training subject; there are too few subjects")
     device = resolve_device(config.device)
@@ -223,46 +187,19 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
     if len(train_set) == 0:
         raise DataError("no training samples: runs are shorter than discard + context + 1 volumes")
     val_set = PairedDataset(val_runs, channels, norm, work_dir) if config.select == "val" else None
-    out_shape = train_set.target_shape()
-    context = train_runs[0].context
-
     seed_everything(config.seed)
-    try:
-        model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
-                            out_shape=out_shape, context=context, size=config.size).to(device)
-    except ValueError as exc:
-        # The network cannot produce this grid or take these inputs: the participant-level
-        # options (--target-grid, --freq-bins) have to change, not the code.
-        raise DataError(f"{config.model} cannot be built for targets of shape {tuple(out_shape)} "
-                        f"from {len(channels)} channels x {train_set.freq_bins()} bins ({exc}); rerun "
-                        "the participant level with another --target-grid or --freq-bins",
-                        path=train_runs[0].spectrogram) from exc
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model = _model(config, channels, train_set, context=train_runs[0].context, device=device,
+                   source=train_runs[0].spectrogram)
     local_batch = max(1, config.batch_size // world)
-    batches = math.ceil(math.ceil(len(train_set) / world) / local_batch)
-    steps_per_epoch = math.ceil(batches / config.grad_accum)
-    cycle = max(1, config.restart_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps=config.warmup_steps, cycle_steps=cycle))
-    fingerprint = json.dumps({**dataclasses.asdict(config), "progress": None, "num_workers": None,
-                              "device": None, "world": world, "channels": list(channels),
+    optimizer, scheduler = _optimiser(model, config, len(train_set), world, local_batch)
+    fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
+                              "world": world, "channels": list(channels),
                               "runs": [str(r.spectrogram.name) for r in train_runs],
                               "val": [str(r.spectrogram.name) for r in val_runs], "norm": norm},
                              sort_keys=True)
-    history, best, start_epoch = [], {"ssim": -math.inf, "epoch": 0, "state": None}, 0
     checkpoint = Path(checkpoint)
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["fingerprint"] == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-            history, best, start_epoch = state["history"], state["best"], state["epoch"]
-            logger.info("%s: resuming after epoch %d from %s", description, start_epoch, checkpoint)
-        else:
-            logger.warning("%s: ignoring checkpoint %s, made with other options or data",
-                           description, checkpoint)
+    history, best, start_epoch = _resume(checkpoint, fingerprint, model, optimizer, scheduler,
+                                         device, description)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -297,12 +234,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
         logger.info("%s epoch %d/%d: train loss %.4f, val SSIM %.4f, %.1f s", description,
                     epoch + 1, config.epochs, train_loss, row["val_ssim"], row["seconds"])
         if rank == 0:
-            buffer = io.BytesIO()
-            torch.save({"fingerprint": fingerprint, "epoch": epoch + 1,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                        "history": history, "best": best}, buffer)
-            write_bytes(checkpoint, buffer.getbuffer())
+            _save(checkpoint, fingerprint, epoch + 1, model, optimizer, scheduler, history, best)
         barrier()
 
     selected = config.epochs
@@ -314,7 +246,59 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: TrainConfi
         selected = best["epoch"]
     model.eval()
     return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
-                       out_shape=out_shape)
+                       out_shape=train_set.target_shape())
+
+
+def _model(config: Training, channels, train_set: PairedDataset, *, context: int, device, source):
+    try:
+        return build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
+                           out_shape=train_set.target_shape(), context=context,
+                           size=config.size).to(device)
+    except ValueError as exc:
+        # The network cannot produce this grid or take these inputs: the participant-level
+        # options (--target-grid, --freq-bins) have to change, not the code.
+        raise DataError(f"{config.model} cannot be built for targets of shape "
+                        f"{tuple(train_set.target_shape())} from {len(channels)} channels x "
+                        f"{train_set.freq_bins()} bins ({exc}); rerun the participant level with "
+                        "another --target-grid or --freq-bins", path=source) from exc
+
+
+def _optimiser(model, config: Training, n_samples: int, world: int, local_batch: int):
+    """AdamW and the warm-up + cosine-with-restarts schedule, stepped per optimiser step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    batches = math.ceil(math.ceil(n_samples / world) / local_batch)
+    cycle = max(1, config.restart_epochs * math.ceil(batches / config.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps=config.warmup_steps, cycle_steps=cycle))
+    return optimizer, scheduler
+
+
+def _resume(checkpoint: Path, fingerprint: str, model, optimizer, scheduler, device, description):
+    """``(history, best, first epoch)`` from a checkpoint of the same fold, or a fresh start."""
+    fresh = [], {"ssim": -math.inf, "epoch": 0, "state": None}, 0
+    if not checkpoint.exists():
+        return fresh
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        logger.warning("%s: ignoring checkpoint %s, made with other options or data",
+                       description, checkpoint)
+        return fresh
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    logger.info("%s: resuming after epoch %d from %s", description, state["epoch"], checkpoint)
+    return state["history"], state["best"], state["epoch"]
+
+
+def _save(checkpoint: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, history,
+          best) -> None:
+    """The end-of-epoch checkpoint, written atomically."""
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "history": history, "best": best}, buffer)
+    write_bytes(checkpoint, buffer.getbuffer())
 
 
 def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, desc, show) -> float:

@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from spec2vol_bids.errors import DataError, UsageError
+from spec2vol_bids.markers import SOURCES, MarkerSeries, marker_series, matches
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ logger = logging.getLogger(__name__)
 #: with the last "/"-separated part of a description (mne writes the BrainVision marker
 #: "Response,R128" as "Response/R128"), without whitespace and case-insensitively.
 VOLUME_MARKERS = ("R128", "Scan Start", "Volume", "V", "T")
-#: Where a marker series comes from.
-SOURCES = {"eeg": "EEG file", "events": "events.tsv"}
 
-# events.tsv columns that hold times, durations or free text rather than labels
-_NOT_LABELS = frozenset({"onset", "duration", "sample", "response_time", "stim_file", "hed"})
 # A regular train: spacing within this fraction of the nominal TR to estimate the period ...
 _PERIOD_TOLERANCE = 0.01
 # ... then every spacing within this fraction of the period (or 2 samples) of a whole number.
@@ -71,30 +67,6 @@ _SUSPICIOUS_DRIFT_PPM = 1000
 # Markers looked back over for a train's previous trigger: at most this many strays between two.
 _LOOKBACK = 64
 _MIN_TRIGGERS = 3
-
-
-@dataclass(frozen=True, eq=False)
-class MarkerSeries:
-    """All markers of one kind in a recording.
-
-    Attributes
-    ----------
-    name : str
-        The description (EEG file) or ``column=value`` (events.tsv), as ``--volume-marker``
-        takes it.
-    source : {'eeg', 'events'}
-        The EEG file's own markers, or the run's events.tsv.
-    samples : ndarray of int
-        Sample indices from the first sample, sorted, without duplicates.
-    """
-
-    name: str
-    source: str
-    samples: np.ndarray = field(repr=False)
-
-    @property
-    def label(self) -> str:
-        return f"'{self.name}' ({SOURCES[self.source]})"
 
 
 @dataclass
@@ -197,100 +169,6 @@ class VolumeTiming:
             "Candidates": self.candidates,
         }
         return meta
-
-
-def marker_series(raw, events_tsv: str | Path | None = None) -> list[MarkerSeries]:
-    """Every marker series of a recording: its own markers, then its events.tsv labels.
-
-    Parameters
-    ----------
-    raw : mne.io.BaseRaw
-        The recording (its annotations are the EEG file's markers).
-    events_tsv : str | Path | None
-        The run's ``*_events.tsv``: onsets in seconds from the first EEG sample. An unreadable
-        file is set aside with a warning (the EEG file's own markers remain).
-
-    Returns
-    -------
-    series : list of MarkerSeries
-        Markers outside the recording are left out.
-    """
-    sfreq = float(raw.info["sfreq"])
-    found: list[MarkerSeries] = []
-    ann = raw.annotations
-    if len(ann):
-        samples = raw.time_as_index(ann.onset, use_rounding=True, origin=ann.orig_time)
-        names = np.array([str(d).strip() for d in ann.description], dtype=object)
-        for name in dict.fromkeys(names):
-            found.append(_series(str(name), "eeg", samples[names == name], raw.n_times))
-    found += _stim_series(raw)
-    if events_tsv is not None:
-        found += _events_series(Path(events_tsv), sfreq, raw.n_times)
-    return [s for s in found if len(s.samples)]
-
-
-def _stim_series(raw) -> list[MarkerSeries]:
-    """Trigger codes of the recording's stim channels (BioSemi ``Status``, FIF ``STI 014``):
-    one series per code, ``<channel>=<code>``, at the samples where the channel takes it."""
-    import mne
-
-    series = []
-    for name, kind in zip(raw.ch_names, raw.get_channel_types()):
-        if kind != "stim":
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                events = mne.find_events(raw, stim_channel=name, shortest_event=1,
-                                         consecutive=True, initial_event=True, verbose=False)
-        except Exception as exc:  # noqa: BLE001 - an unreadable stim channel only loses its codes
-            logger.warning("%s: stim channel %s not read (%s)", raw.filenames[0], name, exc)
-            continue
-        samples = events[:, 0] - raw.first_samp
-        for code in np.unique(events[:, 2]):
-            series.append(_series(f"{name}={int(code)}", "eeg", samples[events[:, 2] == code],
-                                  raw.n_times))
-    return series
-
-
-def _series(name: str, source: str, samples, n_times: int) -> MarkerSeries:
-    samples = np.unique(np.asarray(samples, dtype=np.int64))
-    return MarkerSeries(name, source, samples[(samples >= 0) & (samples < n_times)])
-
-
-def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]:
-    from spec2vol_bids.sidecars import read_tsv
-
-    try:
-        rows = read_tsv(path)
-    except Exception as exc:  # any unreadable events.tsv: the EEG file's markers still count
-        logger.warning("%s: events.tsv set aside (%s); the EEG file's own markers are used",
-                       path, " ".join(str(exc).split()))
-        return []
-    if not rows or "onset" not in rows[0]:
-        logger.warning("%s: events.tsv has no onset column; set aside", path)
-        return []
-    onsets = np.array([_number(r["onset"]) for r in rows])
-    valid = np.isfinite(onsets)
-    samples = np.floor(onsets * sfreq + 0.5)
-    series = []
-    for column in rows[0]:
-        if column in _NOT_LABELS:
-            continue
-        values = np.array([r.get(column, "") for r in rows], dtype=object)
-        for value in dict.fromkeys(values[valid]):
-            if value in ("", "n/a"):
-                continue
-            hits = valid & (values == value)
-            series.append(_series(f"{column}={value}", "events", samples[hits], n_times))
-    return series
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return np.nan
 
 
 def find_trains(series: MarkerSeries, tr: float, sfreq: float) -> list[Train]:
@@ -480,7 +358,7 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     sfreq = float(raw.info["sfreq"])
     series = marker_series(raw, events_tsv)
     if marker is not None:
-        chosen = [s for s in series if _matches(s, marker)]
+        chosen = [s for s in series if matches(s, marker)]
         if not chosen:
             raise DataError(f"no marker {marker!r} in the recording or its events.tsv "
                             f"(markers: {_names(series)})", path=path)
@@ -551,23 +429,6 @@ def _disagreement(a: Train, b: Train, skip: int, wanted: int) -> float:
     return float(np.max(np.abs(x[:n] - y[:n]))) if n else 0.0
 
 
-def _matches(series: MarkerSeries, wanted: str) -> bool:
-    source = None
-    text = wanted
-    if ":" in wanted and wanted.split(":", 1)[0].lower() in SOURCES:
-        source, text = wanted.split(":", 1)
-        source = source.lower()
-    if source is not None and series.source != source:
-        return False
-
-    def key(s: str) -> str:
-        return re.sub(r"\s+", "", s).lower()
-
-    name = series.name
-    forms = {key(name), key(name.rsplit("/", 1)[-1]), key(name.split("=", 1)[-1])}
-    return key(text) in forms
-
-
 def _candidate(series: MarkerSeries, trains: list[Train], sfreq: float, fitting: list) -> dict:
     spacing = np.diff(series.samples)
     entry = {"Marker": series.name, "Source": SOURCES[series.source], "Count": int(len(series.samples)),
@@ -625,6 +486,6 @@ def marker_repetition_time(raw, events_tsv=None, marker: str | None = None) -> f
     series = marker_series(raw, events_tsv)
     for name in [marker] if marker else VOLUME_MARKERS:
         for s in series:
-            if _matches(s, name) and len(s.samples) >= _MIN_TRIGGERS:
+            if matches(s, name) and len(s.samples) >= _MIN_TRIGGERS:
                 return float(np.median(np.diff(s.samples))) / sfreq
     return None

@@ -17,7 +17,7 @@ from conftest import (
     run_spec2vol,
 )
 
-from spec2vol_bids.layout import find_run_pairs
+from spec2vol_bids.bids.pairing import find_run_pairs
 
 SUBJECTS = ("01", "02", "03")
 #: PARTICIPANT_OPTIONS without --freq-bins: the reused spectrograms fix the frequency axis

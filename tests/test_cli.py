@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from spec2vol_bids import __version__
-from spec2vol_bids.cli import main, parse_args
+from spec2vol_bids.cli import main
+from spec2vol_bids.cli.parser import parse_args
 
 
 def run_cli(*args, cwd=None):
@@ -51,9 +52,9 @@ def test_usage_mistakes_exit_64_with_one_line(tmp_path, args, needle):
 def test_labels_accept_and_strip_prefixes(tmp_path):
     opts = parse_args([str(tmp_path), str(tmp_path / "o"), "participant",
                        "--participant-label", "sub-02", "01", "02", "--session-label", "ses-pre"])
-    assert opts.participant_label == ["01", "02"]
-    assert opts.session_label == ["pre"]
-    assert opts.work_dir == (tmp_path / ".o_work").absolute()
+    assert opts.inputs.participant_label == ("01", "02")
+    assert opts.inputs.session_label == ("pre",)
+    assert opts.execution.work_dir == (tmp_path / ".o_work").absolute()
 
 
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
@@ -62,10 +63,10 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
                    'skip-bids-validation = true\n')
     opts = parse_args([str(tmp_path), str(tmp_path / "o"), "group", "--config-file", str(cfg),
                        "--epochs", "5"])
-    assert opts.participant_label == ["03"]
-    assert opts.epochs == 5
-    assert opts.model_config == "tiny"
-    assert opts.skip_bids_validation is True
+    assert opts.inputs.participant_label == ("03",)
+    assert opts.training.epochs == 5
+    assert opts.training.size == "tiny"
+    assert opts.inputs.skip_bids_validation is True
 
 
 @pytest.mark.parametrize("content, needle", [

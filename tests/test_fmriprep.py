@@ -25,7 +25,8 @@ from conftest import (
 )
 
 from spec2vol_bids.errors import UsageError
-from spec2vol_bids.layout import find_run_pairs, repetition_time
+from spec2vol_bids.bids.metadata import repetition_time
+from spec2vol_bids.bids.pairing import find_run_pairs
 
 SPACE = "MNI152NLin2009cAsym"
 #: the crop of nilearn's 2 mm MNI grid the simulated fMRIPrep BOLD lies on: the simulated grid's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,7 +19,8 @@ import pytest
 import torch
 from test_data import CHANNELS, CONTEXT, DISCARD, GRID, TR, write_derivatives
 
-from spec2vol_bids import data, group, train
+from spec2vol_bids import data, group
+from spec2vol_bids.config import Config, build
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.models import load_checkpoint
 
@@ -28,34 +28,37 @@ torch.set_num_threads(1)
 TESTS = Path(__file__).parent
 
 
-def options(out: Path, **changes) -> argparse.Namespace:
-    values = dict(bids_dir=out.parent / "bids", output_dir=out, work_dir=out.parent / "work",
-                  participant_label=None, session_label=None, task=None, model="spec2vol",
-                  model_config="tiny", epochs=2, batch_size=8, grad_accum=1, lr=3e-3,
-                  weight_decay=1e-2, warmup_steps=2, restart_epochs=10, clip_grad=1.0, device="cpu",
-                  select="last", split="loso", test_subjects=None, folds=None, no_final=True,
-                  compare=[], channels=None, seed=0, nprocs=1, omp_nthreads=1, verbose=0)
+def options(out: Path, **changes) -> dict:
+    """Group-level option values for a CPU test (the command line's names), see ``config.build``."""
+    values = dict(bids_dir=out.parent / "bids", output_dir=out, analysis_level="group",
+                  work_dir=out.parent / "work", model="spec2vol", model_config="tiny", epochs=2,
+                  batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=2, device="cpu", no_final=True,
+                  omp_nthreads=1)
     values.update(changes)
-    return argparse.Namespace(**values)
+    return values
 
 
-def _run_in_subprocess(opts: argparse.Namespace) -> subprocess.Popen:
-    """Start ``run_group(opts)`` in a fresh interpreter (1 thread, like the reference run)."""
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
-    code = textwrap.dedent(f"""
-        import argparse, sys, torch
-        from pathlib import Path
-        sys.path.insert(0, {str(TESTS)!r})
+def configured(out: Path, **changes) -> Config:
+    return build(options(out, **changes))
+
+
+def _fold_script(values: dict) -> str:
+    """A Python program that runs ``run_group`` with these option values (1 thread)."""
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+    return textwrap.dedent(f"""
+        import sys, torch
         torch.set_num_threads(1)
         from spec2vol_bids import group
-        args = {args!r}
-        for key in ("bids_dir", "output_dir", "work_dir"):
-            args[key] = Path(args[key])
-        sys.exit(group.run_group(argparse.Namespace(**args)))
+        from spec2vol_bids.config import build
+        sys.exit(group.run_group(build({args!r})))
     """)
+
+
+def _run_in_subprocess(values: dict) -> subprocess.Popen:
+    """Start ``run_group`` in a fresh interpreter (1 thread, like the reference run)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-c", _fold_script(values)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _state(path: Path) -> dict:
@@ -70,12 +73,12 @@ def test_folds_and_bad_options(tmp_path):
         group.plan_folds(["01", "02"], "fixed", ["09"])
     out = write_derivatives(tmp_path / "out", subjects=("01",), n_volumes=40)
     with pytest.raises(DataError, match="at least two subjects"):
-        group.run_group(options(out))
+        group.run_group(configured(out))
     write_derivatives(out, subjects=("02",), n_volumes=40)
     with pytest.raises(UsageError, match="--folds 07: no such fold"):
-        group.run_group(options(out, folds=["07"]))
+        group.run_group(configured(out, folds=["07"]))
     with pytest.raises(DataError, match="--select val needs at least two training subjects"):
-        group.run_group(options(out, select="val"))
+        group.run_group(configured(out, select="val"))
 
 
 def test_nothing_leaks_from_the_held_out_subject(tmp_path):
@@ -84,7 +87,7 @@ def test_nothing_leaks_from_the_held_out_subject(tmp_path):
     # the held-out subject's EEG is made extreme: any use of it would move the min-max scaling
     spec_file = next(full.glob("sub-01/eeg/*.npy"))
     np.save(spec_file, np.load(spec_file) * 50)
-    group.run_group(options(full, folds=["01"], select="val", epochs=3))
+    group.run_group(configured(full, folds=["01"], select="val", epochs=3))
     with_test = json.loads((full / "models" / "fold-01" / "model.json").read_text())
     assert with_test["ValSubjects"] == ["03"] and with_test["TrainSubjects"] == ["02"]
 
@@ -93,7 +96,7 @@ def test_nothing_leaks_from_the_held_out_subject(tmp_path):
     runs = data.find_runs(without)
     assert data.subjects_of(runs) == ["02", "03"]
     train_runs, val_runs = group.split_validation(runs, "val")
-    config = train.TrainConfig.from_options(options(without, select="val", epochs=3))
+    config = configured(without, select="val", epochs=3).training
     group.train_and_save(train_runs, val_runs, data.resolve_channels(runs), config, "spec2vol",
                          without / "models" / "fold-01", work_dir=tmp_path / "b" / "work",
                          checkpoint=tmp_path / "b" / "work" / "ck", extra={"Fold": "01"})
@@ -153,7 +156,7 @@ def test_concurrent_fold_jobs_aggregate_like_one_run(tmp_path):
     assert not (shared / "models" / "final").exists()  # --folds jobs leave the final model alone
     # a rerun finds every fold finished and changes nothing
     before = {p: p.stat().st_mtime_ns for p in (shared / "models").rglob("model.pt")}
-    assert group.run_group(options(shared, **settings)) == 0
+    assert group.run_group(configured(shared, **settings)) == 0
     assert {p: p.stat().st_mtime_ns for p in (shared / "models").rglob("model.pt")} == before
 
 
@@ -166,7 +169,7 @@ def test_learning_is_real(tmp_path):
     subjects = ("01", "02", "03", "04")
     n_volumes = 120
     out = write_derivatives(tmp_path / "out", subjects=subjects, n_volumes=n_volumes)
-    assert group.run_group(options(out, epochs=10, lr=2e-3, eeg_normalisation="standard")) == 0
+    assert group.run_group(configured(out, epochs=10, lr=2e-3, eeg_normalisation="standard")) == 0
     table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
     dyn = table.pivot(index="participant_id", columns="model", values="dynamics")
     assert (dyn["spec2vol"] - dyn["mean"] >= 0.2).all(), dyn
@@ -191,22 +194,12 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     are those of the whole batch, so the fold ends with the weights of a one-process run."""
     settings = dict(epochs=3, batch_size=8, folds=["01"])
     single = write_derivatives(tmp_path / "single" / "out", subjects=("01", "02"), n_volumes=58)
-    assert group.run_group(options(single, **settings)) == 0
+    assert group.run_group(configured(single, **settings)) == 0
     ddp = Path(shutil.copytree(single.parent, tmp_path / "ddp")) / "out"
     shutil.rmtree(ddp / "models")
     shutil.rmtree(ddp.parent / "work", ignore_errors=True)
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options(ddp, **settings)).items()}
     script = tmp_path / "fold.py"
-    script.write_text(textwrap.dedent(f"""
-        import argparse, sys, torch
-        from pathlib import Path
-        torch.set_num_threads(1)
-        from spec2vol_bids import group
-        args = {args!r}
-        for key in ("bids_dir", "output_dir", "work_dir"):
-            args[key] = Path(args[key])
-        sys.exit(group.run_group(argparse.Namespace(**args)))
-    """))
+    script.write_text(_fold_script(options(ddp, **settings)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from spec2vol_bids import cli
+from spec2vol_bids.cli.parser import build_parser
 
 DOCUMENTED = {0, 16, 18, 64, 65, 66, 73, 74}
 BASE = ["--skip-bids-validation", "--discard-volumes", "2", "--context", "4", "--target-grid",
@@ -36,7 +37,7 @@ PATHS = ["missing", "a-file", "a-folder", "BIDS", "BIDS/sub-01"]
 
 
 def _options():
-    parser = cli.build_parser()
+    parser = build_parser()
     skip = {"help", "version", "config_file", "bids_dir", "output_dir", "analysis_level"}
     return [a for a in parser._actions if a.dest not in skip and a.option_strings]
 

@@ -18,7 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spec2vol_bids.derivatives import bids_name, write_json
+from spec2vol_bids.derivatives import write_json
+from spec2vol_bids.naming import build_name
 from spec2vol_bids.triggers import VolumeTiming, volume_timing
 from spec2vol_bids.provenance import write_provenance
 from spec2vol_bids.report import (
@@ -62,32 +63,32 @@ def _subject(out: Path, sub: str, rng, *, synth: bool) -> None:
     eeg_dir.mkdir(parents=True)
     freqs = (np.arange(N_FREQ) + 1) / TR
     spec = rng.standard_normal((N_VOL, len(CHANNELS), N_FREQ)).astype(np.float32)
-    np.save(eeg_dir / bids_name(ents, "spectrogram", ".npy", desc="spec2vol"), spec)
+    np.save(eeg_dir / build_name(ents, "spectrogram", ".npy", desc="spec2vol"), spec)
     onsets = 3.0 + TR * np.arange(N_VOL)
     onsets[25:] += 0.3  # a late marker: the QC figure must flag it
-    write_json(eeg_dir / bids_name(ents, "spectrogram", ".json", desc="spec2vol"), {
+    write_json(eeg_dir / build_name(ents, "spectrogram", ".json", desc="spec2vol"), {
         "SamplingFrequency": 250.0, "RepetitionTime": TR, "WindowSamples": 500,
         "FrequencyBinsHz": freqs, "Channels": CHANNELS, "DroppedChannels": ["ECG", HOSTILE],
         "VolumeOnsetSeconds": 3.0, "VolumeMarker": "Scanner/Scan Start",
         "NumberOfWindows": N_VOL, "DiscardVolumes": 6, "Context": 20, "Sources": [],
         "InputHash": "0"})
     target = _brain(rng, N_VOL)
-    _nifti(func_dir / bids_name(ents, "bold", ".nii.gz", desc="target"), target, (3, 3, 4, TR))
+    _nifti(func_dir / build_name(ents, "bold", ".nii.gz", desc="target"), target, (3, 3, 4, TR))
     if synth:
         # the first discard + context volumes have no prediction and are left out
-        _nifti(func_dir / bids_name(ents, "bold", ".nii.gz", desc="synth"),
+        _nifti(func_dir / build_name(ents, "bold", ".nii.gz", desc="synth"),
                0.8 * target[..., 26:] + 0.1, (3, 3, 4, TR))
-        write_json(func_dir / bids_name(ents, "bold", ".json", desc="synth"), {
+        write_json(func_dir / build_name(ents, "bold", ".json", desc="synth"), {
             "Model": "spec2vol", "Fold": sub, "RepetitionTime": TR, "SkullStripped": False,
             "Sources": [], "SourceVolumes": [26, N_VOL - 1]})
         r = np.clip(rng.normal(0.2, 0.2, SHAPE), -1, 1) * (target[..., 0] > 0.3)
-        _nifti(func_dir / bids_name(ents, "statmap", ".nii.gz", desc="dynamics"), r, (3, 3, 4))
+        _nifti(func_dir / build_name(ents, "statmap", ".nii.gz", desc="dynamics"), r, (3, 3, 4))
     fig_dir = out / f"sub-{sub}" / "figures"
     timing = VolumeTiming(np.rint(onsets * 250).astype(int), TR, 250.0, int(TR * 250))
-    plot_alignment_qc(timing, fig_dir / bids_name(ents, "qc", ".svg", desc="alignment"),
+    plot_alignment_qc(timing, fig_dir / build_name(ents, "qc", ".svg", desc="alignment"),
                       title=f"sub-{sub} run-1")
     plot_spectrogram_qc(spec, freqs, CHANNELS,
-                        fig_dir / bids_name(ents, "qc", ".svg", desc="spectrogram"))
+                        fig_dir / build_name(ents, "qc", ".svg", desc="spectrogram"))
     (out / f"sub-{sub}" / f"sub-{sub}_runs.tsv").write_text(
         "run\teeg\tbold\tstatus\tnote\n"
         f"task-rest_run-1\teeg/sub-{sub}_task-rest_run-1_eeg.vhdr\t"

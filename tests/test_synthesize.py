@@ -12,6 +12,7 @@ import torch
 from test_data import AFFINE, CHANNELS, CONTEXT, DISCARD, GRID, TR, write_derivatives
 
 from spec2vol_bids import synthesize
+from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError
 from spec2vol_bids.models import build_model, load_checkpoint, save_checkpoint
 
@@ -96,7 +97,7 @@ def test_more_than_a_fifth_missing_is_refused(tmp_path, model_path):
 
 def test_interpolation_recovers_a_smooth_scalp_field():
     rng = np.random.default_rng(0)
-    montage = synthesize._montage()
+    montage = standard_montage()
     pos = montage.get_positions()["ch_pos"]
     xyz = np.array([pos[c] for c in CHANNELS]) * 10
     # each (window, bin) is a smooth (linear) field over the scalp, z-scored across channels

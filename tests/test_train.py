@@ -10,6 +10,7 @@ import torch
 from test_data import CHANNELS, write_derivatives
 
 from spec2vol_bids import data, train
+from spec2vol_bids.config import Training
 from spec2vol_bids.errors import DataError, UsageError
 
 torch.set_num_threads(1)
@@ -45,8 +46,8 @@ def runs(tmp_path_factory):
     return data.find_runs(out)
 
 
-CONFIG = train.TrainConfig(model="spec2vol", size="tiny", epochs=3, batch_size=8, grad_accum=2,
-                           warmup_steps=2, restart_epochs=2, device="cpu", progress=False)
+CONFIG = Training(model="spec2vol", size="tiny", epochs=3, batch_size=8, grad_accum=2,
+                  warmup_steps=2, restart_epochs=2, device="cpu", progress=False)
 
 
 def _weights(model):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from spec2vol_bids.errors import DataError, UsageError
-from spec2vol_bids.triggers import find_trains, marker_series, volume_timing
+from spec2vol_bids.markers import marker_series
+from spec2vol_bids.triggers import find_trains, volume_timing
 
 SFREQ = 500.0
 TR = 2.0

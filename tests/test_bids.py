@@ -1,4 +1,4 @@
-"""Run discovery, pairing, selection and input checks (spec2vol_bids.layout)."""
+"""Run discovery, pairing, selection and input checks (spec2vol_bids.bids)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pybv
 import pytest
 
 from fixture_data import copy_filled_fixture, fixture_source, read_vhdr
-from spec2vol_bids import layout
+from spec2vol_bids.bids import filters, metadata, pairing, runs, validation
 from spec2vol_bids.errors import (
     DataError,
     MissingInputError,
@@ -149,7 +149,7 @@ def test_filled_fixture_matches_its_headers(noddi):
 
 
 def test_fixture_pairs_raw_eeg_by_default(noddi):
-    pairs, notes = layout.find_run_pairs(noddi)
+    pairs, notes = pairing.find_run_pairs(noddi)
     assert notes == []
     assert [p.label for p in pairs] == [f"sub-{s}_task-rest" for s in ("32", "35", "36")]
     for p in pairs:
@@ -160,13 +160,13 @@ def test_fixture_pairs_raw_eeg_by_default(noddi):
         assert p.eeg_json == noddi / "task-rest_eeg.json"  # inherited from the top level
         assert p.bold_json == noddi / "task-rest_bold.json"
         assert p.entities == {"subject": p.subject, "task": "rest"}
-        assert layout.repetition_time(p) == pytest.approx(2.16)
-        assert len(layout.bold_metadata(p)["SliceTiming"]) == 30
+        assert metadata.repetition_time(p) == pytest.approx(2.16)
+        assert len(metadata.bold_metadata(p)["SliceTiming"]) == 30
 
 
 def test_fixture_pairs_derivative_eeg(noddi):
     before = _tree_digest(noddi)
-    pairs, notes = layout.find_run_pairs(noddi, eeg_derivatives=noddi / "derivatives")
+    pairs, notes = pairing.find_run_pairs(noddi, eeg_derivatives=noddi / "derivatives")
     assert notes == []
     assert len(pairs) == 3
     for p in pairs:
@@ -175,16 +175,16 @@ def test_fixture_pairs_derivative_eeg(noddi):
         assert p.eeg_from_derivatives and p.bids_root == noddi / "derivatives"
         assert p.eeg_json is None  # the raw 5 kHz sidecar does not describe the 250 Hz export
         assert p.bold.parent == noddi / f"sub-{p.subject}" / "func"
-    table = layout.format_pair_table(pairs)
+    table = runs.format_pair_table(pairs)
     assert table.count("derivatives") == 3 and "3 runs: 3 with BOLD, 0 EEG only" in table
     assert _tree_digest(noddi) == before  # nothing written into the input (no description made)
 
 
 def test_validate_good_fixture_with_both_validators(noddi):
-    node = layout.validate_bids_dir(noddi)
+    node = validation.validate_bids_dir(noddi)
     assert ("node" in node) == bool(shutil.which("bids-validator"))
     assert "no errors" in node
-    summary = layout.validate_bids_dir(noddi, validator="python")
+    summary = validation.validate_bids_dir(noddi, validator="python")
     assert "45 files, no errors" in summary  # derivatives/ is not checked
 
 
@@ -193,7 +193,7 @@ def test_validate_good_fixture_with_both_validators(noddi):
 
 
 def test_pairing_sessions_runs_eeg_only_and_bold_only(study):
-    pairs, notes = layout.find_run_pairs(study)
+    pairs, notes = pairing.find_run_pairs(study)
     labels = [p.label for p in pairs]
     assert labels == [
         "sub-01_ses-1_task-rest_run-1", "sub-01_ses-1_task-rest_run-2",
@@ -208,24 +208,24 @@ def test_pairing_sessions_runs_eeg_only_and_bold_only(study):
     assert eeg_only.bold is None and eeg_only.eeg.is_file()
     assert eeg_only.entities == {"subject": "02", "session": "1", "task": "rest", "run": "1"}
     # an EEG-only run still knows the TR its BOLD sidecars would give it
-    assert layout.eeg_repetition_time(eeg_only) == 2.0
+    assert metadata.eeg_repetition_time(eeg_only) == 2.0
     assert len(notes) == 1 and "sub-03_ses-1_task-rest_run-1_bold.nii.gz" in notes[0]
     assert "BOLD without EEG" in notes[0]
-    table = layout.format_pair_table(pairs)
+    table = runs.format_pair_table(pairs)
     assert "6 runs: 5 with BOLD, 1 EEG only" in table and "- (EEG only)" in table
 
 
 def test_participant_labels_with_and_without_prefix(study):
-    pairs, _ = layout.find_run_pairs(study, participant_labels=["sub-02", "04", "04"])
+    pairs, _ = pairing.find_run_pairs(study, participant_labels=["sub-02", "04", "04"])
     assert sorted({p.subject for p in pairs}) == ["02", "04"]
     assert len(pairs) == 2
-    pairs, _ = layout.find_run_pairs(study, participant_labels="sub-01", session_labels=["ses-2"])
+    pairs, _ = pairing.find_run_pairs(study, participant_labels="sub-01", session_labels=["ses-2"])
     assert [p.label for p in pairs] == ["sub-01_ses-2_task-rest_run-1",
                                         "sub-01_ses-2_task-rest_run-2"]
 
 
 def test_participant_without_eeg_gets_a_note(study):
-    pairs, notes = layout.find_run_pairs(study, participant_labels=["03", "04"])
+    pairs, notes = pairing.find_run_pairs(study, participant_labels=["03", "04"])
     assert [p.subject for p in pairs] == ["04"]
     assert "sub-03: no EEG recording selected" in notes
 
@@ -233,24 +233,24 @@ def test_participant_without_eeg_gets_a_note(study):
 @pytest.mark.parametrize("label", ["../01", "sub-01/anat", "..", "01\\x", "0_1", ""])
 def test_unsafe_or_malformed_labels_are_usage_errors(study, label):
     with pytest.raises(UsageError) as err:
-        layout.find_run_pairs(study, participant_labels=[label])
+        pairing.find_run_pairs(study, participant_labels=[label])
     assert err.value.code == 64 and "participant label" in str(err.value)
 
 
 def test_unknown_labels_select_nothing(study):
     with pytest.raises(NothingSelectedError) as err:
-        layout.find_run_pairs(study, participant_labels=["01", "07"])
+        pairing.find_run_pairs(study, participant_labels=["01", "07"])
     assert err.value.code == 18
     assert "participant label 07 not found in BIDS_DIR; available: 01, 02, 03, 04" in str(err.value)
     with pytest.raises(NothingSelectedError, match="session label 9 not found.*available: 1, 2"):
-        layout.find_run_pairs(study, session_labels="9")
+        pairing.find_run_pairs(study, session_labels="9")
     with pytest.raises(NothingSelectedError, match="task motor not found.*available: rest"):
-        layout.find_run_pairs(study, task="motor")
+        pairing.find_run_pairs(study, task="motor")
 
 
 def test_subject_with_only_bold_selects_nothing(study):
     with pytest.raises(NothingSelectedError) as err:
-        layout.find_run_pairs(study, participant_labels="03")
+        pairing.find_run_pairs(study, participant_labels="03")
     assert err.value.code == 18 and "no EEG recording" in str(err.value)
     assert "participants 03" in str(err.value)
 
@@ -263,7 +263,7 @@ def test_run_index_left_out_on_one_side(tmp_path):
     write_eeg(root, "02")
     write_bold(root, "02", run="1")
     write_bold(root, "02", run="2")
-    pairs, notes = layout.find_run_pairs(root)
+    pairs, notes = pairing.find_run_pairs(root)
     first, second = pairs
     assert first.bold is not None and first.bold.name == "sub-01_task-rest_run-1_bold.nii.gz"
     assert first.run is None and first.label == "sub-01_task-rest"
@@ -278,7 +278,7 @@ def test_padded_run_indices_pair(tmp_path):
     _description(root)
     write_eeg(root, "01", run="1")
     write_bold(root, "01", run="01")
-    pairs, notes = layout.find_run_pairs(root)
+    pairs, notes = pairing.find_run_pairs(root)
     assert notes == [] and pairs[0].bold.name == "sub-01_task-rest_run-01_bold.nii.gz"
     assert pairs[0].run == "1"
 
@@ -291,12 +291,12 @@ def test_several_eeg_formats_for_one_run(tmp_path):
     write_bold(root, "01", run="1")
     write_eeg(root, "02", run="1", fmt="set")
     write_eeg(root, "03", run="1", fmt="fif")
-    pairs, notes = layout.find_run_pairs(root)
+    pairs, notes = pairing.find_run_pairs(root)
     assert [p.eeg.suffix for p in pairs] == [".vhdr", ".set", ".fif"]
     assert len(notes) == 1
     assert "2 EEG files for this run" in notes[0] and "sub-01_task-rest_run-1_eeg.edf" in notes[0]
     # the filter file can pick the other one
-    pairs, notes = layout.find_run_pairs(root, participant_labels="01",
+    pairs, notes = pairing.find_run_pairs(root, participant_labels="01",
                                          bids_filters={"eeg": {"extension": "edf"}})
     assert pairs[0].eeg.name == "sub-01_task-rest_run-1_eeg.edf" and notes == []
 
@@ -307,7 +307,7 @@ def test_split_fif_is_one_recording(tmp_path):
     first = write_eeg(root, "01", extra="_split-01", fmt="fif", sidecar=False)
     shutil.copyfile(first, first.with_name("sub-01_task-rest_split-02_eeg.fif"))
     write_bold(root, "01")
-    pairs, notes = layout.find_run_pairs(root)
+    pairs, notes = pairing.find_run_pairs(root)
     assert notes == [] and pairs[0].eeg == first and pairs[0].bold is not None
 
 
@@ -317,7 +317,7 @@ def test_derivative_eeg_replaces_raw_run_by_run(study, tmp_path):
     (clean.parent / "sub-01_ses-1_task-rest_run-1_desc-clean_channels.tsv").write_text(
         "name\ttype\tunits\nFz\tEEG\tuV\nCz\tEEG\tuV\n", encoding="utf-8")
     before = _tree_digest(deriv)
-    pairs, notes = layout.find_run_pairs(study, participant_labels="01", session_labels="1",
+    pairs, notes = pairing.find_run_pairs(study, participant_labels="01", session_labels="1",
                                          eeg_derivatives=deriv)
     replaced, kept = pairs
     assert replaced.eeg == clean and replaced.eeg_from_derivatives and replaced.bids_root == deriv
@@ -331,7 +331,7 @@ def test_derivative_eeg_replaces_raw_run_by_run(study, tmp_path):
                for n in notes)
     assert _tree_digest(deriv) == before
     with pytest.raises(MissingInputError) as err:
-        layout.find_run_pairs(study, eeg_derivatives=tmp_path / "missing")
+        pairing.find_run_pairs(study, eeg_derivatives=tmp_path / "missing")
     assert err.value.code == 66 and "missing" in str(err.value)
 
 
@@ -345,7 +345,7 @@ def test_derivative_spectrograms_stand_for_eeg(study, tmp_path):
     for path in spectrograms:
         np.save(path, np.zeros((3, 2, 4), np.float32))
     clean = write_eeg(deriv, "01", "1", run="1", extra="_desc-clean", sidecar=False)
-    pairs, notes = layout.find_run_pairs(study, participant_labels="01", session_labels="1",
+    pairs, notes = pairing.find_run_pairs(study, participant_labels="01", session_labels="1",
                                          eeg_derivatives=deriv)
     recording, spectrogram = pairs
     assert recording.eeg == clean and not recording.eeg_is_spectrogram
@@ -356,7 +356,7 @@ def test_derivative_spectrograms_stand_for_eeg(study, tmp_path):
     assert [n for n in notes if "2 EEG files for this run" in n] == [
         f"EEG derivatives sub-01/ses-1/eeg/{clean.name}: 2 EEG files for this run; using this "
         f"one, not {spectrograms[0].name} (select with --bids-filter-file)"]
-    table = layout.format_pair_table(pairs)
+    table = runs.format_pair_table(pairs)
     assert f"{spectrograms[1].name}  spectrogram" in table
 
 
@@ -371,8 +371,8 @@ def test_fmriprep_filter_file_selects_the_intended_runs(study, tmp_path):
         "bold": {"session": "1", "run": [1], "acquisition": None},
         "eeg": {"task": "rest"},
     }), encoding="utf-8")
-    filters = layout.load_bids_filters(filter_file)
-    pairs, notes = layout.find_run_pairs(study, bids_filters=filters)
+    queries = filters.load_bids_filters(filter_file)
+    pairs, notes = pairing.find_run_pairs(study, bids_filters=queries)
     assert [p.label for p in pairs] == ["sub-01_ses-1_task-rest_run-1",
                                         "sub-02_ses-1_task-rest_run-1",
                                         "sub-04_ses-1_task-rest_run-1"]
@@ -384,10 +384,10 @@ def test_fmriprep_filter_file_selects_the_intended_runs(study, tmp_path):
 
 
 def test_filter_null_means_entity_absent_and_star_present(study):
-    pairs, _ = layout.find_run_pairs(study, bids_filters={"eeg": {"run": "*", "acquisition": None}})
+    pairs, _ = pairing.find_run_pairs(study, bids_filters={"eeg": {"run": "*", "acquisition": None}})
     assert len(pairs) == 6
     with pytest.raises(NothingSelectedError) as err:
-        layout.find_run_pairs(study, bids_filters={"eeg": {"run": None}})
+        pairing.find_run_pairs(study, bids_filters={"eeg": {"run": None}})
     assert err.value.code == 18 and "--bids-filter-file" in str(err.value)
 
 
@@ -403,13 +403,13 @@ def test_bad_filter_files_are_usage_errors(tmp_path, content, message):
     path = tmp_path / "filters.json"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(UsageError, match=message) as err:
-        layout.load_bids_filters(path)
+        filters.load_bids_filters(path)
     assert err.value.code == 64 and str(path) in str(err.value)
 
 
 def test_missing_filter_file(tmp_path):
     with pytest.raises(MissingInputError) as err:
-        layout.load_bids_filters(tmp_path / "nope.json")
+        filters.load_bids_filters(tmp_path / "nope.json")
     assert err.value.code == 66
 
 
@@ -425,8 +425,8 @@ def test_repetition_time_sources(tmp_path):
     write_bold(root, "01", tr=9.0)  # the sidecar is the BIDS source of truth
     write_eeg(root, "02")
     write_bold(root, "02", sidecar_tr=1.5)  # a subject-level sidecar overrides the top level
-    pairs, _ = layout.find_run_pairs(root)
-    assert [layout.repetition_time(p) for p in pairs] == [2.5, 1.5]
+    pairs, _ = pairing.find_run_pairs(root)
+    assert [metadata.repetition_time(p) for p in pairs] == [2.5, 1.5]
     assert pairs[1].bold_sidecars == (root / "task-rest_bold.json",
                                       pairs[1].bold.with_name("sub-02_task-rest_bold.json"))
 
@@ -436,10 +436,10 @@ def test_repetition_time_from_header_in_ms(tmp_path):
     _description(root)
     write_eeg(root, "01")
     write_bold(root, "01", tr=2160.0, unit="msec")
-    pair = layout.find_run_pairs(root)[0][0]
+    pair = pairing.find_run_pairs(root)[0][0]
     assert pair.bold_sidecars == ()
-    assert layout.repetition_time(pair) == pytest.approx(2.16)
-    assert layout.eeg_repetition_time(pair) is None
+    assert metadata.repetition_time(pair) == pytest.approx(2.16)
+    assert metadata.eeg_repetition_time(pair) is None
 
 
 def test_repetition_time_missing_everywhere(tmp_path):
@@ -447,9 +447,9 @@ def test_repetition_time_missing_everywhere(tmp_path):
     _description(root)
     write_eeg(root, "01")
     bold = write_bold(root, "01", tr=0.0)
-    pair = layout.find_run_pairs(root)[0][0]
+    pair = pairing.find_run_pairs(root)[0][0]
     with pytest.raises(DataError) as err:
-        layout.repetition_time(pair)
+        metadata.repetition_time(pair)
     assert err.value.code == 65 and str(bold) in str(err.value)
     assert "sub-01_task-rest_bold.json" in str(err.value)
 
@@ -459,9 +459,9 @@ def test_repetition_time_bad_sidecar_value(tmp_path):
     _description(root)
     write_eeg(root, "01")
     write_bold(root, "01", sidecar_tr=-2)
-    pair = layout.find_run_pairs(root)[0][0]
+    pair = pairing.find_run_pairs(root)[0][0]
     with pytest.raises(DataError, match="positive number") as err:
-        layout.repetition_time(pair)
+        metadata.repetition_time(pair)
     assert "sub-01_task-rest_bold.json" in str(err.value)
 
 
@@ -471,20 +471,20 @@ def test_repetition_time_bad_sidecar_value(tmp_path):
 
 def test_check_bids_dir(tmp_path):
     with pytest.raises(MissingInputError) as err:
-        layout.check_bids_dir(tmp_path / "absent")
+        validation.check_bids_dir(tmp_path / "absent")
     assert err.value.code == 66 and "does not exist" in str(err.value)
     (tmp_path / "file").write_text("x")
     with pytest.raises(MissingInputError, match="not a folder"):
-        layout.validate_bids_dir(tmp_path / "file")
+        validation.validate_bids_dir(tmp_path / "file")
     (tmp_path / "nodesc" / "sub-01").mkdir(parents=True)
     with pytest.raises(ValidationError) as err:
-        layout.validate_bids_dir(tmp_path / "nodesc")
+        validation.validate_bids_dir(tmp_path / "nodesc")
     assert err.value.code == 16 and "dataset_description.json" in str(err.value)
     (tmp_path / "nodesc" / "dataset_description.json").write_text("[1, 2")
     with pytest.raises(ValidationError, match="cannot read dataset_description.json"):
-        layout.check_bids_dir(tmp_path / "nodesc")
+        validation.check_bids_dir(tmp_path / "nodesc")
     with pytest.raises(MissingInputError):
-        layout.find_run_pairs(tmp_path / "absent")
+        pairing.find_run_pairs(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("validator", ["auto", "python"])
@@ -493,17 +493,17 @@ def test_validation_of_a_broken_dataset(noddi, tmp_path, validator):
     shutil.copytree(noddi, root, copy_function=os.link)  # links: nothing here is modified
     (root / "sub-35" / "func" / "sub-35_task-rest_bolds.json").write_text("{}")
     with pytest.raises(ValidationError) as err:
-        layout.validate_bids_dir(root, validator=validator)
+        validation.validate_bids_dir(root, validator=validator)
     message = str(err.value)
     assert err.value.code == 16 and "sub-35/func/sub-35_task-rest_bolds.json" in message
     assert "--skip-bids-validation" in message and "\n" not in message
     # only the selected participants' files are validated ...
-    summary = layout.validate_bids_dir(root, participant_labels=["sub-32"], validator=validator)
+    summary = validation.validate_bids_dir(root, participant_labels=["sub-32"], validator=validator)
     assert "no errors" in summary
     assert ("node" in summary) == (validator == "auto" and bool(shutil.which("bids-validator")))
     # ... and .bidsignore is honoured
     (root / ".bidsignore").write_text("*_bolds.json\n")
-    assert "no errors" in layout.validate_bids_dir(root, validator=validator)
+    assert "no errors" in validation.validate_bids_dir(root, validator=validator)
 
 
 def test_python_validator_honours_bidsignore_folders(tmp_path):
@@ -515,25 +515,25 @@ def test_python_validator_honours_bidsignore_folders(tmp_path):
     (root / "code").mkdir()
     (root / "code" / "script.py").write_text("x")
     with pytest.raises(ValidationError, match="sub-01/extra/notes.txt"):
-        layout.validate_bids_dir(root, validator="python")
+        validation.validate_bids_dir(root, validator="python")
     (root / ".bidsignore").write_text("# ours\nextra/\n")
-    assert "no errors" in layout.validate_bids_dir(root, validator="python")
+    assert "no errors" in validation.validate_bids_dir(root, validator="python")
 
 
 def test_check_output_dir(tmp_path):
     bids = tmp_path / "bids"
     _description(bids)
     (bids / "sub-01").mkdir()
-    ok = layout.check_output_dir(bids, bids / "derivatives" / "spec2vol")
+    ok = validation.check_output_dir(bids, bids / "derivatives" / "spec2vol")
     assert ok == (bids / "derivatives" / "spec2vol").resolve()
-    assert layout.check_output_dir(bids, tmp_path / "out") == (tmp_path / "out").resolve()
+    assert validation.check_output_dir(bids, tmp_path / "out") == (tmp_path / "out").resolve()
     link = tmp_path / "sneaky"
     link.symlink_to(bids / "sub-01")
     for out, why in [(bids, "is BIDS_DIR"), (bids / "sub-01" / "out", "inside the raw tree"),
                      (bids / "derivatives", "derivatives itself"), (tmp_path, "contains BIDS_DIR"),
                      (link / "out", "inside the raw tree"), (bids / "out" / "..", "is BIDS_DIR")]:
         with pytest.raises(UsageError, match=why) as err:
-            layout.check_output_dir(bids, out)
+            validation.check_output_dir(bids, out)
         assert err.value.code == 64
         assert "derivatives/spec2vol" in str(err.value)  # the suggestion
 
@@ -541,7 +541,7 @@ def test_check_output_dir(tmp_path):
 def test_discovery_is_fast_and_read_only(study):
     before = _tree_digest(study)
     start = time.perf_counter()
-    layout.find_run_pairs(study)
+    pairing.find_run_pairs(study)
     assert time.perf_counter() - start < 5.0
     assert _tree_digest(study) == before
     assert sorted(os.listdir(study)) == ["dataset_description.json", "sub-01", "sub-02", "sub-03",

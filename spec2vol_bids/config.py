@@ -1,0 +1,232 @@
+"""Every setting of a spec2vol run, in one object: built once, validated in one place.
+
+The command line (:mod:`spec2vol_bids.cli.parser`) and ``--config-file`` give option values;
+:func:`build` turns them into a :class:`Config` of four frozen parts (inputs, participant,
+training, execution) and checks them, for both levels alike. The defaults live here and only
+here: the parser shows them in ``--help`` from these classes, and the resolved configuration
+written to ``OUTPUT_DIR/logs/`` is :meth:`Config.as_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spec2vol_bids.errors import UsageError
+from spec2vol_bids.naming import clean_labels
+
+#: Frequency bins kept per TR window when nothing else decides: the authors' 249.
+FREQ_BINS = 249
+#: The largest target grid axis: a volume of an fMRI run, not an image to upsample.
+MAX_GRID = 256
+#: The networks ``--model`` can name at the group level, and the baselines ``--compare`` adds.
+MODELS = ("spec2vol", "e2fnet")
+SIZES = ("full", "tiny")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What is read and where the derivatives go."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: tuple[str, ...] | None = None
+    session_label: tuple[str, ...] | None = None
+    task: str | None = None
+    bids_filter_file: Path | None = None
+    eeg_derivatives: Path | None = None
+    bold_derivatives: tuple[Path, ...] = ()
+    bold_space: str | None = None
+    skip_bids_validation: bool = False
+
+
+@dataclass(frozen=True)
+class Participant:
+    """How a run's EEG and BOLD become a spectrogram and a target (docs/design.md)."""
+
+    volume_marker: str | None = None
+    first_volume_trigger: int | None = None
+    eeg_offset: float | None = None
+    #: None: :data:`FREQ_BINS`, unless a reused spectrogram or ``--model`` decides
+    freq_bins: int | None = None
+    fmax: float | None = None
+    target_grid: tuple[int, int, int] | None = None
+    discard_volumes: int = 6
+    context: int = 20
+    model_path: Path | None = None
+
+    @property
+    def bins_requested(self) -> bool:
+        """Whether the frequency bins were asked for, rather than left to the default."""
+        return self.fmax is not None or self.freq_bins is not None
+
+    def spectrogram_bins(self) -> int | None:
+        """The bin count to compute: none with ``--fmax``, else ``--freq-bins`` or the default."""
+        return None if self.fmax is not None else self.freq_bins or FREQ_BINS
+
+
+@dataclass(frozen=True)
+class Training:
+    """The group level's protocol (defaults: as published) and evaluation plan."""
+
+    model: str = "spec2vol"
+    size: str = "full"
+    epochs: int = 50
+    batch_size: int = 16
+    grad_accum: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 50
+    restart_epochs: int = 10
+    clip_grad: float = 1.0
+    device: str = "auto"
+    select: str = "last"
+    eeg_normalisation: str = "minmax"
+    split: str = "loso"
+    test_subjects: tuple[str, ...] | None = None
+    folds: tuple[str, ...] | None = None
+    no_final: bool = False
+    compare: tuple[str, ...] = ()
+    channels: tuple[str, ...] | None = None
+    seed: int = 0
+    #: progress bars on the console (off with ``-v`` 0 in library use)
+    progress: bool = True
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where intermediate files go and how much of the machine a run uses."""
+
+    work_dir: Path
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    verbose: int = 0
+    config_file: Path | None = None
+    argv: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """A run's whole configuration."""
+
+    inputs: Inputs
+    participant: Participant = field(default_factory=Participant)
+    training: Training = field(default_factory=Training)
+    execution: Execution | None = None
+
+    def as_dict(self) -> dict:
+        """Every setting by part, paths as strings: what ``logs/config.toml`` records."""
+        return {part.name: _plain(dataclasses.asdict(getattr(self, part.name)))
+                for part in dataclasses.fields(self)}
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "argv"}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+#: The option names that belong to each part (the command line's ``dest`` names, except
+#: ``--model-config`` -> ``size`` and the participant level's ``--model`` -> ``model_path``).
+_PARTS = {name: [f.name for f in dataclasses.fields(cls)]
+          for name, cls in (("inputs", Inputs), ("participant", Participant),
+                            ("training", Training), ("execution", Execution))}
+
+
+def defaults(part: type) -> dict:
+    """The default of every field of a part that has one (for ``--help`` and the parser)."""
+    return {f.name: f.default for f in dataclasses.fields(part)
+            if f.default is not dataclasses.MISSING}
+
+
+def build(values: dict) -> Config:
+    """The :class:`Config` of a run from option values (``None`` or absent: the default).
+
+    Parameters
+    ----------
+    values : dict
+        Option values by the command line's ``dest`` names, as the parser gives them (lists
+        for repeatable options), plus ``argv``.
+
+    Raises
+    ------
+    UsageError (64)
+        An option value is not allowed, or options contradict each other.
+    """
+    values = {k: v for k, v in values.items() if v is not None}
+    level = values["analysis_level"]
+    model = values.pop("model", None)
+    if level == "group":
+        values["model"] = model or Training.model
+        if values["model"] not in MODELS:
+            raise UsageError(f"--model {values['model']!r}: the group level trains one of "
+                             f"{', '.join(MODELS)}")
+    elif model is not None:
+        values["model_path"] = Path(model).expanduser().absolute()
+    if "model_config" in values:
+        values["size"] = values.pop("model_config")
+    for name, prefix in (("participant_label", "sub"), ("test_subjects", "sub"), ("folds", "sub"),
+                         ("session_label", "ses")):
+        if name in values:
+            what = f"--{name.replace('_', '-')}"
+            values[name] = tuple(sorted(clean_labels(values[name], prefix, what)))
+    for name in ("compare", "channels", "target_grid"):
+        if name in values:
+            values[name] = tuple(values[name])
+    for name in ("bids_dir", "output_dir", "bids_filter_file", "eeg_derivatives", "config_file"):
+        if name in values:
+            values[name] = Path(values[name]).expanduser().absolute()
+    derivatives = values.get("bold_derivatives", ())
+    if isinstance(derivatives, (str, Path)):
+        derivatives = [derivatives]
+    values["bold_derivatives"] = tuple(Path(p).expanduser().absolute() for p in derivatives)
+    if "bold_space" in values:
+        values["bold_space"] = _space(values["bold_space"])
+    output = values["output_dir"]
+    values["work_dir"] = Path(values.get("work_dir", output.parent / f".{output.name}_work")) \
+        .expanduser().absolute()
+    values.setdefault("nprocs", Execution.nprocs)
+    values.setdefault("omp_nthreads", max(1, (os.cpu_count() or 1) // values["nprocs"]))
+    values["progress"] = values.get("verbose", 0) > 0
+    values["argv"] = tuple(values.get("argv", ()))
+    parts = {name: {k: values[k] for k in fields if k in values} for name, fields in _PARTS.items()}
+    config = Config(inputs=Inputs(**parts["inputs"]), participant=Participant(**parts["participant"]),
+                    training=Training(**parts["training"]), execution=Execution(**parts["execution"]))
+    check_training(config.training)
+    return config
+
+
+def check_training(training: Training) -> None:
+    """Refuse a protocol that cannot run (library callers build :class:`Training` directly)."""
+    for name in ("epochs", "batch_size", "grad_accum", "restart_epochs"):
+        if getattr(training, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if not (training.lr > 0 and math.isfinite(training.lr)) or training.weight_decay < 0 \
+            or training.warmup_steps < 0 or training.clip_grad < 0:
+        raise UsageError("--lr must be a positive number; --weight-decay, --warmup-steps and "
+                         "--clip-grad must not be negative")
+    if training.split == "fixed" and not training.test_subjects:
+        raise UsageError("--split fixed needs --test-subjects")
+    choices = {"select": ("last", "val"), "split": ("loso", "fixed"), "size": SIZES,
+               "device": ("auto", "cpu", "cuda"), "eeg_normalisation": ("minmax", "standard")}
+    for name, allowed in choices.items():
+        if getattr(training, name) not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"not {getattr(training, name)!r}")
+
+
+def _space(text: str) -> str:
+    """``--bold-space`` in fMRIPrep's ``SPACE[:res-N]`` syntax, normalised."""
+    from spec2vol_bids.bids.spaces import parse_space
+
+    name, res = parse_space(text)
+    return f"{name}:res-{res}" if res is not None else name

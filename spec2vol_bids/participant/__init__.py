@@ -1,0 +1,115 @@
+"""The participant level: run pairs → EEG spectrograms and BOLD targets → derivatives.
+
+For every selected run this writes the TR-window spectrogram of its EEG
+(:mod:`.spectrogram`) and, when the run has BOLD, the normalised, resampled target series
+(:mod:`.target`), then per participant the pairing inventory, QC figures and the HTML report.
+With ``--model`` it also synthesises BOLD from the EEG of every run, EEG-only participants
+included. Re-running skips runs whose outputs are up to date (:mod:`.freshness`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+from spec2vol_bids import __version__
+from spec2vol_bids.derivatives import init_output_dataset, write_text
+from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.participant.result import RunResult
+from spec2vol_bids.participant.run import process_run
+from spec2vol_bids.participant.spectrogram import check_spectrogram_inputs
+from spec2vol_bids.participant.target import fetch_templates
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["RunResult", "process_run", "run_participant"]
+
+
+def run_participant(config) -> int:
+    """Run the participant level for the selected participants; return the exit code."""
+    from spec2vol_bids import logs, provenance, report
+    from spec2vol_bids.bids import filters, pairing
+    from spec2vol_bids.bids.runs import format_pair_table
+
+    started = datetime.now(timezone.utc)
+    inputs = config.inputs
+    bids_filters = filters.load_bids_filters(inputs.bids_filter_file) if inputs.bids_filter_file else None
+    pairs, notes = pairing.find_run_pairs(
+        inputs.bids_dir, participant_labels=inputs.participant_label,
+        session_labels=inputs.session_label, task=inputs.task, bids_filters=bids_filters,
+        eeg_derivatives=inputs.eeg_derivatives, bold_derivatives=inputs.bold_derivatives,
+        bold_space=inputs.bold_space)
+    model_tr, model_bins = _read_model(config.participant.model_path)
+    check_spectrogram_inputs(pairs, config, model_bins)
+    config = _at_model_bins(config, model_bins)
+    fetch_templates(pairs)
+    init_output_dataset(inputs.output_dir, inputs.bids_dir)
+    LOGGER.info("spec2vol %s participant level; log: %s", __version__,
+                logs.add_log_file(inputs.output_dir, "participant"))
+    LOGGER.info("runs found:\n%s", format_pair_table(pairs))
+    for text in notes:
+        LOGGER.warning("%s", text)
+
+    pairs = [p for p in pairs if p.eeg is not None or p.bold is not None]
+    nprocs = min(config.execution.nprocs, len(pairs))
+    if nprocs > 1:
+        with ProcessPoolExecutor(max_workers=nprocs) as pool:
+            results = list(pool.map(process_run, pairs, [config] * len(pairs), [model_tr] * len(pairs)))
+    else:
+        results = [process_run(pair, config, model_tr) for pair in pairs]
+
+    subjects = sorted({r.entities["subject"] for r in results})
+    for subject in subjects:
+        _inventory(inputs.output_dir, subject, [r for r in results if r.entities["subject"] == subject], notes)
+        LOGGER.info("report: %s", report.write_participant_report(inputs.output_dir, subject))
+    provenance.write_provenance(
+        inputs.output_dir, level="participant", argv=list(config.execution.argv),
+        config=config.as_dict(), seeds={"seed": config.training.seed}, started=started,
+        finished=datetime.now(timezone.utc), stages={"runs": [dataclasses.asdict(r) for r in results]})
+    LOGGER.info("participant level done: %d runs of %d participants in %s", len(results),
+                len(subjects), inputs.output_dir)
+    return 0
+
+
+def _read_model(path: Path | None) -> tuple[float | None, int | None]:
+    """``--model``, read once before any output is written: its TR and frequency bin count."""
+    from spec2vol_bids.models import load_checkpoint
+
+    if path is None:
+        return None, None
+    if not path.is_file():
+        raise MissingInputError("model file not found; give the model.pt written by the group "
+                                "level (OUTPUT_DIR/models/final/model.pt)", path=path)
+    _, meta = load_checkpoint(path)
+    return (meta.get("extra") or {}).get("RepetitionTime"), int(meta["config"]["freq_bins"])
+
+
+def _at_model_bins(config, bins: int | None):
+    """Spectrograms at the model's bins unless ``--freq-bins``/``--fmax`` say otherwise; a
+    ``--freq-bins`` other than the model's is refused."""
+    settings = config.participant
+    if bins is None or settings.fmax is not None:
+        return config
+    if settings.freq_bins is not None and settings.freq_bins != bins:
+        raise DataError(f"the model was trained on {bins} frequency bins but --freq-bins "
+                        f"{settings.freq_bins} was given; leave --freq-bins out to use the "
+                        "model's", path=settings.model_path)
+    return dataclasses.replace(config, participant=dataclasses.replace(settings, freq_bins=bins))
+
+
+def _inventory(out_dir: Path, subject: str, results: list[RunResult], notes: list[str]) -> Path:
+    """``sub-<label>/sub-<label>_runs.tsv``: what was found, paired and produced for a participant."""
+    lines = ["run\teeg\tbold\tstatus\tnote"]
+    for r in results:
+        status = "paired" if r.eeg and r.bold else ("eeg-only" if r.eeg else "bold-only")
+        note = f"{r.n_windows} windows, {len(r.channels)} channels" if r.n_windows else ""
+        if r.skipped:
+            note += " (up to date)"
+        lines.append("\t".join([r.label, r.eeg or "n/a", r.bold or "n/a", status, note.strip()]))
+    for text in notes:
+        if f"sub-{subject}" in text:
+            lines.append("\t".join(["n/a", "n/a", "n/a", "not paired", text.replace("\t", " ")]))
+    return write_text(out_dir / f"sub-{subject}" / f"sub-{subject}_runs.tsv", "\n".join(lines) + "\n")

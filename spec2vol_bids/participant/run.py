@@ -1,0 +1,107 @@
+"""Everything the participant level does for one run, and nothing left behind when it fails."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from spec2vol_bids.errors import DataError
+from spec2vol_bids.naming import build_name, run_dir, run_label, source_uri
+from spec2vol_bids.participant.result import RunResult
+from spec2vol_bids.participant.spectrogram import eeg_entities, process_eeg, reuse_spectrogram
+from spec2vol_bids.participant.target import process_bold
+
+LOGGER = logging.getLogger(__name__)
+
+
+def process_run(pair, config, model_tr: float | None = None) -> RunResult:
+    """Everything the participant level does for one run (top level so processes can run it).
+
+    The EEG comes first: its alignment to the volumes is where a run is most often refused, and
+    it needs only the BOLD series' volume count (from its header). A run that fails leaves none
+    of the outputs it wrote behind.
+    """
+    from spec2vol_bids.bids.metadata import repetition_time
+
+    result = RunResult(label=pair.label, entities=pair.entities,
+                       eeg=str(pair.eeg) if pair.eeg else None,
+                       bold=str(pair.bold) if pair.bold else None)
+    before = _own_outputs(pair, config.inputs.output_dir)
+    try:
+        tr, n_volumes = None, None
+        if pair.bold is not None:
+            tr = repetition_time(pair)
+            n_volumes = _bold_volumes(pair, config.participant)
+        if pair.eeg is not None and pair.eeg_is_spectrogram:
+            reuse_spectrogram(pair, config, result)
+        elif pair.eeg is not None:
+            tr = tr if tr is not None else _eeg_only_tr(pair, config, model_tr)
+            process_eeg(pair, config, tr, n_volumes, result)
+        if pair.bold is not None:
+            process_bold(pair, config, tr, result)
+        if config.participant.model_path and pair.eeg is not None:
+            _synthesize(pair, config, tr, result)
+    except BaseException:
+        for path, stamp in _own_outputs(pair, config.inputs.output_dir).items():
+            if before.get(path) != stamp:
+                path.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _own_outputs(pair, output_dir: Path) -> dict[Path, tuple]:
+    """The run's files in OUTPUT_DIR (every one is ``<run>_desc-...``), with their identity."""
+    folder = Path(output_dir) / f"sub-{pair.subject}"
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for label in {pair.label, run_label(eeg_entities(pair))}:
+        for path in folder.rglob(f"{label}_desc-*"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                found[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return found
+
+
+def _bold_volumes(pair, settings) -> int:
+    """The BOLD series' volume count, from its header; refused when too short to pair."""
+    from spec2vol_bids import bold
+
+    n_volumes = int(bold.load_bold(pair.bold).shape[3])
+    needed = settings.discard_volumes + settings.context + 1
+    if n_volumes < needed:
+        raise DataError(f"the BOLD series has {n_volumes} volumes, fewer than the {needed} a run "
+                        f"needs (--discard-volumes {settings.discard_volumes} + --context "
+                        f"{settings.context} + 1)", path=pair.bold)
+    return n_volumes
+
+
+def _eeg_only_tr(pair, config, model_tr: float | None) -> float:
+    """The TR of a run without BOLD: its sidecar's, else its volume markers', else the model's."""
+    from spec2vol_bids import eeg, triggers
+    from spec2vol_bids.bids.metadata import eeg_repetition_time
+
+    tr = eeg_repetition_time(pair)
+    if tr is None:
+        raw = eeg.read_eeg(pair.eeg, work_dir=config.execution.work_dir / "eeg" / pair.label)
+        tr = triggers.marker_repetition_time(raw, pair.events_tsv, config.participant.volume_marker)
+    tr = tr if tr is not None else model_tr
+    if tr is None:
+        raise DataError("this EEG run has no BOLD, no RepetitionTime in its sidecars, no volume "
+                        "markers and no model to take one from; add RepetitionTime to its _eeg.json",
+                        path=pair.eeg)
+    return float(tr)
+
+
+def _synthesize(pair, config, tr: float, result: RunResult) -> None:
+    from spec2vol_bids import synthesize
+
+    nii = run_dir(config.inputs.output_dir, pair.entities, "func") / build_name(
+        pair.entities, "bold", ".nii.gz", desc="synth")
+    synthesize.synthesize_from_checkpoint(
+        config.participant.model_path, Path(result.spectrogram), nii,
+        target=Path(result.target) if result.target else None, tr=tr,
+        sources=[source_uri(pair.eeg, config.inputs.bids_dir)])
+    result.synth = str(nii)
+    LOGGER.info("%s: synthesised BOLD written to %s", pair.label, nii)
