@@ -104,7 +104,9 @@ class VSSBlock(nn.Module):
     def __init__(self, dim: int, drop_path_rate: float = 0.0, d_state: int = 16,
                  expand: int = 2):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        # eps 1e-5 (PyTorch's default), as the authors' model runs: their VSSBlock's own default
+        # is 1e-6, but their VSSM passes a plain nn.LayerNorm down to every block.
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-5)
         self.self_attention = SS2D(dim, d_state, expand)
         self.drop_path_rate = drop_path_rate
 
