@@ -24,6 +24,11 @@ FREQ_BINS = 249
 MAX_GRID = 256
 #: The networks ``--model`` can name at the group level, and the baselines ``--compare`` adds.
 MODELS = ("spec2vol", "e2fnet")
+#: What ``--compare`` trains beside ``--model`` on every fold (the mean volume always is).
+COMPARE = ("e2fnet", "spec2vol", "ridge")
+#: ``--eeg-normalisation``: one min-max pair (published), per channel and bin from the training
+#: subjects, or every run standardised with its own statistics (spec2vol_bids.data.norm_stats).
+NORMALISATIONS = ("minmax", "standard", "run")
 SIZES = ("full", "tiny")
 
 
@@ -217,7 +222,10 @@ def check_training(training: Training) -> None:
     if training.split == "fixed" and not training.test_subjects:
         raise UsageError("--split fixed needs --test-subjects")
     choices = {"select": ("last", "val"), "split": ("loso", "fixed"), "size": SIZES,
-               "device": ("auto", "cpu", "cuda"), "eeg_normalisation": ("minmax", "standard")}
+               "device": ("auto", "cpu", "cuda"), "eeg_normalisation": NORMALISATIONS}
+    unknown = [name for name in training.compare if name not in COMPARE]
+    if unknown:
+        raise UsageError(f"--compare {' '.join(unknown)}: choose from {', '.join(COMPARE)}")
     for name, allowed in choices.items():
         if getattr(training, name) not in allowed:
             raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "

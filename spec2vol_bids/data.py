@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from spec2vol_bids.config import Participant
+from spec2vol_bids.config import NORMALISATIONS, Participant
 from spec2vol_bids.derivatives import atomic_path, read_spectrogram
 from spec2vol_bids.errors import DataError, NothingSelectedError
 from spec2vol_bids.naming import RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key
@@ -191,7 +191,6 @@ def cache_target(path: str | Path, work_dir: str | Path) -> Path:
     return cached
 
 
-NORMALISATIONS = ("minmax", "standard")
 
 
 def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64,
@@ -204,9 +203,15 @@ def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64,
     ``kind="minmax"`` (the published scaling) gives one (min, max) pair for all inputs;
     ``kind="standard"`` also gives a mean and a standard deviation per (channel, bin), so that
     every input feature varies around 0 instead of sitting on a fixed per-electrode pattern.
+    ``kind="run"`` holds no numbers: every run is standardised per (channel, bin) with its own
+    statistics when it is read (:func:`run_norm`), training and held-out runs alike, so that
+    a subject's EEG offsets (impedances, cap fit) do not pass for signal. It uses a run's EEG
+    only, never its BOLD.
     """
     if kind not in NORMALISATIONS:
         raise ValueError(f"unknown EEG normalisation {kind!r}")
+    if kind == "run":
+        return {"kind": "run"}
     lo, hi = np.inf, -np.inf
     total = total_sq = None
     count = 0
@@ -237,6 +242,27 @@ def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64,
     return stats
 
 
+def run_norm(run: Run, channels: Sequence[str], norm: dict) -> dict:
+    """The statistics ``run``'s inputs are scaled with: ``norm`` itself, or for ``kind="run"``
+    the run's own per-(channel, bin) mean and SD over the windows its samples use."""
+    if norm.get("kind") != "run":
+        return norm
+    spec = _open_npy(run.spectrogram)
+    windows = np.asarray(spec[run.discard:run.n_volumes - 1])[:, channel_index(run, channels)]
+    if not len(windows):
+        raise DataError("no EEG windows to standardise (the run is too short for discard + "
+                        "context volumes)", path=run.spectrogram)
+    return window_stats(windows)
+
+
+def window_stats(windows: np.ndarray) -> dict:
+    """``kind="standard"`` statistics of ``(n, C, F)`` windows: mean and SD per (channel, bin)."""
+    windows = np.asarray(windows, dtype=np.float64)
+    std = windows.std(axis=0)
+    return {"kind": "standard", "mean": windows.mean(axis=0).astype(np.float32).tolist(),
+            "std": np.where(std > 1e-6, std, 1.0).astype(np.float32).tolist()}
+
+
 def apply_norm(x: np.ndarray, norm: dict) -> np.ndarray:
     """Scale ``(..., C, F)`` EEG inputs with :func:`norm_stats`'s statistics, in place."""
     if norm.get("kind", "minmax") == "standard":
@@ -258,7 +284,7 @@ class PairedDataset(torch.utils.data.Dataset):
     channels : list of str
         EEG channels, in model order, selected from each run by name.
     norm : dict
-        ``{"min": float, "max": float}`` EEG scaling (from training subjects only).
+        EEG scaling (:func:`norm_stats`, from training subjects only, or ``kind="run"``).
     work_dir : path | None
         Where targets are cached; ``None`` gives inputs only (``y`` is omitted).
 
@@ -282,6 +308,7 @@ class PairedDataset(torch.utils.data.Dataset):
                                 f"evaluation: {', '.join(missing)}")
             self._targets = [cache_target(run.target, work_dir) for run in self.runs]
         self._index = [channel_index(run, self.channels) for run in self.runs]
+        self._norms = [run_norm(run, self.channels, norm) for run in self.runs]
         counts = [len(run.sample_volumes) for run in self.runs]
         self._run_of = np.repeat(np.arange(len(self.runs)), counts)
         self._volume_of = np.concatenate([run.sample_volumes for run in self.runs] or [np.zeros(0, int)])
@@ -314,7 +341,7 @@ class PairedDataset(torch.utils.data.Dataset):
         spec = self._map(("x", r), run.spectrogram)
         block = spec[j - run.context:j]
         self._mapped_bytes += block.nbytes
-        x = apply_norm(np.array(block[:, self._index[r]], dtype=np.float32), self.norm)
+        x = apply_norm(np.array(block[:, self._index[r]], dtype=np.float32), self._norms[r])
         if not self.with_target:
             return torch.from_numpy(x)
         volume = self._map(("y", r), self._targets[r])[j]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock
 
-from spec2vol_bids import evaluate, logs, synthesize, train
+from spec2vol_bids import evaluate, linear, logs, synthesize, train
 from spec2vol_bids.config import Config, Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
@@ -210,8 +210,13 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     cfg = dataclasses.replace(config, model=model_name)
     fold = extra.get("Fold")
     label = f"{'final model' if fold == 'final' else f'fold {fold}'} {model_name}"
-    result = train.train(train_runs, channels, cfg, work_dir=work_dir,
-                         checkpoint=checkpoint / "checkpoint.pt", val_runs=val_runs, description=label)
+    if model_name == "ridge":  # closed form; its inner cross-validation needs no validation split
+        result = linear.fit_ridge([*train_runs, *val_runs], channels, work_dir=work_dir,
+                                  description=label)
+    else:
+        result = train.train(train_runs, channels, cfg, work_dir=work_dir,
+                             checkpoint=checkpoint / "checkpoint.pt", val_runs=val_runs,
+                             description=label)
     if not train.is_main():
         return result
     ref = train_runs[0]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from spec2vol_bids.config import Participant
-from spec2vol_bids.data import apply_norm
+from spec2vol_bids.data import apply_norm, window_stats
 from spec2vol_bids.derivatives import read_spectrogram, write_json, write_nifti
 from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
@@ -215,7 +215,10 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     if not len(volumes):
         raise DataError(f"the run has {spec.shape[0]} EEG windows, too few for discard + context "
                         f"({first}) + 1", path=spectrogram)
-    pred = predict(model, context_batches(spec, volumes, context, meta["norm_stats"], batch_size), device)
+    norm = meta["norm_stats"]
+    if norm.get("kind") == "run":  # this run's own statistics, over the windows its samples use
+        norm = window_stats(spec[first - context:n_volumes - 1])
+    pred = predict(model, context_batches(spec, volumes, context, norm, batch_size), device)
     return write_synth(pred, out_path, affine=affine,
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
                        first_volume=first, sidecar={

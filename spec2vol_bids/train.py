@@ -24,6 +24,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +49,11 @@ PROTOCOL = ("model", "size", "epochs", "batch_size", "grad_accum", "lr", "weight
             "warmup_steps", "restart_epochs", "clip_grad", "select", "eeg_normalisation", "seed")
 
 
+#: Seconds between progress lines in the log when stderr is not a terminal (batch jobs,
+#: containers, ``| tee``), where no progress bar is drawn.
+PROGRESS_SECONDS = 20.0
+
+
 @dataclasses.dataclass
 class TrainResult:
     """A trained model with what is needed to store and describe it."""
@@ -57,6 +63,54 @@ class TrainResult:
     history: list[dict]
     selected_epoch: int
     out_shape: tuple
+
+
+class Progress:
+    """Where a training run is, logged every :data:`PROGRESS_SECONDS` by a background thread.
+
+    The thread logs even while one slow batch runs, so a batch log is never silent for long;
+    the ETA extrapolates the batches of this process (a resumed run counts from its restart).
+    """
+
+    def __init__(self, description: str, epochs: int, *, enabled: bool):
+        self.description, self.epochs, self.enabled = description, epochs, enabled
+        self.epoch, self.batch, self.n_batches, self.loss = 0, 0, 0, float("nan")
+        self.done, self.started = 0, time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="spec2vol-progress")
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def at(self, epoch: int):
+        """The per-batch callback of ``epoch``: ``(batch, n_batches, running loss)``."""
+        self.epoch, self.batch = epoch, 0
+
+        def update(batch: int, n_batches: int, loss: float) -> None:
+            self.batch, self.n_batches, self.loss = batch, n_batches, loss
+            self.done += 1
+        return update
+
+    def line(self) -> str:
+        """``fold 01 spec2vol: epoch 2/3, batch 14/55, loss 0.2811, ETA 3 min 10 s``."""
+        left = (self.n_batches - self.batch) + (self.epochs - self.epoch) * self.n_batches
+        eta = "unknown (no batch finished yet)"
+        if self.done and self.n_batches:
+            seconds = round((time.perf_counter() - self.started) / self.done * left)
+            eta = f"{seconds // 60} min {seconds % 60} s"
+        return (f"{self.description}: epoch {self.epoch}/{self.epochs}, batch {self.batch}/"
+                f"{self.n_batches or '?'}, loss {self.loss:.4f}, ETA {eta}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROGRESS_SECONDS):
+            logger.info("%s", self.line())
 
 
 # -- distributed ------------------------------------------------------------------------------
@@ -205,6 +259,31 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
 
+    progress = Progress(description, config.epochs,
+                        enabled=rank == 0 and not (config.progress and sys.stderr.isatty()))
+    with progress:
+        history, best = _epochs(net, model, train_set, val_set, optimizer, scheduler, config, device,
+                                history=history, best=best, start_epoch=start_epoch,
+                                checkpoint=checkpoint, fingerprint=fingerprint,
+                                description=description, progress=progress)
+
+    selected = config.epochs
+    if config.select == "val":
+        if best["state"] is None:
+            raise _diverged(description, config.epochs, "no finite validation SSIM in any epoch",
+                            optimizer.param_groups[0]["lr"], checkpoint)
+        model.load_state_dict(best["state"])
+        selected = best["epoch"]
+    model.eval()
+    return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
+                       out_shape=train_set.target_shape())
+
+
+def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Training, device, *,
+            history, best, start_epoch, checkpoint, fingerprint, description, progress):
+    """Train from ``start_epoch`` to the end, checkpointing every epoch; ``(history, best)``."""
+    rank, world, _ = distributed()
+    local_batch = max(1, config.batch_size // world)
     for epoch in range(start_epoch, config.epochs):
         tic = time.perf_counter()
         indices = shard(epoch_order(config.seed, epoch, len(train_set)), rank, world)
@@ -214,7 +293,8 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         try:
             train_loss = _train_epoch(net, model, loader, optimizer, scheduler, config, device,
                                       desc=f"{description} epoch {epoch + 1}/{config.epochs}",
-                                      show=config.progress and rank == 0)
+                                      show=config.progress and rank == 0,
+                                      progress=progress.at(epoch + 1))
         except Diverged as exc:
             raise _diverged(description, epoch + 1, str(exc), exc.lr, checkpoint) from None
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -236,17 +316,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         if rank == 0:
             _save(checkpoint, fingerprint, epoch + 1, model, optimizer, scheduler, history, best)
         barrier()
-
-    selected = config.epochs
-    if config.select == "val":
-        if best["state"] is None:
-            raise _diverged(description, config.epochs, "no finite validation SSIM in any epoch",
-                            optimizer.param_groups[0]["lr"], checkpoint)
-        model.load_state_dict(best["state"])
-        selected = best["epoch"]
-    model.eval()
-    return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
-                       out_shape=train_set.target_shape())
+    return history, best
 
 
 def _model(config: Training, channels, train_set: PairedDataset, *, context: int, device, source):
@@ -301,7 +371,8 @@ def _save(checkpoint: Path, fingerprint: str, epoch: int, model, optimizer, sche
     write_bytes(checkpoint, buffer.getbuffer())
 
 
-def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, desc, show) -> float:
+def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, desc, show,
+                 progress) -> float:
     net.train()
     total, count, seen, tic = 0.0, 0, 0, time.perf_counter()
     n_batches = len(loader)
@@ -331,6 +402,7 @@ def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, de
         total += float(loss.detach()) * len(x)
         count += len(x)
         seen += len(x)
+        progress(i + 1, n_batches, total / count)
         bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}",
                         samples_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}")

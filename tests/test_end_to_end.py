@@ -10,10 +10,13 @@ import subprocess
 import sys
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from spec2vol_bids.simulate import simulate_dataset
+from spec2vol_bids.synthesize import synthesize_from_checkpoint
 from test_report import _check_images, _colours, _render
 
 SMALL = ["--discard-volumes", "2", "--context", "4", "--freq-bins", "32",
@@ -34,7 +37,7 @@ def main_job(tmp_path_factory):
     participant = spec2vol(bids, out, "participant", *SMALL)
     assert participant.returncode == 0, participant.stderr
     group = spec2vol(bids, out, "group", "--model-config", "tiny", "--epochs", "1",
-                     "--batch-size", "4", "--compare", "e2fnet")
+                     "--batch-size", "4", "--compare", "e2fnet", "ridge")
     assert group.returncode == 0, group.stderr
     return bids, out, group.stderr
 
@@ -42,11 +45,12 @@ def main_job(tmp_path_factory):
 def test_group_outputs_and_log(main_job):
     _, out, log = main_job
     table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
-    # two subjects have BOLD (sub-03 is EEG-only): two folds, three models each
+    # two subjects have BOLD (sub-03 is EEG-only): two folds, four models each
     assert sorted(table.participant_id.unique()) == ["sub-01", "sub-02"]
-    assert sorted(table.model.unique()) == ["e2fnet", "mean", "spec2vol"]
+    assert sorted(table.model.unique()) == ["e2fnet", "mean", "ridge", "spec2vol"]
     assert (table.loc[table.model == "mean", "dynamics"] == 0).all()
-    for model in ("spec2vol", "e2fnet", "mean"):
+    assert (out / "models" / "fold-01" / "ridge" / "model.pt").is_file()
+    for model in ("spec2vol", "e2fnet", "ridge", "mean"):
         assert f"{model}:" in log  # mean ± std per model in the log
     synth = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-synth_bold.nii.gz")
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
@@ -63,6 +67,27 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
     side = json.loads((out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.json").read_text())
     assert side["RepetitionTime"] == pytest.approx(2.0)
+
+
+def test_ridge_model_synthesises_an_eeg_only_run_with_its_own_statistics(main_job, tmp_path):
+    """The ridge model file applied to sub-03 (no BOLD): each window standardised with sub-03's
+    own EEG statistics, then mean + scale * (band features @ weights @ components)."""
+    _, out, _ = main_job
+    model_path = out / "models" / "fold-01" / "ridge" / "model.pt"
+    spec_path = next((out / "sub-03" / "eeg").glob("*_desc-spec2vol_spectrogram.npy"))
+    synth = synthesize_from_checkpoint(model_path, spec_path, tmp_path / "sub-03_desc-synth_bold.nii.gz")
+    got = np.asarray(nib.load(synth).dataobj, dtype=np.float64)  # (X, Y, Z, N)
+    state = torch.load(model_path, weights_only=True)["state_dict"]
+    spec = np.load(spec_path).astype(np.float64)
+    discard, context = 2, 4
+    windows = spec[discard:len(spec) - 1]
+    z = (spec - windows.mean(0)) / windows.std(0)
+    bands = z[..., : z.shape[2] // 4 * 4].reshape(*z.shape[:2], -1, 4).mean(-1)
+    features = np.stack([bands[j - context:j].ravel() for j in range(discard + context, len(spec))])
+    deviations = features @ state["net.weights"].double().numpy() @ state["net.components"].double().numpy()
+    mean, scale = state["mean"].double().numpy(), state["scale"].double().numpy()
+    expected = mean + scale * deviations.reshape(len(features), *mean.shape)  # (N, D, H, W)
+    np.testing.assert_allclose(got, expected.transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
 
 
 def test_reports_are_embedded_and_render(main_job, tmp_path):

@@ -98,7 +98,7 @@ def one_participant(source: Path, dst: Path) -> Path:
 
 # No shrinking: each example costs a subprocess run of a second or more, and the mutations
 # are already small (one to three), so the first failing example is reported as found.
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
           phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(changes=mutations)

@@ -161,32 +161,37 @@ def test_concurrent_fold_jobs_aggregate_like_one_run(tmp_path):
 
 
 def test_learning_is_real(tmp_path):
-    """LOSO on a simulated set: the tiny Spec2Vol's dynamics beat the mean volume's by >= 0.2.
+    """A held-out subject of a simulated set: the tiny Spec2Vol's dynamics beat the mean
+    volume's by >= 0.2, and so do the ridge baseline's at the mean volume's SSIM or better.
 
     The EEG inputs are standardised per channel and bin (training subjects' statistics): with
     the published single min-max pair the input-dependent part is ~1 % of the inputs' range and
-    the tiny model learns a sample-independent volume in a CI budget (docs/model.md)."""
-    subjects = ("01", "02", "03", "04")
+    the tiny model learns a sample-independent volume in a CI budget (docs/model.md). One fold
+    keeps the test in budget; which subject is held out changes nothing of what it checks."""
+    subjects = ("01", "02", "03")
     n_volumes = 120
     out = write_derivatives(tmp_path / "out", subjects=subjects, n_volumes=n_volumes)
-    assert group.run_group(configured(out, epochs=10, lr=2e-3, eeg_normalisation="standard")) == 0
-    table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
-    dyn = table.pivot(index="participant_id", columns="model", values="dynamics")
-    assert (dyn["spec2vol"] - dyn["mean"] >= 0.2).all(), dyn
-    norm = json.loads((out / "models" / "fold-01" / "model.json").read_text())["NormStats"]
+    assert group.run_group(configured(out, epochs=10, lr=2e-3, eeg_normalisation="standard",
+                                      folds=["02"], compare=["ridge"])) == 0
+    table = pd.read_csv(out / "models" / "fold-02" / "metrics.tsv", sep="\t",
+                        dtype={"participant_id": str}).set_index("model")
+    assert table.loc["spec2vol", "dynamics"] - table.loc["mean", "dynamics"] >= 0.2, table
+    assert table.loc["ridge", "dynamics"] - table.loc["mean", "dynamics"] >= 0.2, table
+    assert table.loc["ridge", "ssim"] >= table.loc["mean", "ssim"] - 0.01, table
+    norm = json.loads((out / "models" / "fold-02" / "model.json").read_text())["NormStats"]
     assert norm["kind"] == "standard" and len(norm["mean"]) == len(norm["std"]) == len(CHANNELS)
-    # every held-out subject got its synthesised series and dynamics map
-    for subject in subjects:
-        synth = out / f"sub-{subject}" / "func" / f"sub-{subject}_task-rest_desc-synth_bold.nii.gz"
-        img = nib.load(synth)
-        assert img.shape == GRID + (n_volumes - DISCARD - CONTEXT,)
-        assert img.header.get_zooms()[3] == pytest.approx(TR)
-        side = json.loads(synth.with_name(synth.name.replace(".nii.gz", ".json")).read_text())
-        assert side["Fold"] == subject and side["SourceVolumes"] == [DISCARD + CONTEXT, n_volumes - 1]
-        assert side["Metrics"]["Dynamics"] == pytest.approx(dyn.loc[f"sub-{subject}", "spec2vol"],
-                                                            abs=1e-5)
-        rmap = nib.load(synth.with_name(synth.name.replace("desc-synth_bold", "desc-dynamics_statmap")))
-        assert rmap.shape == GRID
+    ridge = json.loads((out / "models" / "fold-02" / "ridge" / "model.json").read_text())
+    assert ridge["NormStats"] == {"kind": "run"} and ridge["TrainSubjects"] == ["01", "03"]
+    # the held-out subject got its synthesised series and dynamics map
+    synth = out / "sub-02" / "func" / "sub-02_task-rest_desc-synth_bold.nii.gz"
+    img = nib.load(synth)
+    assert img.shape == GRID + (n_volumes - DISCARD - CONTEXT,)
+    assert img.header.get_zooms()[3] == pytest.approx(TR)
+    side = json.loads(synth.with_name(synth.name.replace(".nii.gz", ".json")).read_text())
+    assert side["Fold"] == "02" and side["SourceVolumes"] == [DISCARD + CONTEXT, n_volumes - 1]
+    assert side["Metrics"]["Dynamics"] == pytest.approx(table.loc["spec2vol", "dynamics"], abs=1e-5)
+    rmap = nib.load(synth.with_name(synth.name.replace("desc-synth_bold", "desc-dynamics_statmap")))
+    assert rmap.shape == GRID
 
 
 def test_torchrun_ddp_matches_one_process(tmp_path):

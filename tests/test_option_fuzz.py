@@ -120,7 +120,7 @@ def _resolve(value: str, root: Path, bids: Path) -> str:
 
 
 # No shrinking: each example runs a participant level of a second or so.
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(level=st.sampled_from(["participant", "group"]), in_toml=st.booleans(),

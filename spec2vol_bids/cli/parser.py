@@ -164,9 +164,10 @@ def _training_options(g) -> None:
     g.add_argument("--select", choices=["last", "val"],
                    help="checkpoint kept: the last epoch, or the best SSIM on one held-out "
                         "*training* subject; never the test subject" + _default(_TRAINING["select"]))
-    g.add_argument("--eeg-normalisation", choices=["minmax", "standard"],
-                   help="EEG input scaling from the training subjects: one min-max pair (as "
-                        "published) or a mean and std per channel and bin"
+    g.add_argument("--eeg-normalisation", choices=config.NORMALISATIONS,
+                   help="EEG input scaling: one min-max pair from the training subjects (as "
+                        "published), a mean and std per channel and bin from them, or 'run': "
+                        "each run standardised with its own (the ridge baseline always is)"
                         + _default(_TRAINING["eeg_normalisation"]))
     g.add_argument("--split", choices=["loso", "fixed"],
                    help="leave-one-subject-out folds, or one fixed split (--test-subjects)"
@@ -176,8 +177,10 @@ def _training_options(g) -> None:
                    help="run only these folds (held-out subject labels), e.g. one per SLURM task")
     g.add_argument("--no-final", action="store_true", default=None,
                    help="do not train the final all-subject model")
-    g.add_argument("--compare", nargs="+", choices=["e2fnet"],
-                   help="also train and evaluate these baselines on every fold")
+    g.add_argument("--compare", nargs="+", choices=config.COMPARE,
+                   help="also train and evaluate these on every fold: the other network, or "
+                        "'ridge', a linear model fitted in closed form (penalty by inner "
+                        "cross-validation over the training subjects)")
     g.add_argument("--channels", nargs="+", metavar="NAME",
                    help="EEG channels to use when runs have different channel sets")
 

@@ -9,6 +9,8 @@ from torch import nn
 from .baselines import MeanConfig, MeanVolume
 from .config import ModelConfig
 from .e2fnet import E2fNet, E2fNetConfig
+from .residual import ResidualOutput
+from .ridge import Ridge, RidgeConfig
 from .spec2vol import Spec2Vol, Spec2VolConfig
 
 # name -> (config class, model class, {size: hyper-parameters that differ from the defaults})
@@ -25,6 +27,8 @@ _MODELS = {
                      norm_groups=8, attention_head_dim=8),
     }),
     "mean": (MeanConfig, MeanVolume, {"full": {}, "tiny": {}}),
+    # ridge predicts standardised deviations: it always comes wrapped in ResidualOutput
+    "ridge": (RidgeConfig, lambda config: ResidualOutput(Ridge(config)), {"full": {}, "tiny": {}}),
 }
 
 SIZES = ("full", "tiny")
@@ -42,7 +46,7 @@ def build_model(name: str, *, eeg_channels: int, freq_bins: int, out_shape, cont
     Parameters
     ----------
     name : str
-        ``"spec2vol"``, ``"e2fnet"`` or ``"mean"`` (see :func:`list_models`).
+        ``"spec2vol"``, ``"e2fnet"``, ``"ridge"`` or ``"mean"`` (see :func:`list_models`).
     eeg_channels, freq_bins : int
         Input channels and frequency bins per TR window.
     out_shape : tuple of int

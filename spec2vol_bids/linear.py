@@ -1,0 +1,100 @@
+"""The ridge baseline of a fold, fitted in closed form on the training subjects' samples.
+
+The ridge model (:mod:`spec2vol_bids.models.ridge`) sees the same ``(context, C, F)`` inputs as
+the networks, each run standardised with its own EEG statistics, and predicts every voxel's
+deviation from its run's mean in units of the voxel's temporal SD; its output adds those
+deviations to the training subjects' mean volume (:mod:`spec2vol_bids.models.residual`). The
+mean volume, the per-voxel scale, the brain mask and the penalty all come from the training
+subjects; the held-out subject of a fold plays no part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from spec2vol_bids import evaluate
+from spec2vol_bids.data import PairedDataset, Run, norm_stats
+from spec2vol_bids.errors import DataError
+from spec2vol_bids.models import build_model
+from spec2vol_bids.train import TrainResult
+
+logger = logging.getLogger(__name__)
+
+#: contiguous blocks the inner cross-validation splits a single training run into
+BLOCKS = 4
+
+
+def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | Path,
+              description: str = "ridge") -> TrainResult:
+    """Fit the ridge baseline on ``runs`` (every training subject of a fold).
+
+    The penalty is chosen by cross-validation over these runs' subjects (see :func:`cv_groups`).
+
+    Raises
+    ------
+    DataError
+        No samples, or too few to cross-validate over.
+    """
+    tic = time.perf_counter()
+    norm = norm_stats(runs, channels, kind="run")
+    dataset = PairedDataset(runs, channels, norm, work_dir)
+    if len(dataset) == 0:
+        raise DataError("no training samples: runs are shorter than discard + context + 1 volumes")
+    model = build_model("ridge", eeg_channels=len(channels), freq_bins=dataset.freq_bins(),
+                        out_shape=dataset.target_shape(), context=runs[0].context)
+    features, deviations, groups, mean = _samples(dataset, model.net, runs)
+    # each voxel's temporal SD within runs, pooled over the training runs
+    scale = np.sqrt(np.mean(deviations ** 2, axis=0)).astype(np.float32)
+    scale = np.where(scale > 0, scale, 1.0)
+    mask = evaluate.brain_mask(mean, nib.load(runs[0].target).affine)
+    responses = deviations[:, mask] / scale[mask]
+    info = model.net.fit(features, responses, groups, mask)
+    model.set_target_stats(mean, scale)
+    seconds = time.perf_counter() - tic
+    logger.info("%s: penalty %.3g chosen by inner cross-validation (scores %s), %d components, "
+                "%d samples, %.1f s", description, info["penalty"],
+                ", ".join(f"{k}: {v:.3f}" for k, v in info["scores"].items()), info["components"],
+                len(features), seconds)
+    history = [{"epoch": 1, "step": 0, "train_loss": float("nan"), "val_loss": float("nan"),
+                "val_ssim": float("nan"), "lr": float("nan"), "seconds": seconds}]
+    return TrainResult(model=model.eval(), norm=norm, history=history, selected_epoch=1,
+                       out_shape=dataset.target_shape())
+
+
+def _samples(dataset: PairedDataset, ridge, runs: Sequence[Run]):
+    """Features, within-run deviations, CV groups and the mean volume of every sample."""
+    features, targets = [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            features.append(ridge.features(x[None]).numpy()[0])
+            targets.append(y.numpy())
+    features = np.stack(features).astype(np.float32)
+    targets = np.stack(targets).astype(np.float64)
+    run_of = np.asarray([dataset.sample(i)[0] for i in range(len(dataset))])
+    mean = targets.mean(axis=0).astype(np.float32)
+    for r in np.unique(run_of):
+        targets[run_of == r] -= targets[run_of == r].mean(axis=0)
+    return features, targets.astype(np.float32), cv_groups(runs, run_of), mean
+
+
+def cv_groups(runs: Sequence[Run], run_of: np.ndarray) -> np.ndarray:
+    """The inner cross-validation's groups: subjects; runs when there is one subject; with a
+    single run, :data:`BLOCKS` contiguous blocks of its samples (never shuffled samples, whose
+    neighbours in time would leak through the slow BOLD response)."""
+    subjects = np.asarray([runs[r].subject for r in run_of])
+    if len(np.unique(subjects)) > 1:
+        return subjects
+    if len(np.unique(run_of)) > 1:
+        return run_of
+    if len(run_of) < 2 * BLOCKS:
+        raise DataError(f"the ridge baseline's inner cross-validation needs at least {2 * BLOCKS} "
+                        f"training samples; this fold has {len(run_of)}")
+    return np.arange(len(run_of)) * BLOCKS // len(run_of)
