@@ -136,8 +136,8 @@ def test_killed_fold_resumes_to_the_same_result(tmp_path):
 
 def test_concurrent_fold_jobs_aggregate_like_one_run(tmp_path):
     subjects = ("01", "02", "03")
-    sequential = write_derivatives(tmp_path / "seq" / "out", subjects=subjects, n_volumes=40)
-    shared = write_derivatives(tmp_path / "par" / "out", subjects=subjects, n_volumes=40)
+    sequential = write_derivatives(tmp_path / "seq" / "out", subjects=subjects, n_volumes=32)
+    shared = write_derivatives(tmp_path / "par" / "out", subjects=subjects, n_volumes=32)
     settings = dict(epochs=1, compare=["e2fnet"])
     jobs = [_run_in_subprocess(options(sequential, no_final=False, **settings))]
     assert jobs[0].wait(timeout=600) == 0, jobs[0].stderr.read().decode()[-2000:]
