@@ -76,10 +76,10 @@ def run_participant(config) -> int:
 
 def _read_model(path: Path | None) -> tuple[float | None, int | None]:
     """``--model``, read once before any output is written: its TR and frequency bin count."""
-    from spec2vol_bids.models import load_checkpoint
-
     if path is None:
         return None, None
+    from spec2vol_bids.models import load_checkpoint  # torch: only a run with --model needs it
+
     if not path.is_file():
         raise MissingInputError("model file not found; give the model.pt written by the group "
                                 "level (OUTPUT_DIR/models/final/model.pt)", path=path)
