@@ -1,5 +1,6 @@
-"""The group report, ``OUTPUT_DIR/group.html``: metrics by model and subject, learning curves,
-the mean dynamics map and the configuration."""
+"""The group report, ``OUTPUT_DIR/group.html``: metrics by model and subject (networks next to
+ridge and the mean volume), learning curves, the mean dynamics map, measured and synthesised
+series at the best and worst voxel, and the configuration."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from spec2vol_bids.derivatives import write_text
 from spec2vol_bids.naming import STATMAP_SUFFIX, TARGET_SUFFIX
 from spec2vol_bids.report import figures, html
 from spec2vol_bids.report.outputs import METRICS, read_metrics, read_tsv, same_runs, subject_id
+from spec2vol_bids.report.voxels import voxel_series_section
 
 
 def _half_violins(ax, groups: list[np.ndarray], labels: list[str], colors) -> None:
@@ -185,6 +187,7 @@ def write_group_report(output_dir: str | Path, *, config: dict | None = None) ->
         ("subjects", "Subjects", subjects),
         ("training", "Training", _curves_section(output_dir)),
         ("dynamics", "Dynamics map", _dynamics_section(output_dir)),
+        ("voxels", "Time series", voxel_series_section(output_dir)),
         ("config", "Configuration", _config_section(output_dir, config)),
     ]
     return write_text(output_dir / "group.html", html.page("spec2vol: group report", sections))
