@@ -28,8 +28,12 @@ METRICS = ("ssim", "psnr", "ssim3d", "dynamics")
 COLUMNS = {
     "participant_id": {"Description": "The held-out participant."},
     "model": {"Description": "The model that synthesised the volumes: the trained network's "
-                             "registry name, or 'mean' for the mean-volume baseline (the "
-                             "training subjects' mean target volume, predicted for every sample)."},
+                             "registry name, 'ridge' for the linear baseline, 'mean' for the "
+                             "mean-volume baseline (the training subjects' mean target volume, "
+                             "predicted for every sample) or, on a dataset simulated by "
+                             "spec2vol-simulate, 'oracle': the ceiling its ground truth leaves "
+                             "(each voxel fitted in sample on the true source regressors; uses "
+                             "the held-out subject's BOLD, so it is not a model)."},
     "fold": {"Description": "The cross-validation fold (the held-out participant's label in "
                             "leave-one-subject-out, 'fixed' for a fixed split)."},
     "ssim": {"Description": "Structural similarity of synthesised and measured volumes "

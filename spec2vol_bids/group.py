@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock
 
-from spec2vol_bids import evaluate, linear, logs, synthesize, train
+from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
 from spec2vol_bids.config import Config, Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
@@ -113,7 +113,8 @@ def run_group(config: Config) -> int:
     for fold in chosen:
         _locked_once(out_dir / "models" / f"fold-{fold.label}",
                      lambda fold=fold: run_fold(fold, paired, channels, training, models,
-                                                out_dir=out_dir, work_dir=work_dir))
+                                                out_dir=out_dir, work_dir=work_dir,
+                                                bids_dir=inputs.bids_dir))
     if train.is_main() and all(_done(out_dir, f.label) for f in folds):
         with FileLock(str(_lock_path(out_dir / "models" / "group"))):
             aggregate(out_dir, [f.label for f in folds])
@@ -256,7 +257,8 @@ def _target_header(run: Run) -> nib.Nifti1Image:
 
 
 def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config: Training,
-             models: Sequence[str], *, out_dir: Path, work_dir: Path) -> dict:
+             models: Sequence[str], *, out_dir: Path, work_dir: Path,
+             bids_dir: Path | None = None) -> dict:
     """Train, evaluate and synthesise one fold; write ``models/fold-<label>/metrics.tsv``."""
     folder = out_dir / "models" / f"fold-{fold.label}"
     training = [r for r in paired if r.subject not in fold.test]
@@ -278,10 +280,15 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
     rows = []
     for subject in fold.test:
         per_model = {name: [] for name in [*models, MEAN]}
-        for run in [r for r in testing if r.subject == subject]:
+        subject_runs = [r for r in testing if r.subject == subject]
+        ceilings = [oracle.truth_regressors(bids_dir, run) for run in subject_runs]
+        if all(c is not None for c in ceilings):  # a simulated dataset: its ground truth's ceiling
+            per_model[oracle.ORACLE] = []
+        for run, regressors in zip(subject_runs, ceilings):
             for name in per_model:
                 result = evaluate_model_on_run(run, channels, trained.get(name), mean_volume,
-                                               work_dir=work_dir, device=device)
+                                               work_dir=work_dir, device=device,
+                                               regressors=regressors if name == oracle.ORACLE else None)
                 per_model[name].append(result)
                 if name == config.model:
                     write_run_outputs(run, result, out_dir=out_dir, model_name=name, fold=fold.label,
@@ -291,15 +298,20 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
             logger.info("fold %s sub-%s %s: SSIM %.3f, PSNR %.2f, dynamics %.3f", fold.label,
                         subject, name, rows[-1]["ssim"], rows[-1]["psnr"], rows[-1]["dynamics"])
     evaluate.write_table(rows, folder / "metrics.tsv")
-    return {"Fold": fold.label, "TestSubjects": list(fold.test), "Models": [*models, MEAN]}
+    return {"Fold": fold.label, "TestSubjects": list(fold.test),
+            "Models": list(dict.fromkeys(row["model"] for row in rows))}
 
 
 def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.TrainResult | None,
-                          mean_volume: np.ndarray, *, work_dir: Path, device: torch.device) -> dict:
-    """Predictions of a trained model (or the mean volume when ``result`` is None) and metrics."""
+                          mean_volume: np.ndarray, *, work_dir: Path, device: torch.device,
+                          regressors: np.ndarray | None = None) -> dict:
+    """Predictions and metrics of a trained model, of the mean volume (``result`` None) or,
+    given the simulation's true ``regressors``, of the oracle ceiling."""
     target = np.load(cache_target(run.target, work_dir), mmap_mode="r")[run.sample_volumes]
     target = np.asarray(target, dtype=np.float32)
-    if result is None:
+    if regressors is not None:
+        pred = oracle.oracle_prediction(regressors, target)
+    elif result is None:
         pred = np.broadcast_to(mean_volume, target.shape)
     else:
         dataset = PairedDataset([run], channels, result.norm, work_dir)

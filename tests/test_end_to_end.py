@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from nilearn.masking import compute_epi_mask
 
 from spec2vol_bids.simulate import simulate_dataset
 from spec2vol_bids.synthesize import synthesize_from_checkpoint
@@ -47,10 +48,10 @@ def test_group_outputs_and_log(main_job):
     table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
     # two subjects have BOLD (sub-03 is EEG-only): two folds, four models each
     assert sorted(table.participant_id.unique()) == ["sub-01", "sub-02"]
-    assert sorted(table.model.unique()) == ["e2fnet", "mean", "ridge", "spec2vol"]
+    assert sorted(table.model.unique()) == ["e2fnet", "mean", "oracle", "ridge", "spec2vol"]
     assert (table.loc[table.model == "mean", "dynamics"] == 0).all()
     assert (out / "models" / "fold-01" / "ridge" / "model.pt").is_file()
-    for model in ("spec2vol", "e2fnet", "ridge", "mean"):
+    for model in ("spec2vol", "e2fnet", "ridge", "mean", "oracle"):
         assert f"{model}:" in log  # mean ± std per model in the log
     synth = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-synth_bold.nii.gz")
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
@@ -88,6 +89,30 @@ def test_ridge_model_synthesises_an_eeg_only_run_with_its_own_statistics(main_jo
     mean, scale = state["mean"].double().numpy(), state["scale"].double().numpy()
     expected = mean + scale * deviations.reshape(len(features), *mean.shape)  # (N, D, H, W)
     np.testing.assert_allclose(got, expected.transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_oracle_is_the_in_sample_fit_on_the_simulations_regressors(main_job):
+    """sub-01's oracle row, recomputed with numpy from the simulation's ground truth, the
+    participant-level target and its brain mask."""
+    bids, out, _ = main_job
+    table = pd.read_csv(out / "group_metrics.tsv", sep="\t").set_index(["participant_id", "model"])
+    truth = pd.read_csv(bids / "derivatives" / "simulation" / "sub-01" / "func"
+                        / "sub-01_task-rest_desc-volumes_timeseries.tsv", sep="\t")
+    first = 2 + 4  # --discard-volumes + --context
+    target = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-target_bold.nii.gz").get_fdata()
+    img = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-target_bold.nii.gz")
+    # no fMRIPrep mask here: the group level masks the measured mean volume with nilearn
+    mean = nib.Nifti1Image(target[..., first:].mean(-1), img.affine)
+    mask = np.asarray(compute_epi_mask(mean).dataobj) > 0
+    y = target[..., first:][mask].T  # (samples, voxels in the mask)
+    x = truth[[c for c in truth if c.startswith("regressor_")]].to_numpy()[first:target.shape[3]]
+    design = np.c_[x - x.mean(0), np.ones(len(x))]
+    fitted = design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    # constant voxels count as r = 0, as in the dynamics score
+    r = [np.corrcoef(fitted[:, v], y[:, v])[0, 1] if y[:, v].std() > 0 else 0.0
+         for v in range(y.shape[1])]
+    assert table.loc[("sub-01", "oracle"), "dynamics"] == pytest.approx(np.mean(r), abs=1e-3)
+    assert table.loc[("sub-01", "oracle"), "dynamics"] > table.loc[("sub-01", "ridge"), "dynamics"]
 
 
 def test_group_report_plots_the_best_and_worst_voxel(main_job):
