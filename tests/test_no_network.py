@@ -68,7 +68,8 @@ def test_both_levels_run_without_network(simulated_bids, tmp_path):
                                                       "--split", "fixed", "--test-subjects", "03", "--no-final")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "group_metrics.tsv").read_text().count("sub-03") == 2  # spec2vol and the mean volume
+    # spec2vol, the mean volume and the oracle ceiling of the simulated dataset
+    assert (out / "group_metrics.tsv").read_text().count("sub-03") == 3
     assert nib.load(out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.nii.gz").shape == (32, 32, 8, 14)
 
 
