@@ -29,6 +29,15 @@ COMPARE = ("e2fnet", "spec2vol", "ridge")
 #: ``--eeg-normalisation``: one min-max pair (published), per channel and bin from the training
 #: subjects, or every run standardised with its own statistics (spec2vol_bids.data.norm_stats).
 NORMALISATIONS = ("minmax", "standard", "run")
+#: ``--protocol``: what a network learns (docs/model.md). "residual": each voxel's deviation
+#: from the training subjects' mean volume in units of its temporal SD, within the span of their
+#: responses' leading components, with a linear readout beside the network, every run's EEG
+#: standardised on its own, masked MSE; "published": the volume itself, as the authors train it.
+PROTOCOLS = ("residual", "published")
+#: The EEG scaling of each protocol when ``--eeg-normalisation`` is not given.
+PROTOCOL_NORMALISATION = {"residual": "run", "published": "minmax"}
+#: Response components the residual protocol keeps a network's output to.
+READOUT_COMPONENTS = 64
 SIZES = ("full", "tiny")
 
 
@@ -76,9 +85,11 @@ class Participant:
 
 @dataclass(frozen=True)
 class Training:
-    """The group level's protocol (defaults: as published) and evaluation plan."""
+    """The group level's protocol and evaluation plan (``protocol="published"`` with the
+    other defaults: as the authors train)."""
 
     model: str = "spec2vol"
+    protocol: str = "residual"
     size: str = "full"
     epochs: int = 50
     batch_size: int = 16
@@ -90,7 +101,8 @@ class Training:
     clip_grad: float = 1.0
     device: str = "auto"
     select: str = "last"
-    eeg_normalisation: str = "minmax"
+    #: None: the protocol's (:data:`PROTOCOL_NORMALISATION`)
+    eeg_normalisation: str | None = None
     split: str = "loso"
     test_subjects: tuple[str, ...] | None = None
     folds: tuple[str, ...] | None = None
@@ -101,6 +113,16 @@ class Training:
     #: progress bars on the console (off with ``-v`` 0 in library use)
     progress: bool = True
     num_workers: int = 0
+
+    def __post_init__(self):
+        if self.eeg_normalisation is None:
+            object.__setattr__(self, "eeg_normalisation",
+                               PROTOCOL_NORMALISATION.get(self.protocol, "minmax"))
+
+    @property
+    def readout_components(self) -> int:
+        """The networks' ``readout_components`` under this protocol (0: volumes, as published)."""
+        return READOUT_COMPONENTS if self.protocol == "residual" else 0
 
 
 @dataclass(frozen=True)
@@ -222,7 +244,8 @@ def check_training(training: Training) -> None:
     if training.split == "fixed" and not training.test_subjects:
         raise UsageError("--split fixed needs --test-subjects")
     choices = {"select": ("last", "val"), "split": ("loso", "fixed"), "size": SIZES,
-               "device": ("auto", "cpu", "cuda"), "eeg_normalisation": NORMALISATIONS}
+               "device": ("auto", "cpu", "cuda"), "eeg_normalisation": NORMALISATIONS,
+               "protocol": PROTOCOLS}
     unknown = [name for name in training.compare if name not in COMPARE]
     if unknown:
         raise UsageError(f"--compare {' '.join(unknown)}: choose from {', '.join(COMPARE)}")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from spec2vol_bids.config import Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats
 from spec2vol_bids.derivatives import write_bytes
+from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.models import build_model
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 #: What of the configuration shapes a fold's training (and so whether its checkpoint resumes):
 #: not the device, the progress bars or which folds a job runs.
-PROTOCOL = ("model", "size", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
+PROTOCOL = ("model", "protocol", "size", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
             "warmup_steps", "restart_epochs", "clip_grad", "select", "eeg_normalisation", "seed")
 
 
@@ -244,6 +245,12 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     seed_everything(config.seed)
     model = _model(config, channels, train_set, context=train_runs[0].context, device=device,
                    source=train_runs[0].spectrogram)
+    criterion = loss_fn
+    if config.readout_components:
+        stats = target_stats(train_set, train_runs, config.readout_components)
+        model.set_target_stats(stats["mean"], stats["scale"], stats["basis"])
+        criterion = masked_mse(model.scale, stats["mask"])
+        train_set = DeviationTargets(train_set, stats["shift"])
     local_batch = max(1, config.batch_size // world)
     optimizer, scheduler = _optimiser(model, config, len(train_set), world, local_batch)
     fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
@@ -265,7 +272,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         history, best = _epochs(net, model, train_set, val_set, optimizer, scheduler, config, device,
                                 history=history, best=best, start_epoch=start_epoch,
                                 checkpoint=checkpoint, fingerprint=fingerprint,
-                                description=description, progress=progress)
+                                description=description, progress=progress, criterion=criterion)
 
     selected = config.epochs
     if config.select == "val":
@@ -276,11 +283,12 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         selected = best["epoch"]
     model.eval()
     return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
-                       out_shape=train_set.target_shape())
+                       out_shape=tuple(model.config.out_shape))
 
 
 def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Training, device, *,
-            history, best, start_epoch, checkpoint, fingerprint, description, progress):
+            history, best, start_epoch, checkpoint, fingerprint, description, progress,
+            criterion=loss_fn):
     """Train from ``start_epoch`` to the end, checkpointing every epoch; ``(history, best)``."""
     rank, world, _ = distributed()
     local_batch = max(1, config.batch_size // world)
@@ -294,7 +302,7 @@ def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Traini
             train_loss = _train_epoch(net, model, loader, optimizer, scheduler, config, device,
                                       desc=f"{description} epoch {epoch + 1}/{config.epochs}",
                                       show=config.progress and rank == 0,
-                                      progress=progress.at(epoch + 1))
+                                      progress=progress.at(epoch + 1), criterion=criterion)
         except Diverged as exc:
             raise _diverged(description, epoch + 1, str(exc), exc.lr, checkpoint) from None
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -305,7 +313,8 @@ def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Traini
                "val_loss": float("nan"), "val_ssim": float("nan"),
                "lr": optimizer.param_groups[0]["lr"]}
         if val_set is not None:
-            row["val_loss"], row["val_ssim"] = validate(model, val_set, device, local_batch)
+            row["val_loss"], row["val_ssim"] = validate(model, val_set, device, local_batch,
+                                                        criterion)
             if row["val_ssim"] > best["ssim"]:
                 best = {"ssim": row["val_ssim"], "epoch": epoch + 1,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -323,7 +332,8 @@ def _model(config: Training, channels, train_set: PairedDataset, *, context: int
     try:
         return build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
                            out_shape=train_set.target_shape(), context=context,
-                           size=config.size).to(device)
+                           size=config.size,
+                           readout_components=config.readout_components).to(device)
     except ValueError as exc:
         # The network cannot produce this grid or take these inputs: the participant-level
         # options (--target-grid, --freq-bins) have to change, not the code.
@@ -372,7 +382,7 @@ def _save(checkpoint: Path, fingerprint: str, epoch: int, model, optimizer, sche
 
 
 def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, desc, show,
-                 progress) -> float:
+                 progress, criterion=loss_fn) -> float:
     net.train()
     total, count, seen, tic = 0.0, 0, 0, time.perf_counter()
     n_batches = len(loader)
@@ -386,7 +396,7 @@ def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, de
         stepping = (i + 1) % config.grad_accum == 0 or i + 1 == n_batches
         sync = net.no_sync() if (not stepping and net is not model) else contextlib.nullcontext()
         with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(net(x), y)
+            loss = criterion(net(x), y)
         with sync:
             (loss / group).backward()
         if stepping:
@@ -432,8 +442,9 @@ def _diverged(description: str, epoch: int, what: str, lr: float, checkpoint: Pa
 
 
 @torch.no_grad()
-def validate(model, dataset: PairedDataset, device: torch.device, batch_size: int) -> tuple[float, float]:
-    """Mean loss and mean 2-D SSIM of ``model`` over ``dataset``."""
+def validate(model, dataset: PairedDataset, device: torch.device, batch_size: int,
+             criterion=loss_fn) -> tuple[float, float]:
+    """Mean loss (``criterion``) and mean 2-D SSIM of ``model`` over ``dataset``."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     loss_sum, ssim_sum, n = 0.0, 0.0, 0
@@ -444,7 +455,7 @@ def validate(model, dataset: PairedDataset, device: torch.device, batch_size: in
         pred = pred.float()
         ssim = structural_similarity_index_measure(pred, y, data_range=1.0, kernel_size=11,
                                                    sigma=1.5, reduction="none")
-        loss_sum += float(loss_fn(pred, y)) * len(x)
+        loss_sum += float(criterion(pred, y)) * len(x)
         ssim_sum += float(ssim.sum())
         n += len(x)
     return loss_sum / n, ssim_sum / n

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_data import CHANNELS, CONTEXT, DISCARD, GRID, TR, write_derivatives
+from test_data import CONTEXT, DISCARD, GRID, TR, write_derivatives
 
 from spec2vol_bids import data, group
 from spec2vol_bids.config import Config, build
@@ -161,25 +161,25 @@ def test_concurrent_fold_jobs_aggregate_like_one_run(tmp_path):
 
 
 def test_learning_is_real(tmp_path):
-    """A held-out subject of a simulated set: the tiny Spec2Vol's dynamics beat the mean
-    volume's by >= 0.2, and so do the ridge baseline's at the mean volume's SSIM or better.
-
-    The EEG inputs are standardised per channel and bin (training subjects' statistics): with
-    the published single min-max pair the input-dependent part is ~1 % of the inputs' range and
-    the tiny model learns a sample-independent volume in a CI budget (docs/model.md). One fold
-    keeps the test in budget; which subject is held out changes nothing of what it checks."""
+    """A held-out subject of a simulated set: under the residual protocol (the default) the tiny
+    Spec2Vol's dynamics beat the mean volume's by >= 0.2 at the mean volume's SSIM, and come
+    within 0.1 of the ridge baseline's; the published protocol, one option away, trains the
+    volume itself from min-max scaled EEG. One fold keeps the test in budget; which subject is
+    held out changes nothing of what it checks."""
     subjects = ("01", "02", "03")
     n_volumes = 120
     out = write_derivatives(tmp_path / "out", subjects=subjects, n_volumes=n_volumes)
-    assert group.run_group(configured(out, epochs=10, lr=2e-3, eeg_normalisation="standard",
-                                      folds=["02"], compare=["ridge"])) == 0
+    assert group.run_group(configured(out, epochs=6, lr=3e-3, folds=["02"],
+                                      compare=["ridge"])) == 0
     table = pd.read_csv(out / "models" / "fold-02" / "metrics.tsv", sep="\t",
                         dtype={"participant_id": str}).set_index("model")
     assert table.loc["spec2vol", "dynamics"] - table.loc["mean", "dynamics"] >= 0.2, table
+    assert table.loc["spec2vol", "dynamics"] >= table.loc["ridge", "dynamics"] - 0.1, table
     assert table.loc["ridge", "dynamics"] - table.loc["mean", "dynamics"] >= 0.2, table
-    assert table.loc["ridge", "ssim"] >= table.loc["mean", "ssim"] - 0.01, table
-    norm = json.loads((out / "models" / "fold-02" / "model.json").read_text())["NormStats"]
-    assert norm["kind"] == "standard" and len(norm["mean"]) == len(norm["std"]) == len(CHANNELS)
+    for model in ("spec2vol", "ridge"):
+        assert table.loc[model, "ssim"] >= table.loc["mean", "ssim"] - 0.01, table
+    sidecar = json.loads((out / "models" / "fold-02" / "model.json").read_text())
+    assert sidecar["NormStats"] == {"kind": "run"} and sidecar["Config"]["protocol"] == "residual"
     ridge = json.loads((out / "models" / "fold-02" / "ridge" / "model.json").read_text())
     assert ridge["NormStats"] == {"kind": "run"} and ridge["TrainSubjects"] == ["01", "03"]
     # the held-out subject got its synthesised series and dynamics map

@@ -111,8 +111,8 @@ def test_batch_logs_show_progress_every_few_seconds(tmp_path, caplog, monkeypatc
     monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.2)
     out = write_derivatives(tmp_path / "out", subjects=("01",), n_volumes=30)
     runs = data.find_runs(out)
-    config = Training(size="tiny", epochs=2, batch_size=4, grad_accum=1, device="cpu",
-                      warmup_steps=1, progress=False)
+    config = Training(size="tiny", protocol="published", epochs=2, batch_size=4, grad_accum=1,
+                      device="cpu", warmup_steps=1, progress=False)
     with caplog.at_level(logging.INFO, logger="spec2vol_bids.train"):
         train.train(runs, CHANNELS, config, work_dir=tmp_path / "work",
                     checkpoint=tmp_path / "ck.pt", description="fold 01 spec2vol")

@@ -46,8 +46,10 @@ def runs(tmp_path_factory):
     return data.find_runs(out)
 
 
-CONFIG = Training(model="spec2vol", size="tiny", epochs=3, batch_size=8, grad_accum=2,
-                  warmup_steps=2, restart_epochs=2, device="cpu", progress=False)
+#: the published protocol; the residual one shares the schedule, order and checkpoints
+#: (tests/test_residual.py checks its resume)
+CONFIG = Training(model="spec2vol", protocol="published", size="tiny", epochs=3, batch_size=8,
+                  grad_accum=2, warmup_steps=2, restart_epochs=2, device="cpu", progress=False)
 
 
 def _weights(model):

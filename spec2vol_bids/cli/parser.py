@@ -164,11 +164,17 @@ def _training_options(g) -> None:
     g.add_argument("--select", choices=["last", "val"],
                    help="checkpoint kept: the last epoch, or the best SSIM on one held-out "
                         "*training* subject; never the test subject" + _default(_TRAINING["select"]))
+    g.add_argument("--protocol", choices=config.PROTOCOLS,
+                   help="what the network learns: 'residual', each voxel's deviation from the "
+                        "training subjects' mean volume (within their responses' leading "
+                        "components, with a linear readout beside the network; docs/model.md), or "
+                        "'published', the volume itself with the authors' loss"
+                        + _default(_TRAINING["protocol"]))
     g.add_argument("--eeg-normalisation", choices=config.NORMALISATIONS,
                    help="EEG input scaling: one min-max pair from the training subjects (as "
                         "published), a mean and std per channel and bin from them, or 'run': "
                         "each run standardised with its own (the ridge baseline always is)"
-                        + _default(_TRAINING["eeg_normalisation"]))
+                        " (default: 'run' with --protocol residual, 'minmax' with published)")
     g.add_argument("--split", choices=["loso", "fixed"],
                    help="leave-one-subject-out folds, or one fixed split (--test-subjects)"
                         + _default(_TRAINING["split"]))

@@ -21,6 +21,11 @@ class ModelConfig:
         Frequency bins per channel.
     out_shape : tuple of int
         Output volume (D, H, W), slices first.
+    readout_components : int
+        0: the network outputs volumes (the published protocol). ``k`` > 0: the network's
+        output is a deviation from the training subjects' mean volume, kept to the span of their
+        responses' ``k`` leading components and joined by a linear readout of the input
+        (:class:`spec2vol_bids.models.residual.ResidualOutput`; the residual protocol).
     """
 
     name: str
@@ -28,10 +33,13 @@ class ModelConfig:
     eeg_channels: int
     freq_bins: int
     out_shape: tuple[int, int, int]
+    readout_components: int = 0
 
     def __post_init__(self):
         # JSON brings tuples back as lists.
         self.out_shape = tuple(int(n) for n in self.out_shape)
+        if int(self.readout_components) < 0:
+            raise ValueError(f"readout_components must not be negative, got {self.readout_components}")
         for field in ("context", "eeg_channels", "freq_bins"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")

@@ -94,5 +94,9 @@ def config_from_dict(values: dict) -> ModelConfig:
 
 
 def model_from_config(config: ModelConfig) -> nn.Module:
-    """A freshly initialised model for ``config``."""
-    return _MODELS[config.name][1](config)
+    """A freshly initialised model for ``config`` (wrapped in :class:`ResidualOutput` when its
+    ``readout_components`` ask for the residual protocol's output)."""
+    model = _MODELS[config.name][1](config)
+    if config.readout_components and config.name in ("spec2vol", "e2fnet"):
+        return ResidualOutput(model, config.readout_components)
+    return model

@@ -7,41 +7,80 @@ wrapped here predicts that movement in standardised units, ``r``, and the volume
     y = mean + scale * r
 
 with ``mean`` the training subjects' mean target volume and ``scale`` each voxel's temporal
-standard deviation in their runs (both buffers, stored with the weights). An untrained network
-whose last layer starts at zero therefore outputs the mean volume, the baseline every model is
-compared with, and training moves it only where the EEG predicts the signal.
+standard deviation in their runs (both buffers, stored with the weights).
+
+With ``components`` = k > 0 (the residual protocol of the networks), ``r`` is kept to the span
+of the training responses' k leading principal components (``basis``, zero outside the brain
+mask), and a linear readout of the band-averaged input adds its own component scores:
+
+    r = (P(net(x)) + readout(band_features(x))) · basis,   P: projection onto the basis rows
+
+A few hundred training samples hold far more voxels than independent responses; without the
+projection a network fits the voxels' noise, and without the readout it has to discover the
+input-to-component mapping through a decoder built for images (docs/model.md, "What the
+networks learn", has the ablation). Both start at zero: before training the model outputs
+the mean volume, the baseline every model is compared with.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+#: frequency bins averaged into one feature of the linear readout (and of the ridge baseline)
+BAND = 4
+
+
+def band_features(x: torch.Tensor, band: int = BAND) -> torch.Tensor:
+    """(batch, context, C, F) → (batch, context · C · F // band): bins averaged by ``band``."""
+    kept = x[..., : x.shape[-1] // band * band]
+    return kept.reshape(*x.shape[:-1], -1, band).mean(-1).flatten(1)
+
 
 class ResidualOutput(nn.Module):
-    """``mean + scale * net(x)``; ``net`` keeps its own configuration (``self.config``).
+    """``mean + scale * r``, ``r`` from ``net`` (see the module docstring).
 
     Parameters
     ----------
     net : nn.Module
-        Maps (batch, context, C, F) to (batch, D, H, W) standardised deviations.
+        Maps (batch, context, C, F) to (batch, D, H, W) standardised deviations; keeps its own
+        configuration (``self.config``).
+    components : int
+        0: ``r = net(x)``; k > 0: the projection and linear readout above.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, components: int = 0):
         super().__init__()
         self.net = net
         self.config = net.config
         shape = tuple(net.config.out_shape)
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("scale", torch.ones(shape))
+        self.readout = None
+        if components:
+            config = net.config
+            features = config.context * config.eeg_channels * (config.freq_bins // BAND)
+            self.register_buffer("basis", torch.zeros(components, int(np.prod(shape))))
+            self.readout = nn.Linear(features, components, bias=False)
+            nn.init.zeros_(self.readout.weight)
 
     @torch.no_grad()
-    def set_target_stats(self, mean, scale) -> "ResidualOutput":
-        """Store the training subjects' mean volume and per-voxel temporal scale (D, H, W)."""
+    def set_target_stats(self, mean, scale, basis=None) -> "ResidualOutput":
+        """Store the training subjects' mean volume and per-voxel temporal scale (D, H, W), and
+        with ``components`` > 0 their responses' leading components (k, D·H·W), orthonormal rows
+        that are zero outside the brain mask (fewer rows than k: the rest stay zero)."""
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
         self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
+        if basis is not None:
+            basis = torch.as_tensor(basis, dtype=self.basis.dtype)
+            self.basis.zero_()
+            self.basis[: len(basis)] = basis
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (batch, D, H, W): the mean volume moved by scale-weighted predicted deviations
-        return self.mean + self.scale * self.net(x).float()
+        r = self.net(x).float()  # (batch, D, H, W)
+        if self.readout is not None:
+            scores = r.flatten(1) @ self.basis.T + self.readout(band_features(x.float()))
+            r = (scores @ self.basis).view(r.shape)  # (batch, k) -> (batch, D, H, W)
+        return self.mean + self.scale * r

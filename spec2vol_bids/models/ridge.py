@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .residual import BAND, band_features
 
 #: penalties tried by the inner cross-validation, relative to the mean diagonal of X·Xᵀ
 PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -41,7 +42,7 @@ class RidgeConfig(ModelConfig):
     """
 
     name: str = "ridge"
-    band: int = 4
+    band: int = BAND
     components: int = 64
 
 
@@ -58,9 +59,7 @@ class Ridge(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, context, C, F) → (batch, context · C · F // band): bins averaged by band."""
-        band = self.config.band
-        kept = x[..., : x.shape[-1] // band * band]
-        return kept.reshape(*x.shape[:-1], -1, band).mean(-1).flatten(1)
+        return band_features(x, self.config.band)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.features(x.float()) @ self.weights  # (batch, components)

@@ -1,0 +1,150 @@
+"""What each part of the residual protocol does: ablations on participant-level derivatives.
+
+Every variant trains the tiny network of ``--model`` on the training subjects of each fold with
+the product's own pieces (EEG standardised per run, :func:`~spec2vol_bids.deviations.
+target_stats`, the masked loss, the group level's optimiser, schedule and training loop) and is
+scored on the held-out subject like the group level scores it (``dynamics``: mean voxel-wise
+correlation of synthesised and measured series inside the brain mask; SSIM), beside the ridge
+baseline and the mean volume of the same fold:
+
+* ``recipe``: the residual protocol as ``--protocol residual`` trains it;
+* ``no-readout``: without the linear readout (the network alone, projected on the components);
+* ``readout-only``: the linear readout alone (the network's output held at zero);
+* ``no-projection``: the network's deviations used as they are, every voxel free (no components,
+  no readout).
+
+Usage (after ``spec2vol BIDS OUT participant``)::
+
+    python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
+        [--variants recipe no-readout readout-only no-projection] [--seeds 0 1 2]
+        [--model spec2vol|e2fnet] [--components 64] [--weight-decay 0.01]
+
+Prints the CPU flags, then one line per variant: dynamics and SSIM as mean ± SD over the
+held-out subjects (and seeds), and the seconds per fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from spec2vol_bids import group, linear, train
+from spec2vol_bids.config import Training
+from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
+from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
+from spec2vol_bids.models import build_model
+from spec2vol_bids.models.residual import ResidualOutput
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablate_learning import cpu_flags  # noqa: E402
+
+VARIANTS = ("recipe", "no-readout", "readout-only", "no-projection")
+
+
+class Silent(nn.Module):
+    """A network whose output is always zero (the readout-only variant)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, x):
+        return x.new_zeros(len(x), *self.config.out_shape)
+
+
+def variant_model(variant: str, config: Training, channels, train_set, stats, context: int):
+    components = 0 if variant == "no-projection" else config.readout_components
+    model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
+                        out_shape=train_set.target_shape(), context=context, size=config.size,
+                        readout_components=components)
+    if variant == "no-projection":
+        model = ResidualOutput(model)
+    model.set_target_stats(stats["mean"], stats["scale"], stats["basis"] if components else None)
+    if variant == "no-readout":
+        model.readout.weight.requires_grad_(False)
+    if variant == "readout-only":
+        model.net = Silent(model.net.config)
+    return model
+
+
+def train_variant(variant, config, channels, train_runs, work):
+    norm = norm_stats(train_runs, channels, kind="run")
+    dataset = PairedDataset(train_runs, channels, norm, work)
+    stats = target_stats(dataset, train_runs, config.readout_components)
+    train.seed_everything(config.seed)
+    model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = train._optimiser(nn.ParameterList(params), config, len(dataset), 1,
+                                            config.batch_size)
+    shifted = DeviationTargets(dataset, stats["shift"])
+    criterion = masked_mse(model.scale, stats["mask"])
+    for epoch in range(config.epochs):
+        loader = torch.utils.data.DataLoader(shifted, batch_size=config.batch_size,
+                                             sampler=train.epoch_order(config.seed, epoch, len(shifted)))
+        train._train_epoch(model, model, loader, optimizer, scheduler, config, torch.device("cpu"),
+                           desc="", show=False, progress=lambda *a: None, criterion=criterion)
+    return train.TrainResult(model=model.eval(), norm=norm, history=[], selected_epoch=config.epochs,
+                             out_shape=dataset.target_shape())
+
+
+def score(result, runs, channels, mean, work) -> list[tuple[float, float]]:
+    rows = [group.evaluate_model_on_run(run, channels, result, mean, work_dir=work,
+                                        device=torch.device("cpu")) for run in runs]
+    return [(row["dynamics"], float(np.mean(row["ssim"]))) for row in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="a spec2vol participant-level OUTPUT_DIR")
+    parser.add_argument("--folds", nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--model", default="spec2vol", choices=["spec2vol", "e2fnet"])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    print(cpu_flags(), f"; torch threads {torch.get_num_threads()}")
+    runs = [run for run in find_runs(args.out) if run.target is not None]
+    channels = resolve_channels(runs)
+    subjects = sorted({run.subject for run in runs})
+    results: dict[str, list] = {}
+    seconds: dict[str, list] = {}
+    with tempfile.TemporaryDirectory() as work:
+        for held in args.folds or subjects:
+            train_runs = [r for r in runs if r.subject != held]
+            test_runs = [r for r in runs if r.subject == held]
+            mean = PairedDataset(train_runs, channels, {"kind": "run"}, work).mean_target()
+            ridge = linear.fit_ridge(train_runs, channels, work_dir=work)
+            results.setdefault("ridge", []).extend(score(ridge, test_runs, channels, mean, work))
+            results.setdefault("mean volume", []).extend(score(None, test_runs, channels, mean, work))
+            for variant in args.variants:
+                for seed in args.seeds:
+                    config = Training(model=args.model, size="tiny", epochs=args.epochs,
+                                      batch_size=8, grad_accum=1, lr=args.lr, warmup_steps=10,
+                                      weight_decay=args.weight_decay, seed=seed)
+                    tic = time.perf_counter()
+                    result = train_variant(variant, config, channels, train_runs, work)
+                    seconds.setdefault(variant, []).append(time.perf_counter() - tic)
+                    found = score(result, test_runs, channels, mean, work)
+                    results.setdefault(variant, []).extend(found)
+                    print(f"  fold {held} {variant} seed {seed}: dynamics "
+                          f"{np.mean([d for d, _ in found]):.3f}", flush=True)
+    print(f"{args.model} (tiny), {args.epochs} epochs, lr {args.lr}, weight decay "
+          f"{args.weight_decay}, folds {' '.join(args.folds or subjects)}, seeds {args.seeds}")
+    for name, rows in results.items():
+        dyn, ssim = np.array(rows).T
+        timing = f", {np.mean(seconds[name]):.0f} s per fold" if name in seconds else ""
+        print(f"{name:14s} dynamics {dyn.mean():.3f} ± {dyn.std():.3f}  SSIM {ssim.mean():.3f}"
+              f" ± {ssim.std():.3f}{timing}")
+
+
+if __name__ == "__main__":
+    main()

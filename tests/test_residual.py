@@ -1,0 +1,133 @@
+"""The residual protocol: its targets against an independent computation, the projected output
+with its linear readout, the masked loss, checkpoints, and what ``--protocol`` selects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_data import CHANNELS, write_derivatives
+
+from spec2vol_bids import data, evaluate, train
+from spec2vol_bids.config import Training
+from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
+from spec2vol_bids.models import build_model, load_checkpoint, save_checkpoint
+from spec2vol_bids.models.residual import ResidualOutput, band_features
+
+
+def _training_set(tmp_path):
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02"), n_volumes=40)
+    runs = data.find_runs(out)
+    dataset = data.PairedDataset(runs, CHANNELS, {"kind": "run"}, tmp_path / "work")
+    return runs, dataset
+
+
+def test_targets_equal_an_independent_computation(tmp_path):
+    runs, dataset = _training_set(tmp_path)
+    stats = target_stats(dataset, runs, components=5)
+    volumes = [nib.load(run.target).get_fdata().transpose(3, 2, 0, 1)[run.sample_volumes]
+               for run in runs]  # (samples, D, H, W) in model order
+    run_means = [v.mean(0) for v in volumes]
+    every = np.concatenate(volumes)
+    deviations = np.concatenate([v - m for v, m in zip(volumes, run_means)])
+    np.testing.assert_allclose(stats["mean"], every.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["scale"], deviations.std(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["shift"][1], every.mean(0) - run_means[1], rtol=1e-4, atol=1e-4)
+    mask = evaluate.brain_mask(every.mean(0).astype(np.float32), nib.load(runs[0].target).affine)
+    assert (stats["mask"] == mask).all()
+    # the basis: orthonormal rows spanning the leading principal directions of the masked,
+    # standardised deviations (numpy's SVD of the samples, not their Gram matrix)
+    z = deviations[:, mask] / deviations.std(0)[mask]
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    rows = stats["basis"][:, mask.ravel()].astype(np.float64)
+    np.testing.assert_allclose(rows @ rows.T, np.eye(5), atol=1e-4)
+    np.testing.assert_allclose(np.abs(rows @ vt[:5].T), np.eye(5), atol=1e-3)
+    assert not stats["basis"][:, ~mask.ravel()].any()
+    # a training sample's target keeps its movement and takes the training mean as anatomy
+    shifted = DeviationTargets(dataset, stats["shift"])
+    i = len(dataset) - 1
+    r, j = dataset.sample(i)
+    expected = volumes[r][list(runs[r].sample_volumes).index(j)] - run_means[r] + every.mean(0)
+    np.testing.assert_allclose(shifted[i][1].numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_residual_output_projects_and_reads_out():
+    net = build_model("spec2vol", eeg_channels=4, freq_bins=8, out_shape=(2, 32, 32), context=3,
+                      size="tiny", readout_components=3)
+    assert isinstance(net, ResidualOutput) and net.readout.weight.shape == (3, 3 * 4 * 2)
+    rng = np.random.default_rng(0)
+    mean, scale = rng.normal(size=(2, 32, 32)), rng.uniform(0.5, 2, size=(2, 32, 32))
+    basis = np.linalg.qr(rng.normal(size=(2 * 32 * 32, 3)))[0].T
+    net.set_target_stats(mean, scale, basis)
+    x = torch.randn(4, 3, 4, 8)
+    with torch.no_grad():
+        # untrained, the readout is zero: the network's output projected onto the basis
+        inner = net.net(x).flatten(1).double().numpy()
+        expected = mean + scale * ((inner @ basis.T) @ basis).reshape(4, 2, 32, 32)
+        np.testing.assert_allclose(net(x).numpy(), expected, rtol=1e-4, atol=1e-4)
+        net.readout.weight.normal_()
+        features = x.reshape(4, 3, 4, 2, 4).mean(-1).flatten(1)
+        np.testing.assert_allclose(band_features(x, 4).numpy(), features.numpy(), atol=1e-6)
+        scores = inner @ basis.T + features.double().numpy() @ net.readout.weight.double().numpy().T
+        expected = mean + scale * (scores @ basis).reshape(4, 2, 32, 32)
+        np.testing.assert_allclose(net(x).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_loss_is_the_standardised_error_inside_the_mask():
+    rng = np.random.default_rng(1)
+    scale = torch.from_numpy(rng.uniform(0.5, 2, size=(2, 3, 4)).astype(np.float32))
+    mask = rng.uniform(size=(2, 3, 4)) > 0.4
+    pred, target = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 3, 4)
+    z = ((pred - target) / scale).numpy()
+    expected = np.mean([np.mean(z[i][mask] ** 2) for i in range(5)])
+    assert float(masked_mse(scale, mask)(pred, target)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_residual_checkpoint_round_trip(tmp_path):
+    net = build_model("e2fnet", eeg_channels=4, freq_bins=8, out_shape=(2, 16, 16), context=3,
+                      size="tiny", readout_components=2)
+    rng = np.random.default_rng(2)
+    net.set_target_stats(rng.normal(size=(2, 16, 16)), np.ones((2, 16, 16)),
+                         np.linalg.qr(rng.normal(size=(512, 2)))[0].T)
+    with torch.no_grad():
+        net.readout.weight.normal_()
+    path = save_checkpoint(tmp_path / "model.pt", net, model_name="e2fnet", channels=["a", "b", "c", "d"],
+                           norm_stats={"kind": "run"})
+    loaded, meta = load_checkpoint(path)
+    assert meta["config"]["readout_components"] == 2
+    x = torch.randn(2, 3, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
+@pytest.mark.parametrize("protocol, normalisation, components",
+                         [("residual", "run", 64), ("published", "minmax", 0)])
+def test_protocol_selects_scaling_and_output(protocol, normalisation, components):
+    training = Training(protocol=protocol)
+    assert training.eeg_normalisation == normalisation
+    assert training.readout_components == components
+    assert Training(protocol=protocol, eeg_normalisation="standard").eeg_normalisation == "standard"
+    model = build_model("spec2vol", eeg_channels=4, freq_bins=8, out_shape=(2, 32, 32), context=3,
+                        size="tiny", readout_components=training.readout_components)
+    assert isinstance(model, ResidualOutput) == (protocol == "residual")
+
+
+def test_residual_training_resumes_to_the_same_weights(tmp_path):
+    """A fold of the residual protocol stopped after one epoch and resumed ends with the weights
+    (buffers included) of an uninterrupted run; its normalisation is the runs' own."""
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02"), n_volumes=40)
+    runs = data.find_runs(out)
+    config = Training(model="spec2vol", size="tiny", epochs=2, batch_size=8, grad_accum=1,
+                      warmup_steps=1, device="cpu", progress=False)
+    full = train.train(runs, CHANNELS, config, work_dir=tmp_path / "w", checkpoint=tmp_path / "a.pt")
+    assert full.norm == {"kind": "run"} and isinstance(full.model, ResidualOutput)
+    assert np.isfinite(full.history[-1]["train_loss"]) and full.history[-1]["train_loss"] < 1.5
+    train.train(runs, CHANNELS, dataclasses.replace(config, epochs=1), work_dir=tmp_path / "w",
+                checkpoint=tmp_path / "b.pt")
+    resumed = train.train(runs, CHANNELS, config, work_dir=tmp_path / "w", checkpoint=tmp_path / "b.pt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=1e-6)
