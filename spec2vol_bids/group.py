@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,7 +112,7 @@ def run_group(config: Config) -> int:
                 ", ".join(models + [MEAN]))
 
     for fold in chosen:
-        _locked_once(out_dir / "models" / f"fold-{fold.label}",
+        _locked_once(out_dir / "models" / f"fold-{fold.label}", training,
                      lambda fold=fold: run_fold(fold, paired, channels, training, models,
                                                 out_dir=out_dir, work_dir=work_dir,
                                                 bids_dir=inputs.bids_dir))
@@ -124,7 +125,7 @@ def run_group(config: Config) -> int:
                     " ".join(pending))
     if not training.no_final and not training.folds:
         final_runs, final_val = split_validation(paired, training.select)
-        _locked_once(out_dir / "models" / "final",
+        _locked_once(out_dir / "models" / "final", training,
                      lambda: _train_final(final_runs, final_val, channels, training,
                                           out_dir=out_dir, work_dir=work_dir))
     if train.is_main():
@@ -178,22 +179,41 @@ def _done(out_dir: Path, label: str) -> bool:
     return (out_dir / "models" / f"fold-{label}" / "done.json").exists()
 
 
-def _locked_once(folder: Path, job) -> None:
+def _locked_once(folder: Path, training: Training, job) -> None:
     """Run ``job`` unless ``folder/done.json`` exists, holding a lock; then write the marker.
 
-    Under torchrun rank 0 takes the lock and decides; every rank runs the job (training is
-    collective) and only rank 0 writes.
+    A finished folder is kept only when its model was trained with the protocol asked for now
+    (:data:`train.PROTOCOL`); otherwise the run is refused rather than mixing two protocols in
+    one table. Under torchrun rank 0 takes the lock and decides; every rank runs the job
+    (training is collective) and only rank 0 writes.
     """
     lock = FileLock(str(_lock_path(folder))) if train.is_main() else contextlib.nullcontext()
     with lock:
         skip = _broadcast((folder / "done.json").exists())
         if skip:
+            _check_same_protocol(folder, training)
             logger.info("%s is finished; skipping it (delete the folder to redo it)", folder)
             return
         info = job() or {}
         if train.is_main():
             write_json(folder / "done.json", {**info, "Finished": datetime.now(timezone.utc).isoformat()})
         train.barrier()
+
+
+def _check_same_protocol(folder: Path, training: Training) -> None:
+    """Refuse a finished ``folder`` whose model was trained with other protocol settings."""
+    try:
+        stored = json.loads((folder / "model.json").read_text())["Config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        stored = {}
+    asked = {name: getattr(training, name) for name in train.PROTOCOL}
+    differ = [name for name in train.PROTOCOL if stored.get(name) != asked[name]]
+    if differ:
+        shown = ", ".join(f"{name} {stored.get(name, 'unrecorded')!r} there, {asked[name]!r} now"
+                          for name in differ)
+        raise UsageError(f"{folder} was trained with other options ({shown}); delete that folder "
+                         "to retrain it, use another OUTPUT_DIR, or give the options it was "
+                         "trained with")
 
 
 def _broadcast(value):
