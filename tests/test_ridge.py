@@ -108,8 +108,9 @@ def test_fit_ridge_saves_and_reloads(tmp_path):
 def test_batch_logs_show_progress_every_few_seconds(tmp_path, caplog, monkeypatch):
     """Under pytest stderr is not a terminal, as in SLURM or a container: progress lines are
     logged on a timer, also while a batch runs."""
-    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.2)
-    out = write_derivatives(tmp_path / "out", subjects=("01",), n_volumes=30)
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.05)
+    # ten batches: long enough for several lines on a fast CPU too
+    out = write_derivatives(tmp_path / "out", subjects=("01",), n_volumes=46)
     runs = data.find_runs(out)
     config = Training(size="tiny", protocol="published", epochs=2, batch_size=4, grad_accum=1,
                       device="cpu", warmup_steps=1, progress=False)

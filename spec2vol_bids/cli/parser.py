@@ -204,7 +204,7 @@ def _execution_options(g) -> None:
     g.add_argument("--notrack", action="store_true", default=None,
                    help="accepted for fMRIPrep compatibility; spec2vol never sends anything anywhere")
     g.add_argument("-v", "--verbose", action="count", default=None,
-                   help="more messages; -vv also prints tracebacks")
+                   help="more messages; -vv also prints the traceback of an internal error")
 
 
 def parse_args(argv: list[str] | None = None) -> config.Config:

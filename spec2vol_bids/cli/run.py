@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_group(config)
     except Spec2VolError as exc:
+        # a user error is one line on the console at any verbosity; its traceback goes only to
+        # the log file in OUTPUT_DIR/logs (when there is one)
         LOGGER.debug("user error", exc_info=True)
-        if verbose >= 2:
-            traceback.print_exc()
         print(f"spec2vol: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
