@@ -17,9 +17,11 @@ Usage (after ``spec2vol BIDS OUT participant``)::
 
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
         [--variants recipe no-readout readout-only no-projection] [--seeds 0 1 2]
-        [--model spec2vol|e2fnet] [--components 64] [--weight-decay 0.01]
+        [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
 
-Prints the CPU flags, then one line per variant: dynamics and SSIM as mean ± SD over the
+``--curve`` scores the held-out subject after every epoch as well (the full-size network's
+learning curve: ``--size full --variants recipe --curve``). Prints the CPU flags, then one
+line per variant: dynamics and SSIM as mean ± SD over the
 held-out subjects (and seeds), and the seconds per fold.
 """
 
@@ -74,7 +76,7 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
     return model
 
 
-def train_variant(variant, config, channels, train_runs, work):
+def train_variant(variant, config, channels, train_runs, work, on_epoch=None):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
@@ -88,8 +90,13 @@ def train_variant(variant, config, channels, train_runs, work):
     for epoch in range(config.epochs):
         loader = torch.utils.data.DataLoader(shifted, batch_size=config.batch_size,
                                              sampler=train.epoch_order(config.seed, epoch, len(shifted)))
-        train._train_epoch(model, model, loader, optimizer, scheduler, config, torch.device("cpu"),
-                           desc="", show=False, progress=lambda *a: None, criterion=criterion)
+        loss = train._train_epoch(model, model, loader, optimizer, scheduler, config,
+                                  torch.device("cpu"), desc="", show=False,
+                                  progress=lambda *a: None, criterion=criterion)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, loss, train.TrainResult(model=model.eval(), norm=norm, history=[],
+                                                        selected_epoch=epoch + 1,
+                                                        out_shape=dataset.target_shape()))
     return train.TrainResult(model=model.eval(), norm=norm, history=[], selected_epoch=config.epochs,
                              out_shape=dataset.target_shape())
 
@@ -110,6 +117,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--curve", action="store_true",
+                        help="also score the held-out subject after every epoch (a learning curve)")
     args = parser.parse_args()
     print(cpu_flags(), f"; torch threads {torch.get_num_threads()}")
     runs = [run for run in find_runs(args.out) if run.target is not None]
@@ -127,17 +137,23 @@ def main() -> None:
             results.setdefault("mean volume", []).extend(score(None, test_runs, channels, mean, work))
             for variant in args.variants:
                 for seed in args.seeds:
-                    config = Training(model=args.model, size="tiny", epochs=args.epochs,
+                    config = Training(model=args.model, size=args.size, epochs=args.epochs,
                                       batch_size=8, grad_accum=1, lr=args.lr, warmup_steps=10,
                                       weight_decay=args.weight_decay, seed=seed)
                     tic = time.perf_counter()
-                    result = train_variant(variant, config, channels, train_runs, work)
+                    def curve(epoch, loss, partial, held=held, variant=variant, tic=tic):
+                        found = score(partial, test_runs, channels, mean, work)
+                        print(f"  fold {held} {variant} epoch {epoch}: train loss {loss:.4f}, "
+                              f"held-out dynamics {np.mean([d for d, _ in found]):.3f}, "
+                              f"{time.perf_counter() - tic:.0f} s", flush=True)
+                    result = train_variant(variant, config, channels, train_runs, work,
+                                           on_epoch=curve if args.curve else None)
                     seconds.setdefault(variant, []).append(time.perf_counter() - tic)
                     found = score(result, test_runs, channels, mean, work)
                     results.setdefault(variant, []).extend(found)
                     print(f"  fold {held} {variant} seed {seed}: dynamics "
                           f"{np.mean([d for d, _ in found]):.3f}", flush=True)
-    print(f"{args.model} (tiny), {args.epochs} epochs, lr {args.lr}, weight decay "
+    print(f"{args.model} ({args.size}), {args.epochs} epochs, lr {args.lr}, weight decay "
           f"{args.weight_decay}, folds {' '.join(args.folds or subjects)}, seeds {args.seeds}")
     for name, rows in results.items():
         dyn, ssim = np.array(rows).T
