@@ -18,6 +18,7 @@ import torch
 
 from spec2vol_bids import evaluate
 from spec2vol_bids.data import PairedDataset, Run
+from spec2vol_bids.models.residual import leading_components
 
 
 def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int) -> dict:
@@ -25,7 +26,7 @@ def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int) -
 
     ``shift[r]`` turns run ``r``'s targets into the residual protocol's (training mean − run
     mean). The deviations of every training sample inside the mask are held in memory once
-    (samples × mask voxels, float32) to find the components from their Gram matrix.
+    (samples × mask voxels, float32) to find the components.
     """
     run_means, deviations, counts = [], [], []
     for r, run in enumerate(runs):
@@ -42,12 +43,8 @@ def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int) -
     mask = evaluate.brain_mask(mean.astype(np.float32), nib.load(runs[0].target).affine)
     z = np.concatenate([d[:, mask] for d in deviations]) / scale[mask].astype(np.float32)
     del deviations
-    values, vectors = np.linalg.eigh(z.astype(np.float64) @ z.T.astype(np.float64))
-    order = np.argsort(values)[::-1]
-    k = int(min(components, np.sum(values > values.max() * 1e-10)))
-    top = order[:k]
-    rows = (vectors[:, top].T @ z) / np.sqrt(values[top])[:, None]
-    basis = np.zeros((k, mask.size), dtype=np.float32)
+    rows = leading_components(z, components)
+    basis = np.zeros((len(rows), mask.size), dtype=np.float32)
     basis[:, mask.ravel()] = rows
     shift = mean[None] - np.stack(run_means)
     return {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32), "mask": mask,
@@ -71,9 +68,10 @@ class DeviationTargets(torch.utils.data.Dataset):
 
 def masked_mse(scale: torch.Tensor, mask: np.ndarray):
     """The residual protocol's loss: mean squared error inside ``mask`` in units of ``scale``."""
-    weight = torch.from_numpy(mask.astype(np.float32)) / scale.float() ** 2 / float(mask.sum())
+    # on scale's device (the model's), so a training step moves nothing between devices
+    weight = torch.as_tensor(mask, dtype=torch.float32, device=scale.device) / scale.float() ** 2
+    weight /= float(mask.sum())
 
     def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        w = weight.to(pred.device)
-        return ((pred.float() - target) ** 2 * w).sum() / len(pred)
+        return ((pred.float() - target) ** 2 * weight).sum() / len(pred)
     return loss

@@ -38,6 +38,17 @@ def band_features(x: torch.Tensor, band: int = BAND) -> torch.Tensor:
     return kept.reshape(*x.shape[:-1], -1, band).mean(-1).flatten(1)
 
 
+def leading_components(responses: np.ndarray, components: int) -> np.ndarray:
+    """Orthonormal rows (k, voxels) spanning the ``components`` leading principal directions of
+    ``responses`` (samples, voxels), from their Gram matrix (samples², not voxels²); directions
+    without variance (beyond the responses' rank) are left out, so k may be smaller."""
+    y = responses.astype(np.float64)
+    values, vectors = np.linalg.eigh(y @ y.T)
+    order = np.argsort(values)[::-1]
+    top = order[:int(min(components, np.sum(values > values.max() * 1e-10)))]
+    return (vectors[:, top].T @ y) / np.sqrt(np.maximum(values[top], 1e-12))[:, None]
+
+
 class ResidualOutput(nn.Module):
     """``mean + scale * r``, ``r`` from ``net`` (see the module docstring).
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .residual import BAND, band_features
+from .residual import BAND, band_features, leading_components
 
 #: penalties tried by the inner cross-validation, relative to the mean diagonal of X·Xᵀ
 PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -89,13 +89,8 @@ class Ridge(nn.Module):
         """
         x = features.astype(np.float64)
         y = responses.astype(np.float64)
-        # leading response components, from the samples' Gram matrix (n x n, not voxels^2);
-        # directions without variance (beyond the responses' rank) have no component to give
-        values, vectors = np.linalg.eigh(y @ y.T)
-        order = np.argsort(values)[::-1]
-        k = int(min(self.config.components, np.sum(values > values.max() * 1e-10)))
-        top = order[:k]
-        basis = (vectors[:, top].T @ y) / np.sqrt(np.maximum(values[top], 1e-12))[:, None]
+        basis = leading_components(y, self.config.components)
+        k = len(basis)
         scores = y @ basis.T  # (n, k)
         gram = x @ x.T
         scale = float(np.trace(gram)) / len(gram)
