@@ -11,12 +11,15 @@ baseline and the mean volume of the same fold:
 * ``no-readout``: without the linear readout (the network alone, projected on the components);
 * ``readout-only``: the linear readout alone (the network's output held at zero);
 * ``no-projection``: the network's deviations used as they are, every voxel free (no components,
-  no readout).
+  no readout);
+* ``on-ridge``: the readout replaced by the fold's ridge map, frozen; the network learns what it
+  leaves (with ``--curve``: what each epoch of the network adds to the best linear model);
+* ``ridge-start``: the readout starts from the fold's ridge map and is trained with the network.
 
 Usage (after ``spec2vol BIDS OUT participant``)::
 
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
-        [--variants recipe no-readout readout-only no-projection] [--seeds 0 1 2]
+        [--variants recipe no-readout readout-only no-projection on-ridge ridge-start] [--seeds 0 1 2]
         [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
@@ -47,7 +50,7 @@ from spec2vol_bids.models.residual import ResidualOutput
 sys.path.insert(0, str(Path(__file__).parent))
 from ablate_learning import cpu_flags  # noqa: E402
 
-VARIANTS = ("recipe", "no-readout", "readout-only", "no-projection")
+VARIANTS = ("recipe", "no-readout", "readout-only", "no-projection", "on-ridge", "ridge-start")
 
 
 class Silent(nn.Module):
@@ -61,7 +64,8 @@ class Silent(nn.Module):
         return x.new_zeros(len(x), *self.config.out_shape)
 
 
-def variant_model(variant: str, config: Training, channels, train_set, stats, context: int):
+def variant_model(variant: str, config: Training, channels, train_set, stats, context: int,
+                  ridge=None):
     components = 0 if variant == "no-projection" else config.readout_components
     model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
                         out_shape=train_set.target_shape(), context=context, size=config.size,
@@ -73,15 +77,23 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
         model.readout.weight.requires_grad_(False)
     if variant == "readout-only":
         model.net = Silent(model.net.config)
+    if variant in ("on-ridge", "ridge-start"):
+        # the fold's ridge map, expressed in the residual protocol's components (the same
+        # training responses, so the same span)
+        net = ridge.model.net
+        with torch.no_grad():
+            w = net.weights.double() @ net.components.double() @ model.basis.double().T
+            model.readout.weight.copy_(w.T.float())
+        model.readout.weight.requires_grad_(variant == "ridge-start")
     return model
 
 
-def train_variant(variant, config, channels, train_runs, work, on_epoch=None):
+def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
     train.seed_everything(config.seed)
-    model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context)
+    model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = train._optimiser(nn.ParameterList(params), config, len(dataset), 1,
                                             config.batch_size)
@@ -147,7 +159,8 @@ def main() -> None:
                               f"held-out dynamics {np.mean([d for d, _ in found]):.3f}, "
                               f"{time.perf_counter() - tic:.0f} s", flush=True)
                     result = train_variant(variant, config, channels, train_runs, work,
-                                           on_epoch=curve if args.curve else None)
+                                           on_epoch=curve if args.curve else None,
+                                           ridge=ridge)
                     seconds.setdefault(variant, []).append(time.perf_counter() - tic)
                     found = score(result, test_runs, channels, mean, work)
                     results.setdefault(variant, []).extend(found)

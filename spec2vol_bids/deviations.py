@@ -21,12 +21,14 @@ from spec2vol_bids.data import PairedDataset, Run
 from spec2vol_bids.models.residual import leading_components
 
 
-def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int) -> dict:
+def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int, *,
+                 responses: bool = False) -> dict:
     """``mean``, ``scale`` (D, H, W), ``mask``, ``basis`` (k, D·H·W) and ``shift`` (runs, D, H, W).
 
     ``shift[r]`` turns run ``r``'s targets into the residual protocol's (training mean − run
     mean). The deviations of every training sample inside the mask are held in memory once
-    (samples × mask voxels, float32) to find the components.
+    (samples × mask voxels, float32) to find the components; with ``responses`` they are
+    returned too (``responses``, in units of ``scale``, in the dataset's sample order).
     """
     run_means, deviations, counts = [], [], []
     for r, run in enumerate(runs):
@@ -47,8 +49,11 @@ def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int) -
     basis = np.zeros((len(rows), mask.size), dtype=np.float32)
     basis[:, mask.ravel()] = rows
     shift = mean[None] - np.stack(run_means)
-    return {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32), "mask": mask,
-            "basis": basis, "shift": shift.astype(np.float32)}
+    stats = {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32), "mask": mask,
+             "basis": basis, "shift": shift.astype(np.float32)}
+    if responses:
+        stats["responses"] = z
+    return stats
 
 
 class DeviationTargets(torch.utils.data.Dataset):

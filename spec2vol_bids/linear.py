@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from spec2vol_bids import evaluate
 from spec2vol_bids.data import PairedDataset, Run, norm_stats
+from spec2vol_bids.deviations import target_stats
 from spec2vol_bids.errors import DataError
 from spec2vol_bids.models import build_model
 from spec2vol_bids.train import TrainResult
@@ -49,40 +48,22 @@ def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | P
         raise DataError("no training samples: runs are shorter than discard + context + 1 volumes")
     model = build_model("ridge", eeg_channels=len(channels), freq_bins=dataset.freq_bins(),
                         out_shape=dataset.target_shape(), context=runs[0].context)
-    features, deviations, groups, mean = _samples(dataset, model.net, runs)
-    # each voxel's temporal SD within runs, pooled over the training runs
-    scale = np.sqrt(np.mean(deviations ** 2, axis=0)).astype(np.float32)
-    scale = np.where(scale > 0, scale, 1.0)
-    mask = evaluate.brain_mask(mean, nib.load(runs[0].target).affine)
-    responses = deviations[:, mask] / scale[mask]
-    info = model.net.fit(features, responses, groups, mask)
-    model.set_target_stats(mean, scale)
+    stats = target_stats(dataset, runs, model.config.components, responses=True)
+    with torch.no_grad():
+        features = np.stack([model.net.features(dataset[i][0][None]).numpy()[0]
+                             for i in range(len(dataset))])
+    run_of = np.repeat(np.arange(len(runs)), [len(run.sample_volumes) for run in runs])
+    info = model.net.fit(features, stats["responses"], cv_groups(runs, run_of), stats["mask"])
+    model.set_target_stats(stats["mean"], stats["scale"])
     seconds = time.perf_counter() - tic
-    logger.info("%s: penalty %.3g chosen by inner cross-validation (scores %s), %d components, "
-                "%d samples, %.1f s", description, info["penalty"],
+    logger.info("%s: penalty %.3g chosen by inner cross-validation (scores %s), %d components "
+                "(gains %.3g–%.3g), %d samples, %.1f s", description, info["penalty"],
                 ", ".join(f"{k}: {v:.3f}" for k, v in info["scores"].items()), info["components"],
-                len(features), seconds)
+                info["gains"].min(), info["gains"].max(), len(features), seconds)
     history = [{"epoch": 1, "step": 0, "train_loss": float("nan"), "val_loss": float("nan"),
                 "val_ssim": float("nan"), "lr": float("nan"), "seconds": seconds}]
     return TrainResult(model=model.eval(), norm=norm, history=history, selected_epoch=1,
                        out_shape=dataset.target_shape())
-
-
-def _samples(dataset: PairedDataset, ridge, runs: Sequence[Run]):
-    """Features, within-run deviations, CV groups and the mean volume of every sample."""
-    features, targets = [], []
-    with torch.no_grad():
-        for i in range(len(dataset)):
-            x, y = dataset[i]
-            features.append(ridge.features(x[None]).numpy()[0])
-            targets.append(y.numpy())
-    features = np.stack(features).astype(np.float32)
-    targets = np.stack(targets).astype(np.float64)
-    run_of = np.repeat(np.arange(len(runs)), [len(run.sample_volumes) for run in runs])
-    mean = targets.mean(axis=0).astype(np.float32)
-    for r in np.unique(run_of):
-        targets[run_of == r] -= targets[run_of == r].mean(axis=0)
-    return features, targets.astype(np.float32), cv_groups(runs, run_of), mean
 
 
 def cv_groups(runs: Sequence[Run], run_of: np.ndarray) -> np.ndarray:

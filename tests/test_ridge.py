@@ -27,14 +27,26 @@ def _problem(seed=0, n=60, context=2, channels=3, bins=8, shape=(2, 3, 4)):
     return model, x, features, y, np.repeat(np.arange(3), n // 3)
 
 
-def test_ridge_equals_the_primal_solution_at_the_chosen_penalty():
+def test_ridge_equals_the_calibrated_primal_solution_at_the_chosen_penalty():
     model, x, features, y, groups = _problem()
     mask = np.ones(model.config.out_shape, bool)
     info = model.net.fit(features, y, groups, mask)
     # with as many components as voxels the response basis spans every response: no reduction
     assert info["components"] == y.shape[1]
+    basis = model.net.components.double().numpy()[: info["components"]]
     f = features.astype(np.float64)
-    weights = np.linalg.solve(f.T @ f + info["penalty"] * np.eye(f.shape[1]), f.T @ y)
+
+    def primal(rows):
+        return np.linalg.solve(f[rows].T @ f[rows] + info["penalty"] * np.eye(f.shape[1]),
+                               f[rows].T @ y[rows])
+    # each component's gain: least squares from its out-of-group predictions to its scores
+    predicted = np.concatenate([f[groups == g] @ primal(groups != g) for g in range(3)]) @ basis.T
+    measured = np.concatenate([y[groups == g] for g in range(3)]) @ basis.T
+    gains = np.array([max(0.0, (predicted[:, c] @ measured[:, c]) / (predicted[:, c] @ predicted[:, c]))
+                      for c in range(basis.shape[0])])
+    np.testing.assert_allclose(info["gains"], gains, rtol=1e-6)
+    assert not np.allclose(gains, 1.0)
+    weights = primal(np.ones(len(f), bool)) @ basis.T * gains @ basis
     new = torch.randn(5, *x.shape[1:])
     expected = model.net.features(new).double().numpy() @ weights
     got = model.net(new).reshape(5, -1).double().numpy()

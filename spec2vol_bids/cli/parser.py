@@ -185,8 +185,8 @@ def _training_options(g) -> None:
                    help="do not train the final all-subject model")
     g.add_argument("--compare", nargs="+", choices=config.COMPARE,
                    help="also train and evaluate these on every fold: the other network, or "
-                        "'ridge', a linear model fitted in closed form (penalty by inner "
-                        "cross-validation over the training subjects)")
+                        "'ridge', a linear model fitted in closed form (penalty and component "
+                        "gains by inner cross-validation over the training subjects)")
     g.add_argument("--channels", nargs="+", metavar="NAME",
                    help="EEG channels to use when runs have different channel sets")
 

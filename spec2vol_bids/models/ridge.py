@@ -11,6 +11,13 @@ The penalty is chosen by leave-one-subject-out cross-validation over the *traini
 (the mean voxel-wise correlation of predicted and measured deviations inside the brain mask,
 as the dynamics score); the held-out subject of a fold plays no part in it. The fit is closed
 form, in the dual (samples × samples), so it takes seconds where a network takes minutes.
+
+The correlation prefers a heavy penalty, which shrinks every component's prediction by its own
+factor; a voxel's series mixes several components, so their relative sizes matter to it. Each
+component's prediction is therefore multiplied by a gain, the least-squares factor (≥ 0) from
+the same cross-validation's out-of-group predictions to the measured scores. On the README's
+demo this lifts the held-out dynamics from 0.357 to 0.376; on a second simulated set it changes
+little, 0.356 to 0.357 (docs/model.md).
 """
 
 from __future__ import annotations
@@ -84,8 +91,8 @@ class Ridge(nn.Module):
         Returns
         -------
         dict
-            ``penalty`` (the chosen one, absolute), ``scores`` (CV score per relative penalty)
-            and ``components`` (how many were used).
+            ``penalty`` (the chosen one, absolute), ``scores`` (CV score per relative penalty),
+            ``components`` (how many were used) and ``gains`` (each component's calibration).
         """
         x = features.astype(np.float64)
         y = responses.astype(np.float64)
@@ -94,33 +101,41 @@ class Ridge(nn.Module):
         scores = y @ basis.T  # (n, k)
         gram = x @ x.T
         scale = float(np.trace(gram)) / len(gram)
-        cv = {lam: _cv_score(gram, scores, basis, y, groups, lam * scale) for lam in PENALTIES}
+        cv = {lam: _mean_correlation(_out_of_group(gram, scores, groups, lam * scale) @ basis, y,
+                                     groups) for lam in PENALTIES}
         best = max(cv, key=cv.get)
+        predicted = _out_of_group(gram, scores, groups, best * scale)
+        gains = np.maximum((predicted * scores).sum(0), 0) / np.maximum((predicted ** 2).sum(0), 1e-300)
         alpha = np.linalg.solve(gram + best * scale * np.eye(len(gram)), scores)
         weights = np.zeros(self.weights.shape)
-        weights[:, :k] = x.T @ alpha
+        weights[:, :k] = x.T @ alpha * gains
         components = np.zeros(self.components.shape)
         components[:k, mask.ravel()] = basis
         self.weights.copy_(torch.from_numpy(weights))
         self.components.copy_(torch.from_numpy(components))
         return {"penalty": best * scale, "scores": {str(k_): float(v) for k_, v in cv.items()},
-                "components": int(k)}
+                "components": int(k), "gains": gains}
 
 
-def _cv_score(gram, scores, basis, y, groups, penalty: float) -> float:
-    """Mean over held-out groups of the voxel-wise correlation of predicted and true responses."""
-    results = []
+def _out_of_group(gram, scores, groups, penalty: float) -> np.ndarray:
+    """Every sample's predicted scores from a fit on the other groups' samples."""
+    predicted = np.zeros_like(scores)
     for group in np.unique(groups):
         test = groups == group
         train = ~test
         alpha = np.linalg.solve(gram[np.ix_(train, train)] + penalty * np.eye(int(train.sum())),
                                 scores[train])
-        predicted = gram[np.ix_(test, train)] @ alpha @ basis
-        results.append(_mean_correlation(predicted, y[test]))
-    return float(np.mean(results))
+        predicted[test] = gram[np.ix_(test, train)] @ alpha
+    return predicted
 
 
-def _mean_correlation(a: np.ndarray, b: np.ndarray) -> float:
+def _mean_correlation(predicted: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over groups of the mean voxel-wise correlation of predicted and true responses."""
+    return float(np.mean([_correlation(predicted[groups == g], y[groups == g])
+                          for g in np.unique(groups)]))
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     a = a - a.mean(0)
     b = b - b.mean(0)
     den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
