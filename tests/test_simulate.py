@@ -151,6 +151,34 @@ def test_eeg_and_bold_follow_the_latent_sources(tmp_path):
     assert max(others) < 0.6, others
 
 
+def test_u_shaped_coupling_drives_bold_by_distance_from_the_typical_amplitude(tmp_path):
+    """The regressors against an independent computation (scipy's gamma densities for SPM's
+    HRF); the EEG side is the same as with the linear coupling; the dataset says which it is."""
+    from scipy import stats
+
+    from spec2vol_bids.simulate.latent import SOURCES, latent_timecourses, volume_truth
+    times, amplitude, _ = latent_timecourses(np.random.default_rng(3), list(SOURCES[:3]), 300.0)
+    onsets = np.arange(120) * 2.5
+    means, regressors = volume_truth(times, amplitude, onsets, 2.5, "u-shaped")
+    linear_means, linear = volume_truth(times, amplitude, onsets, 2.5)
+    np.testing.assert_array_equal(means, linear_means)
+
+    t = np.arange(0, 32, 0.1)
+    hrf = stats.gamma.pdf(t, 6) - stats.gamma.pdf(t, 16) / 6
+    drive = np.abs(np.log(amplitude) - np.log(amplitude).mean(axis=1, keepdims=True))
+    for k in range(3):
+        series = np.convolve(drive[k], hrf / hrf.sum())[: drive.shape[1]]
+        expected = np.interp(onsets + 1.25, times, series)
+        # the simulator centres log a_k on its expectation, this test on its sample mean
+        assert np.corrcoef(expected, regressors[k])[0, 1] > 0.98
+        # and the BOLD regressor is no linear function of the EEG amplitude's
+        assert abs(np.corrcoef(linear[k], regressors[k])[0, 1]) < 0.8
+
+    root = simulate_dataset(tmp_path / "bids", subjects=1, volumes=10, channels=4, grid=(12, 12, 8),
+                            coupling="u-shaped")
+    assert "--coupling u-shaped" in (root / "README").read_text()
+
+
 def test_sessions_runs_and_partial_subjects(tmp_path):
     root = simulate_dataset(tmp_path / "bids", subjects=3, sessions=2, runs=2, volumes=12, channels=8,
                             grid=(12, 12, 8), eeg_only_subjects=1, bold_only_subjects=1, eeg_format="edf",
@@ -221,6 +249,7 @@ def _run_cli(*args):
         (["--eeg-dtype", "int16", "--eeg-format", "edf"], "--eeg-dtype"),
         (["--subjects", "2", "--eeg-only-subjects", "2", "--bold-only-subjects", "1"], "--eeg-only-subjects"),
         (["--tr", "-1"], "--tr"),
+        (["--coupling", "cubic"], "--coupling"),
     ],
 )
 def test_cli_usage_errors(tmp_path, capsys, args, needle):

@@ -18,7 +18,7 @@ from spec2vol_bids.cli.parser import (ArgumentParser, nonnegative_float, nonnega
 from spec2vol_bids.errors import EX_INTERRUPTED, Spec2VolError
 from spec2vol_bids.simulate.dataset import simulate_dataset
 from spec2vol_bids.simulate.eeg_writers import EEG_DTYPES, EEG_FORMATS, GENERATOR, VOLUME_MARKERS
-from spec2vol_bids.simulate.latent import MAX_SOURCES
+from spec2vol_bids.simulate.latent import COUPLINGS, MAX_SOURCES
 from spec2vol_bids.simulate.options import EEG_OFFSET
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(simulate_dataset).parameters.items()
@@ -67,6 +67,8 @@ def _parser() -> ArgumentParser:
                    help=f"seconds of EEG before the first volume (default {EEG_OFFSET:g}, or 0 with "
                         "--volume-marker none)")
     _option(p, "--eeg-dtype", str, "BrainVision sample format; int16 stores 0.1 µV steps", choices=EEG_DTYPES)
+    _option(p, "--coupling", str, "how a source's EEG amplitude drives its BOLD: linear, or u-shaped "
+            "(|log amplitude - its mean|; a positive control for nonlinear models)", choices=list(COUPLINGS))
     p.add_argument("--seed", type=seed, default=_DEFAULTS["seed"],
                    help="random seed; the same seed gives identical files")
     p.add_argument("--overwrite", action="store_true",

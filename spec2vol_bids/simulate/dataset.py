@@ -37,8 +37,8 @@ def simulate_dataset(
     volumes: int = 150, tr: float = 2.0, sfreq: float = 250.0, channels: int = 64,
     grid: tuple[int, int, int] = (64, 64, 32), eeg_format: str = "vhdr", volume_marker: str = "R128",
     eeg_only_subjects: int = 0, bold_only_subjects: int = 0, sources: int = 6,
-    eeg_offset: float | None = None, eeg_dtype: str = "float32", seed: int = 0, overwrite: bool = False,
-    progress=None,
+    eeg_offset: float | None = None, eeg_dtype: str = "float32", seed: int = 0, coupling: str = "linear",
+    overwrite: bool = False, progress=None,
 ) -> Path:
     """Write a simultaneous EEG-fMRI BIDS dataset with a known EEG→BOLD coupling.
 
@@ -78,6 +78,10 @@ def simulate_dataset(
         Sample format of BrainVision files; ``int16`` stores 0.1 µV steps, as BrainAmp.
     seed : int
         The same seed gives byte-identical files.
+    coupling : {'linear', 'u-shaped'}
+        How a source's EEG amplitude drives its BOLD regressor (:func:`~.latent.coupling_drive`):
+        linearly, or through ``|log a_k − E log a_k|``, a positive control for models that can
+        learn a nonlinear relation.
     overwrite : bool
         Replace ``out_dir`` if it holds a dataset written by this simulator.
     progress : callable | None
@@ -93,7 +97,7 @@ def simulate_dataset(
         subjects=subjects, sessions=sessions, runs=runs, task=task, volumes=volumes, tr=tr, sfreq=sfreq,
         channels=channels, grid=grid, eeg_format=eeg_format, volume_marker=volume_marker,
         eeg_only_subjects=eeg_only_subjects, bold_only_subjects=bold_only_subjects, sources=sources,
-        eeg_offset=eeg_offset, eeg_dtype=eeg_dtype, seed=seed,
+        eeg_offset=eeg_offset, eeg_dtype=eeg_dtype, seed=seed, coupling=coupling,
     )
     out_dir = Path(out_dir)
     _build_in_place(out_dir, _check_output(out_dir, overwrite), opts, progress or (lambda line: None))
@@ -224,7 +228,7 @@ def _write_run(plan: _Plan, entities: dict, keys: tuple[int, int, int], kind: st
     meas_date = _BASE_DATE + datetime.timedelta(days=i + 28 * j, minutes=15 * r)
     latent = latent_timecourses(_rng(opts.seed, _STREAM_LATENT, *keys), plan.sources, opts.eeg_duration)
     times, amplitude, _ = latent
-    means, regressors = volume_truth(times, amplitude, plan.onsets, opts.tr)
+    means, regressors = volume_truth(times, amplitude, plan.onsets, opts.tr, opts.coupling)
     write_run_truth(plan.truth, entities, plan.sources, times, amplitude, plan.onsets, means, regressors, opts.tr)
     rows = []
     if "eeg" in kind:
@@ -318,7 +322,10 @@ def _readme(opts: Options) -> str:
            if opts.volume_marker == "none" else "") + ".\n\n"
         f"{opts.sources} latent sources drive both signals: each has a slowly varying amplitude that sets "
         "the power of an EEG oscillation (its own frequency band and scalp topography) and, convolved "
-        "with the canonical HRF, modulates the BOLD signal in a blob-shaped map. The ground truth "
+        "with the canonical HRF, modulates the BOLD signal in a blob-shaped map"
+        + (" (here through |log amplitude − its mean|, a u-shaped coupling: a positive control for "
+           "nonlinear models, not a physiological claim)" if opts.coupling == "u-shaped" else "")
+        + ". The ground truth "
         "(amplitudes, regressors, maps, topographies) is in derivatives/simulation/.\n\n"
         "Regenerate with:\n\n"
         f"    {GENERATOR} OUT_DIR --subjects {opts.subjects} --sessions {opts.sessions} --runs {opts.runs} "
@@ -326,5 +333,6 @@ def _readme(opts: Options) -> str:
         f"--channels {opts.channels} --grid {grid} --eeg-format {opts.eeg_format} "
         f"--volume-marker '{opts.volume_marker}' --eeg-only-subjects {opts.eeg_only_subjects} "
         f"--bold-only-subjects {opts.bold_only_subjects} --sources {opts.sources} "
-        f"--eeg-offset {opts.eeg_offset:g} --eeg-dtype {opts.eeg_dtype} --seed {opts.seed}\n"
+        f"--eeg-offset {opts.eeg_offset:g} --eeg-dtype {opts.eeg_dtype} --seed {opts.seed} "
+        f"--coupling {opts.coupling}\n"
     )

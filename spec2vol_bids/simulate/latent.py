@@ -10,6 +10,12 @@ sources are shared by all subjects. Source ``k`` has
 * a smooth BOLD map inside the brain, through which ``a_k`` convolved with the canonical
   haemodynamic response changes the BOLD signal by a few percent.
 
+That coupling is linear in the EEG's band amplitudes, so a linear model of the spectrogram is
+the right form for it. ``coupling="u-shaped"`` makes the BOLD follow ``|log a_k − E log a_k|``
+instead, how far the rhythm strays from its typical level either way: its correlation with
+``a_k`` is about 0.3, so a linear model recovers little of it and a model that can bend can
+recover much more. It is a positive control for nonlinear learning, not a physiological claim.
+
 This module holds the sources, their time courses, the HRF, the per-volume ground truth, the
 scalp topographies on the simulated cap and the BOLD maps; :mod:`.eeg_writers` and
 :mod:`.bold` turn them into recordings.
@@ -66,6 +72,8 @@ _HISTORY = 40.0  # s of a_k before the EEG starts, so the first volumes see a fu
 _AMPLITUDE_CUTOFF = 0.08  # Hz; a_k fluctuates on the time scale BOLD can follow
 _AMPLITUDE_LOG_SD = 0.5
 _TOPOGRAPHY_WIDTH = 0.045  # m, on a head of ~0.1 m radius
+#: ``--coupling``: what drives a source's BOLD regressor, as a function of its amplitude a_k
+COUPLINGS = ("linear", "u-shaped")
 MAP_WIDTH = 25.0  # mm (Gaussian sigma of the BOLD maps: regional, covering much of the cortex)
 
 
@@ -162,16 +170,24 @@ def _hrf() -> np.ndarray:
     return h / h.sum()
 
 
-def volume_truth(times, amplitude, onsets, tr):
+def coupling_drive(amplitude: np.ndarray, coupling: str) -> np.ndarray:
+    """What the HRF is convolved with: ``a_k`` (linear) or ``|log a_k − E log a_k|`` (u-shaped)."""
+    if coupling == "linear":
+        return amplitude
+    # log a_k is Gaussian with mean −σ²/2 by construction (latent_timecourses)
+    return np.abs(np.log(amplitude) + _AMPLITUDE_LOG_SD**2 / 2)
+
+
+def volume_truth(times, amplitude, onsets, tr, coupling: str = "linear"):
     """Per-volume mean amplitude over each TR window and standardised HRF regressors.
 
-    The regressor of volume v is (a_k ⊛ HRF) at the middle of its acquisition.
+    The regressor of volume v is (:func:`coupling_drive` ⊛ HRF) at the middle of its acquisition.
 
     Returns
     -------
     means, regressors : ndarray, shape (sources, volumes)
     """
-    convolved = np.array([np.convolve(a, _hrf())[: a.size] for a in amplitude])
+    convolved = np.array([np.convolve(a, _hrf())[: a.size] for a in coupling_drive(amplitude, coupling)])
     regressors = np.array([np.interp(onsets + tr / 2, times, c) for c in convolved])
     regressors -= regressors.mean(axis=1, keepdims=True)
     regressors /= np.maximum(regressors.std(axis=1, keepdims=True), 1e-12)

@@ -12,7 +12,7 @@ import numpy as np
 
 from spec2vol_bids.errors import UsageError
 from spec2vol_bids.simulate.eeg_writers import EEG_DTYPES, EEG_FORMATS, VOLUME_MARKERS
-from spec2vol_bids.simulate.latent import MAX_SOURCES, SOURCES, channel_names
+from spec2vol_bids.simulate.latent import COUPLINGS, MAX_SOURCES, SOURCES, channel_names
 
 #: Seconds of EEG before the first volume when the EEG has volume markers; without markers the
 #: EEG can only be aligned by starting it with the first volume, so the offset is then 0.
@@ -44,6 +44,7 @@ class Options:
     eeg_offset: float
     eeg_dtype: str
     seed: int
+    coupling: str
 
     @property
     def eeg_duration(self) -> int:
@@ -88,8 +89,11 @@ def check_options(**opts) -> Options:
     _check_consistency(counts, tr, sfreq, opts["eeg_format"])
     offset = _eeg_offset(opts["eeg_offset"], opts["volume_marker"])
     channel_names(counts["channels"])
+    if opts["coupling"] not in COUPLINGS:
+        raise UsageError(f"--coupling must be {' or '.join(COUPLINGS)} (got {opts['coupling']!r})")
     return Options(**counts, task=task, tr=tr, sfreq=sfreq, grid=grid, eeg_format=opts["eeg_format"],
-                   volume_marker=opts["volume_marker"], eeg_offset=offset, eeg_dtype=opts["eeg_dtype"])
+                   volume_marker=opts["volume_marker"], eeg_offset=offset, eeg_dtype=opts["eeg_dtype"],
+                   coupling=opts["coupling"])
 
 
 def _option(name: str) -> str:
