@@ -101,10 +101,10 @@ class Ridge(nn.Module):
         scores = y @ basis.T  # (n, k)
         gram = x @ x.T
         scale = float(np.trace(gram)) / len(gram)
-        cv = {lam: _mean_correlation(_out_of_group(gram, scores, groups, lam * scale) @ basis, y,
-                                     groups) for lam in PENALTIES}
+        out_of_group = {lam: _out_of_group(gram, scores, groups, lam * scale) for lam in PENALTIES}
+        cv = {lam: _mean_correlation(p @ basis, y, groups) for lam, p in out_of_group.items()}
         best = max(cv, key=cv.get)
-        predicted = _out_of_group(gram, scores, groups, best * scale)
+        predicted = out_of_group[best]
         gains = np.maximum((predicted * scores).sum(0), 0) / np.maximum((predicted ** 2).sum(0), 1e-300)
         alpha = np.linalg.solve(gram + best * scale * np.eye(len(gram)), scores)
         weights = np.zeros(self.weights.shape)
