@@ -53,7 +53,8 @@ def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | P
         features = np.stack([model.net.features(dataset[i][0][None]).numpy()[0]
                              for i in range(len(dataset))])
     run_of = np.repeat(np.arange(len(runs)), [len(run.sample_volumes) for run in runs])
-    info = model.net.fit(features, stats["responses"], cv_groups(runs, run_of), stats["mask"])
+    info = model.net.fit(features, stats["responses"], cv_groups(runs, run_of), stats["mask"],
+                         basis=stats["basis"][:, stats["mask"].ravel()])
     model.set_target_stats(stats["mean"], stats["scale"])
     seconds = time.perf_counter() - tic
     logger.info("%s: penalty %.3g chosen by inner cross-validation (scores %s), %d components "

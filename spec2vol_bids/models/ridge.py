@@ -74,7 +74,7 @@ class Ridge(nn.Module):
 
     @torch.no_grad()
     def fit(self, features: np.ndarray, responses: np.ndarray, groups: np.ndarray,
-            mask: np.ndarray) -> dict:
+            mask: np.ndarray, basis: np.ndarray | None = None) -> dict:
         """Fit on training samples; choose the penalty by leave-one-group-out CV.
 
         Parameters
@@ -87,6 +87,9 @@ class Ridge(nn.Module):
             The subject of each sample (the cross-validation leaves one out at a time).
         mask : ndarray of bool, shape (D, H, W)
             Where the responses are; outside it the model predicts 0.
+        basis : ndarray, shape (k, voxels in mask), optional
+            The responses' leading components when the caller has them already
+            (:func:`.residual.leading_components` of ``responses``); computed here otherwise.
 
         Returns
         -------
@@ -96,7 +99,9 @@ class Ridge(nn.Module):
         """
         x = features.astype(np.float64)
         y = responses.astype(np.float64)
-        basis = leading_components(y, self.config.components)
+        if basis is None:
+            basis = leading_components(y, self.config.components)
+        basis = np.asarray(basis, dtype=np.float64)
         k = len(basis)
         scores = y @ basis.T  # (n, k)
         gram = x @ x.T
