@@ -56,6 +56,17 @@ def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int, *
     return stats
 
 
+def shifts_to(mean: np.ndarray, dataset: PairedDataset, runs: Sequence[Run]) -> np.ndarray:
+    """``(runs, D, H, W)``: ``mean`` − each run's mean over its samples, what moves the targets of
+    runs outside the statistics (the validation subject's) onto the training mean, as
+    ``target_stats``' ``shift`` moves the training runs'."""
+    moved = []
+    for r, run in enumerate(runs):
+        volumes = np.load(dataset._targets[r], mmap_mode="r")
+        moved.append(mean - np.asarray(volumes[run.sample_volumes], dtype=np.float64).mean(axis=0))
+    return np.stack(moved).astype(np.float32)
+
+
 class DeviationTargets(torch.utils.data.Dataset):
     """``dataset``'s samples with each run's targets moved by ``shift[run]``."""
 
@@ -69,6 +80,9 @@ class DeviationTargets(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         x, y = self.dataset[i]
         return x, y + self.shift[self.dataset.sample(i)[0]]
+
+    def sample(self, i: int) -> tuple[int, int]:
+        return self.dataset.sample(i)
 
 
 def masked_mse(scale: torch.Tensor, mask: np.ndarray):

@@ -264,7 +264,7 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
                     norm_stats=result.norm, extra=meta)
     write_json(folder / "model.json", meta)
     history = pd.DataFrame(result.history, columns=["epoch", "step", "train_loss", "val_loss",
-                                                    "val_ssim", "lr", "seconds"])
+                                                    "val_ssim", "val_dynamics", "lr", "seconds"])
     write_text(folder / "history.tsv", history.to_csv(sep="\t", index=False, na_rep="n/a",
                                                       float_format="%.6g"))
     logger.info("%s: model written to %s (epoch %d selected)", label, folder / "model.pt",

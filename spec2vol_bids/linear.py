@@ -62,7 +62,8 @@ def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | P
                 ", ".join(f"{k}: {v:.3f}" for k, v in info["scores"].items()), info["components"],
                 info["gains"].min(), info["gains"].max(), len(features), seconds)
     history = [{"epoch": 1, "step": 0, "train_loss": float("nan"), "val_loss": float("nan"),
-                "val_ssim": float("nan"), "lr": float("nan"), "seconds": seconds}]
+                "val_ssim": float("nan"), "val_dynamics": float("nan"), "lr": float("nan"),
+                "seconds": seconds}]
     return TrainResult(model=model.eval(), norm=norm, history=history, selected_epoch=1,
                        out_shape=dataset.target_shape())
 

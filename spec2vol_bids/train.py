@@ -35,10 +35,11 @@ import torch.distributed as dist
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
+from spec2vol_bids import evaluate
 from spec2vol_bids.config import Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats
 from spec2vol_bids.derivatives import write_bytes
-from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
+from spec2vol_bids.deviations import DeviationTargets, masked_mse, shifts_to, target_stats
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.models import build_model
 
@@ -245,16 +246,19 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     seed_everything(config.seed)
     model = _model(config, channels, train_set, context=train_runs[0].context, device=device,
                    source=train_runs[0].spectrogram)
-    criterion = loss_fn
+    criterion, val_mask = loss_fn, None
     if config.readout_components:
         stats = target_stats(train_set, train_runs, config.readout_components)
         model.set_target_stats(stats["mean"], stats["scale"], stats["basis"])
-        criterion = masked_mse(model.scale, stats["mask"])
+        criterion, val_mask = masked_mse(model.scale, stats["mask"]), stats["mask"]
         train_set = DeviationTargets(train_set, stats["shift"])
+        if val_set is not None:
+            val_set = DeviationTargets(val_set, shifts_to(stats["mean"], val_set, val_runs))
     local_batch = max(1, config.batch_size // world)
     optimizer, scheduler = _optimiser(model, config, len(train_set), world, local_batch)
     fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
                               "world": world, "channels": list(channels),
+                              "selection": selection_metric(config),
                               "runs": [str(r.spectrogram.name) for r in train_runs],
                               "val": [str(r.spectrogram.name) for r in val_runs], "norm": norm},
                              sort_keys=True)
@@ -272,12 +276,14 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         history, best = _epochs(net, model, train_set, val_set, optimizer, scheduler, config, device,
                                 history=history, best=best, start_epoch=start_epoch,
                                 checkpoint=checkpoint, fingerprint=fingerprint,
-                                description=description, progress=progress, criterion=criterion)
+                                description=description, progress=progress, criterion=criterion,
+                                val_mask=val_mask)
 
     selected = config.epochs
     if config.select == "val":
         if best["state"] is None:
-            raise _diverged(description, config.epochs, "no finite validation SSIM in any epoch",
+            raise _diverged(description, config.epochs,
+                            f"no finite validation {selection_metric(config)[4:]} in any epoch",
                             optimizer.param_groups[0]["lr"], checkpoint)
         model.load_state_dict(best["state"])
         selected = best["epoch"]
@@ -286,11 +292,19 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
                        out_shape=tuple(model.config.out_shape))
 
 
+def selection_metric(config: Training) -> str:
+    """The history column ``--select val`` maximises: under the residual protocol the validation
+    subject's dynamics, what that protocol trains for (its SSIM is the training mean volume's,
+    whatever the network learns); under the published one SSIM, as the authors select."""
+    return "val_dynamics" if config.readout_components else "val_ssim"
+
+
 def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Training, device, *,
             history, best, start_epoch, checkpoint, fingerprint, description, progress,
-            criterion=loss_fn):
+            criterion=loss_fn, val_mask=None):
     """Train from ``start_epoch`` to the end, checkpointing every epoch; ``(history, best)``."""
     rank, world, _ = distributed()
+    metric = selection_metric(config)
     local_batch = max(1, config.batch_size // world)
     for epoch in range(start_epoch, config.epochs):
         tic = time.perf_counter()
@@ -310,18 +324,19 @@ def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Traini
             raise _diverged(description, epoch + 1, f"non-finite weights in {bad[0]}",
                             optimizer.param_groups[0]["lr"], checkpoint)
         row = {"epoch": epoch + 1, "step": scheduler.last_epoch, "train_loss": train_loss,
-               "val_loss": float("nan"), "val_ssim": float("nan"),
+               "val_loss": float("nan"), "val_ssim": float("nan"), "val_dynamics": float("nan"),
                "lr": optimizer.param_groups[0]["lr"]}
         if val_set is not None:
-            row["val_loss"], row["val_ssim"] = validate(model, val_set, device, local_batch,
-                                                        criterion)
-            if row["val_ssim"] > best["ssim"]:
-                best = {"ssim": row["val_ssim"], "epoch": epoch + 1,
+            scores = validate(model, val_set, device, local_batch, criterion, mask=val_mask)
+            row.update({f"val_{name}": value for name, value in scores.items()})
+            if row[metric] > best["score"]:
+                best = {"score": row[metric], "epoch": epoch + 1,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         row["seconds"] = time.perf_counter() - tic
         history.append(row)
-        logger.info("%s epoch %d/%d: train loss %.4f, val SSIM %.4f, %.1f s", description,
-                    epoch + 1, config.epochs, train_loss, row["val_ssim"], row["seconds"])
+        logger.info("%s epoch %d/%d: train loss %.4f, val SSIM %.4f, val dynamics %.4f, %.1f s",
+                    description, epoch + 1, config.epochs, train_loss, row["val_ssim"],
+                    row["val_dynamics"], row["seconds"])
         if rank == 0:
             _save(checkpoint, fingerprint, epoch + 1, model, optimizer, scheduler, history, best)
         barrier()
@@ -355,7 +370,7 @@ def _optimiser(model, config: Training, n_samples: int, world: int, local_batch:
 
 def _resume(checkpoint: Path, fingerprint: str, model, optimizer, scheduler, device, description):
     """``(history, best, first epoch)`` from a checkpoint of the same fold, or a fresh start."""
-    fresh = [], {"ssim": -math.inf, "epoch": 0, "state": None}, 0
+    fresh = [], {"score": -math.inf, "epoch": 0, "state": None}, 0
     if not checkpoint.exists():
         return fresh
     state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -443,11 +458,16 @@ def _diverged(description: str, epoch: int, what: str, lr: float, checkpoint: Pa
 
 @torch.no_grad()
 def validate(model, dataset: PairedDataset, device: torch.device, batch_size: int,
-             criterion=loss_fn) -> tuple[float, float]:
-    """Mean loss (``criterion``) and mean 2-D SSIM of ``model`` over ``dataset``."""
+             criterion=loss_fn, mask: np.ndarray | None = None) -> dict[str, float]:
+    """``loss`` (mean ``criterion``), ``ssim`` (mean 2-D SSIM) and ``dynamics`` of ``model`` over
+    ``dataset``: with a brain ``mask`` (D, H, W), each run's mean voxel-wise correlation of
+    predicted and measured series inside it, averaged over runs (as the held-out subjects are
+    scored); NaN without one."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     loss_sum, ssim_sum, n = 0.0, 0.0, 0
+    inside = None if mask is None else torch.from_numpy(np.asarray(mask, dtype=bool))
+    predicted, measured = [], []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -458,4 +478,14 @@ def validate(model, dataset: PairedDataset, device: torch.device, batch_size: in
         loss_sum += float(criterion(pred, y)) * len(x)
         ssim_sum += float(ssim.sum())
         n += len(x)
-    return loss_sum / n, ssim_sum / n
+        if inside is not None:
+            predicted.append(pred.cpu()[:, inside].numpy())  # (batch, voxels in mask)
+            measured.append(y.cpu()[:, inside].numpy())
+    scores = {"loss": loss_sum / n, "ssim": ssim_sum / n, "dynamics": float("nan")}
+    if inside is not None:
+        pred, target = np.concatenate(predicted), np.concatenate(measured)
+        run_of = np.asarray([dataset.sample(i)[0] for i in range(n)])
+        scores["dynamics"] = float(np.mean([
+            evaluate.dynamics_map(pred[run_of == r], target[run_of == r]).mean()
+            for r in np.unique(run_of)]))
+    return scores

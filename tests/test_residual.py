@@ -131,3 +131,38 @@ def test_residual_training_resumes_to_the_same_weights(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for name, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_residual_val_selection_keeps_the_best_validation_dynamics(tmp_path):
+    """Under the residual protocol ``--select val`` keeps the epoch whose validation subject's
+    dynamics (per run, mean voxel-wise r inside the training mask) is highest; the score and the
+    validation loss (in the training loss's units) equal an independent computation."""
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=40)
+    runs = data.find_runs(out)
+    train_runs, val_runs = runs[:2], runs[2:]
+    config = Training(model="spec2vol", size="tiny", epochs=2, batch_size=8, grad_accum=1,
+                      warmup_steps=1, device="cpu", progress=False, select="val")
+    result = train.train(train_runs, CHANNELS, config, work_dir=tmp_path / "w",
+                         checkpoint=tmp_path / "v.pt", val_runs=val_runs)
+    scores = [h["val_dynamics"] for h in result.history]
+    assert np.all(np.isfinite(scores))
+    assert result.selected_epoch == 1 + int(np.argmax(scores))
+
+    stats = target_stats(data.PairedDataset(train_runs, CHANNELS, result.norm, tmp_path / "w"),
+                         train_runs, components=64)
+    mask = stats["mask"]
+    val = data.PairedDataset(val_runs, CHANNELS, result.norm, tmp_path / "w")
+    with torch.no_grad():
+        pairs = [val[i] for i in range(len(val))]
+        pred = result.model(torch.stack([x for x, _ in pairs])).numpy()
+    measured = torch.stack([y for _, y in pairs]).numpy().astype(np.float64)
+    run_of = np.asarray([val.sample(i)[0] for i in range(len(val))])
+    per_run, squared = [], []
+    for r in np.unique(run_of):
+        p, y = pred[run_of == r][:, mask], measured[run_of == r][:, mask]
+        per_run.append(np.mean([np.corrcoef(p[:, v], y[:, v])[0, 1] for v in range(p.shape[1])]))
+        moved = measured[run_of == r] + stats["mean"] - measured[run_of == r].mean(0)
+        squared.append(((pred[run_of == r] - moved) / stats["scale"])[:, mask] ** 2)
+    best = result.history[result.selected_epoch - 1]
+    assert best["val_dynamics"] == pytest.approx(np.mean(per_run), abs=1e-5)
+    assert best["val_loss"] == pytest.approx(np.concatenate(squared).mean(), rel=1e-4)

@@ -162,8 +162,10 @@ def _training_options(g) -> None:
         g.add_argument(flag, type=kind, help=what + _default(_TRAINING[flag[2:].replace("-", "_")]))
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_default(_TRAINING["device"]).strip())
     g.add_argument("--select", choices=["last", "val"],
-                   help="checkpoint kept: the last epoch, or the best SSIM on one held-out "
-                        "*training* subject; never the test subject" + _default(_TRAINING["select"]))
+                   help="checkpoint kept: the last epoch, or the best epoch on one held-out "
+                        "*training* subject (its dynamics under the residual protocol, its SSIM "
+                        "under the published one); never the test subject"
+                        + _default(_TRAINING["select"]))
     g.add_argument("--protocol", choices=config.PROTOCOLS,
                    help="what the network learns: 'residual', each voxel's deviation from the "
                         "training subjects' mean volume (within their responses' leading "

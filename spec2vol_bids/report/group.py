@@ -92,30 +92,31 @@ def _metrics_section(metrics) -> str:
 
 
 def _curves_png(histories: list[Path]) -> bytes:
-    """Loss (left) and validation SSIM (right) over epochs, one colour per fold."""
+    """Loss, validation SSIM and validation dynamics over epochs, one colour per fold."""
     import pandas as pd
 
     plt = figures.pyplot()
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
     palette = "tab10" if len(histories) <= 10 else "tab20"
     colors = plt.get_cmap(palette)(np.arange(len(histories)) % 20)
     for path, color in zip(histories, colors):
         fold = path.parent.name
         hist = read_tsv(path).apply(pd.to_numeric, errors="coerce")
         x = hist["epoch"] if "epoch" in hist else np.arange(len(hist))
-        for column, style, ax, label in (("train_loss", "-", ax0, f"{fold} train"),
-                                         ("val_loss", "--", ax0, f"{fold} validation"),
-                                         ("val_ssim", "-", ax1, fold)):
+        for column, style, ax, label in (("train_loss", "-", axes[0], f"{fold} train"),
+                                         ("val_loss", "--", axes[0], f"{fold} validation"),
+                                         ("val_ssim", "-", axes[1], fold),
+                                         ("val_dynamics", "-", axes[2], fold)):
             if column in hist and hist[column].notna().any():
                 ok = hist[column].notna()
                 ax.plot(x[ok], hist[column][ok], style, color=color, lw=1.2, label=label)
-    ax0.set_xlabel("epoch")
-    ax0.set_ylabel("loss: 0.5 (1 − SSIM) + 0.5 MSE")
-    ax0.set_title("training (solid) and validation (dashed) loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("SSIM")
-    ax1.set_title("validation SSIM")
-    for ax in (ax0, ax1):
+    # the protocol's loss: 0.5 (1 − SSIM) + 0.5 MSE (published) or masked MSE in SD units (residual)
+    for ax, ylabel, title in zip(axes, ("loss (the protocol's)", "SSIM", "mean voxel-wise r"),
+                                 ("training (solid) and validation (dashed) loss",
+                                  "validation SSIM", "validation dynamics")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         if len(histories) <= 8 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, frameon=False)
