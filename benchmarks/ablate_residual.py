@@ -21,9 +21,15 @@ Usage (after ``spec2vol BIDS OUT participant``)::
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
         [--variants recipe no-readout readout-only no-projection on-ridge ridge-start] [--seeds 0 1 2]
         [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
+        [--readout-sgd 1e-2] [--select-val]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
-learning curve: ``--size full --variants recipe --curve``). Prints the CPU flags, then one
+learning curve: ``--size full --variants recipe --curve``). ``--readout-sgd LR`` trains the
+linear readout with SGD (momentum 0.9, the same weight decay and schedule) at ``LR`` instead of
+AdamW, the rest of the model keeping AdamW: gradient descent on a linear map from zero follows
+the ridge path, AdamW's per-weight step sizes do not. ``--select-val`` holds the last training
+subject of each fold out of training and keeps the epoch with its best dynamics (as the group
+level's ``--select val`` under the residual protocol). Prints the CPU flags, then one
 line per variant: dynamics and SSIM as mean ± SD over the
 held-out subjects (and seeds), and the seconds per fold.
 """
@@ -88,15 +94,67 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
     return model
 
 
-def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None):
+class Optimisers:
+    """Optimisers stepped as one, with their schedules (``--readout-sgd``)."""
+
+    def __init__(self, pairs):
+        self.optimisers = [o for o, _ in pairs]
+        self.schedules = [s for _, s in pairs]
+        self.param_groups = [g for o in self.optimisers for g in o.param_groups]
+
+    def step(self):
+        for optimiser in self.optimisers:
+            optimiser.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimiser in self.optimisers:
+            optimiser.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def last_epoch(self):
+        return self.schedules[0].last_epoch
+
+
+class Schedules:
+    def __init__(self, optimisers: Optimisers):
+        self.optimisers = optimisers
+
+    def step(self):
+        for schedule in self.optimisers.schedules:
+            schedule.step()
+
+    @property
+    def last_epoch(self):
+        return self.optimisers.last_epoch
+
+
+def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None):
+    """The group level's AdamW and schedule; with ``readout_sgd`` the readout on SGD instead."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    readout = [] if readout_sgd is None or model.readout is None else \
+        [p for p in model.readout.parameters() if p.requires_grad]
+    rest = [p for p in params if all(p is not q for q in readout)]
+    pairs = [train._optimiser(nn.ParameterList(rest), config, n_samples, 1, config.batch_size)] \
+        if rest else []
+    if readout:
+        sgd = torch.optim.SGD(readout, lr=readout_sgd, momentum=0.9,
+                              weight_decay=config.weight_decay)
+        # the same warm-up and restarts as the AdamW part
+        _, like = train._optimiser(nn.ParameterList(readout), config, n_samples, 1,
+                                   config.batch_size)
+        pairs.append((sgd, torch.optim.lr_scheduler.LambdaLR(sgd, like.lr_lambdas[0])))
+    both = Optimisers(pairs)
+    return both, Schedules(both)
+
+
+def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None,
+                  readout_sgd=None):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
     train.seed_everything(config.seed)
     model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = train._optimiser(nn.ParameterList(params), config, len(dataset), 1,
-                                            config.batch_size)
+    optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd)
     shifted = DeviationTargets(dataset, stats["shift"])
     criterion = masked_mse(model.scale, stats["mask"])
     for epoch in range(config.epochs):
@@ -119,6 +177,37 @@ def score(result, runs, channels, mean, work) -> list[tuple[float, float]]:
     return [(row["dynamics"], float(np.mean(row["ssim"]))) for row in rows]
 
 
+def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, channels, mean,
+                work, ridge) -> tuple[list, float]:
+    """Train one variant on a fold; its held-out ``(dynamics, SSIM)`` rows and its seconds
+    (with ``val_runs``: at the epoch with the best validation dynamics, else the last)."""
+    config = Training(model=args.model, size=args.size, epochs=args.epochs, batch_size=8,
+                      grad_accum=1, lr=args.lr, warmup_steps=10, weight_decay=args.weight_decay,
+                      seed=seed)
+    tic = time.perf_counter()
+    picked = {"val": -np.inf, "found": None, "epoch": 0}
+
+    def on_epoch(epoch, loss, partial):
+        found = score(partial, test_runs, channels, mean, work) if args.curve or val_runs else None
+        val = np.nan
+        if val_runs:
+            val = np.mean([d for d, _ in score(partial, val_runs, channels, mean, work)])
+            if val > picked["val"]:
+                picked.update(val=val, found=found, epoch=epoch)
+        if args.curve:
+            print(f"  fold {held} {variant} epoch {epoch}: train loss {loss:.4f}, held-out "
+                  f"dynamics {np.mean([d for d, _ in found]):.3f}, validation {val:.3f}, "
+                  f"{time.perf_counter() - tic:.0f} s", flush=True)
+    result = train_variant(variant, config, channels, train_runs, work, on_epoch=on_epoch,
+                           ridge=ridge, readout_sgd=args.readout_sgd)
+    took = time.perf_counter() - tic
+    if not val_runs:
+        return score(result, test_runs, channels, mean, work), took
+    print(f"  fold {held} {variant} seed {seed}: epoch {picked['epoch']} kept (validation "
+          f"{picked['val']:.3f})", flush=True)
+    return picked["found"], took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="a spec2vol participant-level OUTPUT_DIR")
@@ -132,6 +221,10 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--curve", action="store_true",
                         help="also score the held-out subject after every epoch (a learning curve)")
+    parser.add_argument("--readout-sgd", type=float, default=None, metavar="LR",
+                        help="train the linear readout with SGD (momentum 0.9) at LR")
+    parser.add_argument("--select-val", action="store_true",
+                        help="hold out the last training subject; keep its best-dynamics epoch")
     args = parser.parse_args()
     print(cpu_flags(), f"; torch threads {torch.get_num_threads()}")
     runs = [run for run in find_runs(args.out) if run.target is not None]
@@ -147,27 +240,21 @@ def main() -> None:
             ridge = linear.fit_ridge(train_runs, channels, work_dir=work)
             results.setdefault("ridge", []).extend(score(ridge, test_runs, channels, mean, work))
             results.setdefault("mean volume", []).extend(score(None, test_runs, channels, mean, work))
+            val_runs = []
+            if args.select_val:  # ridge and the mean volume keep every training subject
+                train_runs, val_runs = group.split_validation(train_runs, "val")
             for variant in args.variants:
                 for seed in args.seeds:
-                    config = Training(model=args.model, size=args.size, epochs=args.epochs,
-                                      batch_size=8, grad_accum=1, lr=args.lr, warmup_steps=10,
-                                      weight_decay=args.weight_decay, seed=seed)
-                    tic = time.perf_counter()
-                    def curve(epoch, loss, partial, held=held, variant=variant, tic=tic):
-                        found = score(partial, test_runs, channels, mean, work)
-                        print(f"  fold {held} {variant} epoch {epoch}: train loss {loss:.4f}, "
-                              f"held-out dynamics {np.mean([d for d, _ in found]):.3f}, "
-                              f"{time.perf_counter() - tic:.0f} s", flush=True)
-                    result = train_variant(variant, config, channels, train_runs, work,
-                                           on_epoch=curve if args.curve else None,
-                                           ridge=ridge)
-                    seconds.setdefault(variant, []).append(time.perf_counter() - tic)
-                    found = score(result, test_runs, channels, mean, work)
+                    found, took = run_variant(args, variant, seed, held, train_runs, val_runs,
+                                              test_runs, channels, mean, work, ridge)
+                    seconds.setdefault(variant, []).append(took)
                     results.setdefault(variant, []).extend(found)
                     print(f"  fold {held} {variant} seed {seed}: dynamics "
                           f"{np.mean([d for d, _ in found]):.3f}", flush=True)
     print(f"{args.model} ({args.size}), {args.epochs} epochs, lr {args.lr}, weight decay "
-          f"{args.weight_decay}, folds {' '.join(args.folds or subjects)}, seeds {args.seeds}")
+          f"{args.weight_decay}, readout {'SGD lr %g' % args.readout_sgd if args.readout_sgd else 'AdamW'}, "
+          f"{'validation-selected epoch' if args.select_val else 'last epoch'}, "
+          f"folds {' '.join(args.folds or subjects)}, seeds {args.seeds}")
     for name, rows in results.items():
         dyn, ssim = np.array(rows).T
         timing = f", {np.mean(seconds[name]):.0f} s per fold" if name in seconds else ""
