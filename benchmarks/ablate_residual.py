@@ -94,38 +94,20 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
     return model
 
 
-class Optimisers:
-    """Optimisers stepped as one, with their schedules (``--readout-sgd``)."""
+class Stepped:
+    """Optimisers (or schedules) stepped as one (``--readout-sgd``)."""
 
-    def __init__(self, pairs):
-        self.optimisers = [o for o, _ in pairs]
-        self.schedules = [s for _, s in pairs]
-        self.param_groups = [g for o in self.optimisers for g in o.param_groups]
+    def __init__(self, parts):
+        self.parts = parts
+        self.param_groups = [g for part in parts for g in getattr(part, "param_groups", [])]
 
     def step(self):
-        for optimiser in self.optimisers:
-            optimiser.step()
+        for part in self.parts:
+            part.step()
 
     def zero_grad(self, set_to_none=True):
-        for optimiser in self.optimisers:
-            optimiser.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def last_epoch(self):
-        return self.schedules[0].last_epoch
-
-
-class Schedules:
-    def __init__(self, optimisers: Optimisers):
-        self.optimisers = optimisers
-
-    def step(self):
-        for schedule in self.optimisers.schedules:
-            schedule.step()
-
-    @property
-    def last_epoch(self):
-        return self.optimisers.last_epoch
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
 
 
 def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None):
@@ -143,8 +125,7 @@ def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None
         _, like = train._optimiser(nn.ParameterList(readout), config, n_samples, 1,
                                    config.batch_size)
         pairs.append((sgd, torch.optim.lr_scheduler.LambdaLR(sgd, like.lr_lambdas[0])))
-    both = Optimisers(pairs)
-    return both, Schedules(both)
+    return Stepped([o for o, _ in pairs]), Stepped([s for _, s in pairs])
 
 
 def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None,
@@ -185,27 +166,28 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
                       grad_accum=1, lr=args.lr, warmup_steps=10, weight_decay=args.weight_decay,
                       seed=seed)
     tic = time.perf_counter()
-    picked = {"val": -np.inf, "found": None, "epoch": 0}
+    picked = {"val": -np.inf, "state": None, "epoch": 0}
 
     def on_epoch(epoch, loss, partial):
-        found = score(partial, test_runs, channels, mean, work) if args.curve or val_runs else None
         val = np.nan
         if val_runs:
             val = np.mean([d for d, _ in score(partial, val_runs, channels, mean, work)])
             if val > picked["val"]:
-                picked.update(val=val, found=found, epoch=epoch)
+                picked.update(val=val, epoch=epoch, state={
+                    k: v.detach().clone() for k, v in partial.model.state_dict().items()})
         if args.curve:
+            found = score(partial, test_runs, channels, mean, work)
             print(f"  fold {held} {variant} epoch {epoch}: train loss {loss:.4f}, held-out "
                   f"dynamics {np.mean([d for d, _ in found]):.3f}, validation {val:.3f}, "
                   f"{time.perf_counter() - tic:.0f} s", flush=True)
     result = train_variant(variant, config, channels, train_runs, work, on_epoch=on_epoch,
                            ridge=ridge, readout_sgd=args.readout_sgd)
     took = time.perf_counter() - tic
-    if not val_runs:
-        return score(result, test_runs, channels, mean, work), took
-    print(f"  fold {held} {variant} seed {seed}: epoch {picked['epoch']} kept (validation "
-          f"{picked['val']:.3f})", flush=True)
-    return picked["found"], took
+    if val_runs:
+        result.model.load_state_dict(picked["state"])
+        print(f"  fold {held} {variant} seed {seed}: epoch {picked['epoch']} kept (validation "
+              f"{picked['val']:.3f})", flush=True)
+    return score(result, test_runs, channels, mean, work), took
 
 
 def main() -> None:

@@ -32,9 +32,7 @@ def target_stats(dataset: PairedDataset, runs: Sequence[Run], components: int, *
     """
     run_means, deviations, counts = [], [], []
     for r, run in enumerate(runs):
-        volumes = np.load(dataset._targets[r], mmap_mode="r")
-        block = np.asarray(volumes[run.sample_volumes], dtype=np.float64)
-        del volumes
+        block = _sample_targets(dataset, r, run)
         run_means.append(block.mean(axis=0))
         deviations.append((block - run_means[-1]).astype(np.float32))
         counts.append(len(block))
@@ -60,11 +58,14 @@ def shifts_to(mean: np.ndarray, dataset: PairedDataset, runs: Sequence[Run]) -> 
     """``(runs, D, H, W)``: ``mean`` − each run's mean over its samples, what moves the targets of
     runs outside the statistics (the validation subject's) onto the training mean, as
     ``target_stats``' ``shift`` moves the training runs'."""
-    moved = []
-    for r, run in enumerate(runs):
-        volumes = np.load(dataset._targets[r], mmap_mode="r")
-        moved.append(mean - np.asarray(volumes[run.sample_volumes], dtype=np.float64).mean(axis=0))
+    moved = [mean - _sample_targets(dataset, r, run).mean(axis=0) for r, run in enumerate(runs)]
     return np.stack(moved).astype(np.float32)
+
+
+def _sample_targets(dataset: PairedDataset, r: int, run: Run) -> np.ndarray:
+    """Run ``r``'s target volumes at its samples, (samples, D, H, W) float64."""
+    return np.asarray(np.load(dataset._targets[r], mmap_mode="r")[run.sample_volumes],
+                      dtype=np.float64)
 
 
 class DeviationTargets(torch.utils.data.Dataset):

@@ -263,8 +263,7 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     save_checkpoint(folder / "model.pt", result.model, model_name=model_name, channels=list(channels),
                     norm_stats=result.norm, extra=meta)
     write_json(folder / "model.json", meta)
-    history = pd.DataFrame(result.history, columns=["epoch", "step", "train_loss", "val_loss",
-                                                    "val_ssim", "val_dynamics", "lr", "seconds"])
+    history = pd.DataFrame(result.history, columns=list(train.HISTORY_COLUMNS))
     write_text(folder / "history.tsv", history.to_csv(sep="\t", index=False, na_rep="n/a",
                                                       float_format="%.6g"))
     logger.info("%s: model written to %s (epoch %d selected)", label, folder / "model.pt",

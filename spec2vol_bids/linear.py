@@ -22,7 +22,7 @@ from spec2vol_bids.data import PairedDataset, Run, norm_stats
 from spec2vol_bids.deviations import target_stats
 from spec2vol_bids.errors import DataError
 from spec2vol_bids.models import build_model
-from spec2vol_bids.train import TrainResult
+from spec2vol_bids.train import HISTORY_COLUMNS, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | P
                 "(gains %.3g–%.3g), %d samples, %.1f s", description, info["penalty"],
                 ", ".join(f"{k}: {v:.3f}" for k, v in info["scores"].items()), info["components"],
                 info["gains"].min(), info["gains"].max(), len(features), seconds)
-    history = [{"epoch": 1, "step": 0, "train_loss": float("nan"), "val_loss": float("nan"),
-                "val_ssim": float("nan"), "val_dynamics": float("nan"), "lr": float("nan"),
+    history = [{**dict.fromkeys(HISTORY_COLUMNS, float("nan")), "epoch": 1, "step": 0,
                 "seconds": seconds}]
     return TrainResult(model=model.eval(), norm=norm, history=history, selected_epoch=1,
                        out_shape=dataset.target_shape())

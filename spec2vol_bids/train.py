@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 #: What of the configuration shapes a fold's training (and so whether its checkpoint resumes):
 #: not the device, the progress bars or which folds a job runs.
+#: the columns of a fold's ``history.tsv``, one row per epoch
+HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_ssim", "val_dynamics", "lr",
+                   "seconds")
+
 PROTOCOL = ("model", "protocol", "size", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
             "warmup_steps", "restart_epochs", "clip_grad", "select", "eeg_normalisation", "seed")
 
@@ -283,7 +287,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     if config.select == "val":
         if best["state"] is None:
             raise _diverged(description, config.epochs,
-                            f"no finite validation {selection_metric(config)[4:]} in any epoch",
+                            f"no finite {selection_metric(config).replace('_', ' ')} in any epoch",
                             optimizer.param_groups[0]["lr"], checkpoint)
         model.load_state_dict(best["state"])
         selected = best["epoch"]
@@ -323,8 +327,8 @@ def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Traini
         if bad:
             raise _diverged(description, epoch + 1, f"non-finite weights in {bad[0]}",
                             optimizer.param_groups[0]["lr"], checkpoint)
-        row = {"epoch": epoch + 1, "step": scheduler.last_epoch, "train_loss": train_loss,
-               "val_loss": float("nan"), "val_ssim": float("nan"), "val_dynamics": float("nan"),
+        row = {**dict.fromkeys(HISTORY_COLUMNS, float("nan")), "epoch": epoch + 1,
+               "step": scheduler.last_epoch, "train_loss": train_loss,
                "lr": optimizer.param_groups[0]["lr"]}
         if val_set is not None:
             scores = validate(model, val_set, device, local_batch, criterion, mask=val_mask)
