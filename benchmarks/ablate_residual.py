@@ -4,8 +4,8 @@ Every variant trains the tiny network of ``--model`` on the training subjects of
 the product's own pieces (EEG standardised per run, :func:`~spec2vol_bids.deviations.
 target_stats`, the masked loss, the group level's optimiser, schedule and training loop) and is
 scored on the held-out subject like the group level scores it (``dynamics``: mean voxel-wise
-correlation of synthesised and measured series inside the brain mask; SSIM), beside the ridge
-baseline and the mean volume of the same fold:
+correlation of synthesised and measured series inside the brain mask; SSIM), beside the linear
+baselines (``ridge``, ``hrf-ridge``) and the mean volume of the same fold:
 
 * ``recipe``: the residual protocol as ``--protocol residual`` trains it;
 * ``no-readout``: without the linear readout (the network alone, projected on the components);
@@ -221,6 +221,10 @@ def main() -> None:
             mean = PairedDataset(train_runs, channels, {"kind": "run"}, work).mean_target()
             ridge = linear.fit_ridge(train_runs, channels, work_dir=work)
             results.setdefault("ridge", []).extend(score(ridge, test_runs, channels, mean, work))
+            hrf_ridge = linear.fit_ridge(train_runs, channels, work_dir=work, model_name="hrf-ridge")
+            results.setdefault("hrf-ridge", []).extend(score(hrf_ridge, test_runs, channels, mean, work))
+            print(f"  fold {held}: ridge {results['ridge'][-1][0]:.3f}, hrf-ridge "
+                  f"{results['hrf-ridge'][-1][0]:.3f}", flush=True)
             results.setdefault("mean volume", []).extend(score(None, test_runs, channels, mean, work))
             val_runs = []
             if args.select_val:  # ridge and the mean volume keep every training subject

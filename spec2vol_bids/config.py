@@ -25,7 +25,7 @@ MAX_GRID = 256
 #: The networks ``--model`` can name at the group level, and the baselines ``--compare`` adds.
 MODELS = ("spec2vol", "e2fnet")
 #: What ``--compare`` trains beside ``--model`` on every fold (the mean volume always is).
-COMPARE = ("e2fnet", "spec2vol", "ridge")
+COMPARE = ("e2fnet", "spec2vol", "ridge", "hrf-ridge")
 #: ``--eeg-normalisation``: one min-max pair (published), per channel and bin from the training
 #: subjects, or every run standardised with its own statistics (spec2vol_bids.data.norm_stats).
 NORMALISATIONS = ("minmax", "standard", "run")

@@ -28,7 +28,9 @@ METRICS = ("ssim", "psnr", "ssim3d", "dynamics")
 COLUMNS = {
     "participant_id": {"Description": "The held-out participant."},
     "model": {"Description": "The model that synthesised the volumes: the trained network's "
-                             "registry name, 'ridge' for the linear baseline, 'mean' for the "
+                             "registry name, 'ridge' and 'hrf-ridge' for the linear baselines "
+                             "(lagged band amplitudes; band amplitudes convolved with the "
+                             "canonical HRF), 'mean' for the "
                              "mean-volume baseline (the training subjects' mean target volume, "
                              "predicted for every sample) or, on a dataset simulated by "
                              "spec2vol-simulate, 'oracle': the ceiling its ground truth leaves "

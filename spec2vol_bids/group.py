@@ -231,9 +231,9 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     cfg = dataclasses.replace(config, model=model_name)
     fold = extra.get("Fold")
     label = f"{'final model' if fold == 'final' else f'fold {fold}'} {model_name}"
-    if model_name == "ridge":  # closed form; its inner cross-validation needs no validation split
+    if model_name in linear.MODELS:  # closed form; its inner cross-validation needs no validation split
         result = linear.fit_ridge([*train_runs, *val_runs], channels, work_dir=work_dir,
-                                  description=label)
+                                  model_name=model_name, description=label)
     else:
         result = train.train(train_runs, channels, cfg, work_dir=work_dir,
                              checkpoint=checkpoint / "checkpoint.pt", val_runs=val_runs,

@@ -1,4 +1,5 @@
-"""The ridge baseline of a fold, fitted in closed form on the training subjects' samples.
+"""The linear baselines of a fold (``ridge``, ``hrf-ridge``), fitted in closed form on the
+training subjects' samples.
 
 The ridge model (:mod:`spec2vol_bids.models.ridge`) sees the same ``(context, C, F)`` inputs as
 the networks, each run standardised with its own EEG statistics, and predicts every voxel's
@@ -29,25 +30,32 @@ logger = logging.getLogger(__name__)
 #: contiguous blocks the inner cross-validation splits a single training run into
 BLOCKS = 4
 
+#: the registry names of the models this module fits
+MODELS = ("ridge", "hrf-ridge")
+
 
 def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | Path,
-              description: str = "ridge") -> TrainResult:
-    """Fit the ridge baseline on ``runs`` (every training subject of a fold).
+              model_name: str = "ridge", description: str | None = None) -> TrainResult:
+    """Fit the linear baseline ``model_name`` (one of :data:`MODELS`) on ``runs`` (every
+    training subject of a fold).
 
     The penalty is chosen by cross-validation over these runs' subjects (see :func:`cv_groups`).
 
     Raises
     ------
     DataError
-        No samples, or too few to cross-validate over.
+        No samples, too few to cross-validate over, or (``hrf-ridge``) runs whose repetition
+        times differ.
     """
     tic = time.perf_counter()
+    description = description or model_name
     norm = norm_stats(runs, channels, kind="run")
     dataset = PairedDataset(runs, channels, norm, work_dir)
     if len(dataset) == 0:
         raise DataError("no training samples: runs are shorter than discard + context + 1 volumes")
-    model = build_model("ridge", eeg_channels=len(channels), freq_bins=dataset.freq_bins(),
-                        out_shape=dataset.target_shape(), context=runs[0].context)
+    hrf = {"hrf_tr": repetition_time(runs)} if model_name == "hrf-ridge" else {}
+    model = build_model(model_name, eeg_channels=len(channels), freq_bins=dataset.freq_bins(),
+                        out_shape=dataset.target_shape(), context=runs[0].context, **hrf)
     stats = target_stats(dataset, runs, model.config.components, responses=True)
     with torch.no_grad():
         features = np.stack([model.net.features(dataset[i][0][None]).numpy()[0]
@@ -65,6 +73,17 @@ def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | P
                 "seconds": seconds}]
     return TrainResult(model=model.eval(), norm=norm, history=history, selected_epoch=1,
                        out_shape=dataset.target_shape())
+
+
+def repetition_time(runs: Sequence[Run]) -> float:
+    """The one repetition time of ``runs`` (their spectrograms' ``RepetitionTime``), which sets
+    the lags of ``hrf-ridge``'s HRF weights."""
+    trs = sorted({float(run.meta["RepetitionTime"]) for run in runs})
+    if len(trs) > 1:
+        raise DataError(f"hrf-ridge needs one repetition time, the training runs have "
+                        f"{', '.join(f'{tr:g} s' for tr in trs)}; run the group level on runs of "
+                        f"one TR (--participant-label) or leave hrf-ridge out of --compare")
+    return trs[0]
 
 
 def cv_groups(runs: Sequence[Run], run_of: np.ndarray) -> np.ndarray:

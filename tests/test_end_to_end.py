@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from nilearn.masking import compute_epi_mask
+from scipy import stats
 
 from spec2vol_bids.simulate import simulate_dataset
 from spec2vol_bids.synthesize import synthesize_from_checkpoint
@@ -38,7 +39,7 @@ def main_job(tmp_path_factory):
     participant = spec2vol(bids, out, "participant", *SMALL)
     assert participant.returncode == 0, participant.stderr
     group = spec2vol(bids, out, "group", "--model-config", "tiny", "--epochs", "1",
-                     "--batch-size", "4", "--compare", "e2fnet", "ridge")
+                     "--batch-size", "4", "--compare", "e2fnet", "ridge", "hrf-ridge")
     assert group.returncode == 0, group.stderr
     return bids, out, group.stderr
 
@@ -48,10 +49,10 @@ def test_group_outputs_and_log(main_job):
     table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
     # two subjects have BOLD (sub-03 is EEG-only): two folds, four models each
     assert sorted(table.participant_id.unique()) == ["sub-01", "sub-02"]
-    assert sorted(table.model.unique()) == ["e2fnet", "mean", "oracle", "ridge", "spec2vol"]
+    assert sorted(table.model.unique()) == ["e2fnet", "hrf-ridge", "mean", "oracle", "ridge", "spec2vol"]
     assert (table.loc[table.model == "mean", "dynamics"] == 0).all()
     assert (out / "models" / "fold-01" / "ridge" / "model.pt").is_file()
-    for model in ("spec2vol", "e2fnet", "ridge", "mean", "oracle"):
+    for model in ("spec2vol", "e2fnet", "ridge", "hrf-ridge", "mean", "oracle"):
         assert f"{model}:" in log  # mean ± std per model in the log
     synth = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-synth_bold.nii.gz")
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
@@ -70,11 +71,14 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert side["RepetitionTime"] == pytest.approx(2.0)
 
 
-def test_ridge_model_synthesises_an_eeg_only_run_with_its_own_statistics(main_job, tmp_path):
-    """The ridge model file applied to sub-03 (no BOLD): each window standardised with sub-03's
-    own EEG statistics, then mean + scale * (band features @ weights @ components)."""
+@pytest.mark.parametrize("name", ["ridge", "hrf-ridge"])
+def test_linear_model_synthesises_an_eeg_only_run_with_its_own_statistics(main_job, tmp_path, name):
+    """The ridge (hrf-ridge) model file applied to sub-03 (no BOLD): each window standardised
+    with sub-03's own EEG statistics, then mean + scale * (band features @ weights @ components),
+    hrf-ridge's band features first summed over the context with SPM's canonical HRF at each
+    window's lag (4, 3, 2 and 1 TRs of 2 s)."""
     _, out, _ = main_job
-    model_path = out / "models" / "fold-01" / "ridge" / "model.pt"
+    model_path = out / "models" / "fold-01" / name / "model.pt"
     spec_path = next((out / "sub-03" / "eeg").glob("*_desc-spec2vol_spectrogram.npy"))
     synth = synthesize_from_checkpoint(model_path, spec_path, tmp_path / "sub-03_desc-synth_bold.nii.gz")
     got = np.asarray(nib.load(synth).dataobj, dtype=np.float64)  # (X, Y, Z, N)
@@ -84,7 +88,12 @@ def test_ridge_model_synthesises_an_eeg_only_run_with_its_own_statistics(main_jo
     windows = spec[discard:len(spec) - 1]
     z = (spec - windows.mean(0)) / windows.std(0)
     bands = z[..., : z.shape[2] // 4 * 4].reshape(*z.shape[:2], -1, 4).mean(-1)
-    features = np.stack([bands[j - context:j].ravel() for j in range(discard + context, len(spec))])
+    lagged = np.stack([bands[j - context:j] for j in range(discard + context, len(spec))])
+    if name == "hrf-ridge":
+        lags = 2.0 * np.arange(context, 0, -1)
+        h = stats.gamma.pdf(lags, 6) - stats.gamma.pdf(lags, 16) / 6
+        lagged = np.einsum("l,nl...->n...", h / np.linalg.norm(h), lagged)
+    features = lagged.reshape(len(lagged), -1)
     deviations = features @ state["net.weights"].double().numpy() @ state["net.components"].double().numpy()
     mean, scale = state["mean"].double().numpy(), state["scale"].double().numpy()
     expected = mean + scale * deviations.reshape(len(features), *mean.shape)  # (N, D, H, W)

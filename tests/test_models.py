@@ -186,7 +186,7 @@ def test_e2fnet_outputs_are_probabilities():
 
 
 def test_registry_rejects_unknown_names_and_fields():
-    assert list_models() == ["spec2vol", "e2fnet", "mean", "ridge"]
+    assert list_models() == ["spec2vol", "e2fnet", "mean", "ridge", "hrf-ridge"]
     with pytest.raises(ValueError, match="unknown model 'unet'"):
         build_model("unet", **TINY)
     with pytest.raises(ValueError, match="no hyper-parameter"):
@@ -198,14 +198,14 @@ def test_registry_rejects_unknown_names_and_fields():
     assert json.loads(json.dumps(dataclasses.asdict(model.config)))["dims"] == [32, 64, 128, 256]
 
 
-@pytest.mark.parametrize("name", ["spec2vol", "e2fnet", "mean", "ridge"])
+@pytest.mark.parametrize("name", ["spec2vol", "e2fnet", "mean", "ridge", "hrf-ridge"])
 def test_checkpoint_round_trip(tmp_path, name):
     torch.manual_seed(5)
-    model = build_model(name, **TINY).eval()
+    model = build_model(name, **TINY, **({"hrf_tr": 1.5} if name == "hrf-ridge" else {})).eval()
     if name == "mean":
         model.fit_mean(simulated_pairs()[1])
-    if name == "ridge":  # a fitted ridge is nothing but its buffers
-        for buffer in model.buffers():
+    if name.endswith("ridge"):  # a fitted ridge is nothing but its stored buffers
+        for buffer in model.state_dict().values():
             buffer.copy_(torch.randn_like(buffer))
     channels = [f"E{i}" for i in range(16)]
     stats = {"eeg_min": 0.0, "eeg_max": 12.5, "bins": [1, 64]}

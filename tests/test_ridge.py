@@ -1,25 +1,31 @@
-"""The ridge baseline: its closed form against an independent solve, its cross-validation
+"""The linear baselines (ridge, hrf-ridge): their closed form against an independent solve,
+hrf-ridge's HRF-convolved features against an independent convolution, the cross-validation
 groups, per-run EEG standardisation, and training progress lines in batch logs."""
 
 from __future__ import annotations
 
 import logging
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from test_data import CHANNELS, write_derivatives
 
 from spec2vol_bids import data, linear, train
 from spec2vol_bids.config import Training
+from spec2vol_bids.errors import DataError
 from spec2vol_bids.models import build_model, load_checkpoint, save_checkpoint
+from spec2vol_bids.models.ridge import canonical_hrf
 
 
-def _problem(seed=0, n=60, context=2, channels=3, bins=8, shape=(2, 3, 4)):
+def _problem(seed=0, n=60, context=2, channels=3, bins=8, shape=(2, 3, 4), name="ridge", **hrf):
     """Inputs, a random linear map of their band features plus noise, and subject groups."""
     rng = np.random.default_rng(seed)
-    model = build_model("ridge", eeg_channels=channels, freq_bins=bins, out_shape=shape,
-                        context=context, band=2, components=64)
+    model = build_model(name, eeg_channels=channels, freq_bins=bins, out_shape=shape,
+                        context=context, band=2, components=64, **hrf)
     x = torch.from_numpy(rng.normal(size=(n, context, channels, bins)).astype(np.float32))
     features = model.net.features(x).numpy()
     truth = rng.normal(size=(features.shape[1], int(np.prod(shape))))
@@ -27,8 +33,9 @@ def _problem(seed=0, n=60, context=2, channels=3, bins=8, shape=(2, 3, 4)):
     return model, x, features, y, np.repeat(np.arange(3), n // 3)
 
 
-def test_ridge_equals_the_calibrated_primal_solution_at_the_chosen_penalty():
-    model, x, features, y, groups = _problem()
+@pytest.mark.parametrize("name, hrf", [("ridge", {}), ("hrf-ridge", {"hrf_tr": 2.0})])
+def test_ridge_equals_the_calibrated_primal_solution_at_the_chosen_penalty(name, hrf):
+    model, x, features, y, groups = _problem(name=name, context=6 if hrf else 2, **hrf)
     mask = np.ones(model.config.out_shape, bool)
     info = model.net.fit(features, y, groups, mask)
     # with as many components as voxels the response basis spans every response: no reduction
@@ -51,6 +58,26 @@ def test_ridge_equals_the_calibrated_primal_solution_at_the_chosen_penalty():
     expected = model.net.features(new).double().numpy() @ weights
     got = model.net(new).reshape(5, -1).double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hrf_ridge_features_are_the_band_amplitudes_convolved_with_spms_canonical_hrf():
+    """SPM's canonical HRF from scipy's gamma densities; window i of a 20-window context is
+    (20 − i) TRs before the predicted volume."""
+    context, tr = 20, 1.5
+    model = build_model("hrf-ridge", eeg_channels=3, freq_bins=8, out_shape=(2, 3, 4),
+                        context=context, band=2, hrf_tr=tr)
+    x = torch.randn(4, context, 3, 8)
+    lags = (context - np.arange(context)) * tr
+    h = stats.gamma.pdf(lags, 6) - stats.gamma.pdf(lags, 16) / 6
+    bands = x.double().numpy().reshape(4, context, 3, 4, 2).mean(-1)  # bins averaged in pairs
+    expected = np.einsum("l,nlcb->ncb", h / np.linalg.norm(h), bands).reshape(4, -1)
+    np.testing.assert_allclose(model.net.features(x).double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    fine = np.linspace(0, 32, 3201)
+    response = canonical_hrf(fine)
+    assert fine[np.argmax(response)] == pytest.approx(5.0, abs=0.2)  # the peak
+    assert response[fine == 15].item() < 0 and canonical_hrf(np.array([0.0, -2.0])).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="repetition time"):
+        build_model("hrf-ridge", eeg_channels=3, freq_bins=8, out_shape=(2, 3, 4))
 
 
 def test_penalty_is_the_best_inner_cross_validation_score():
@@ -115,6 +142,24 @@ def test_fit_ridge_saves_and_reloads(tmp_path):
     x = torch.randn(3, *zero.shape[1:])
     torch.testing.assert_close(loaded(x), result.model(x))
     assert meta["norm_stats"] == {"kind": "run"}
+
+
+def test_fit_hrf_ridge_takes_the_runs_tr_and_refuses_mixed_ones(tmp_path):
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=50)
+    runs = data.find_runs(out)
+    result = linear.fit_ridge(runs, CHANNELS, work_dir=tmp_path / "work", model_name="hrf-ridge")
+    tr = float(runs[0].meta["RepetitionTime"])
+    assert result.model.config.name == "hrf-ridge" and result.model.config.hrf_tr == tr
+    save_checkpoint(tmp_path / "hrf.pt", result.model, model_name="hrf-ridge", channels=CHANNELS,
+                    norm_stats=result.norm)
+    loaded, _ = load_checkpoint(tmp_path / "hrf.pt")
+    x = torch.randn(3, runs[0].context, len(CHANNELS), result.model.config.freq_bins)
+    torch.testing.assert_close(loaded(x), result.model(x))
+    sidecar = next((out / "sub-03" / "eeg").glob("*_spectrogram.json"))
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "RepetitionTime": 2 * tr}))
+    with pytest.raises(DataError, match=f"{tr:g} s, {2 * tr:g} s"):
+        linear.fit_ridge(data.find_runs(out), CHANNELS, work_dir=tmp_path / "work",
+                         model_name="hrf-ridge")
 
 
 def test_batch_logs_show_progress_every_few_seconds(tmp_path, caplog, monkeypatch):

@@ -186,9 +186,11 @@ def _training_options(g) -> None:
     g.add_argument("--no-final", action="store_true", default=None,
                    help="do not train the final all-subject model")
     g.add_argument("--compare", nargs="+", choices=config.COMPARE,
-                   help="also train and evaluate these on every fold: the other network, or "
+                   help="also train and evaluate these on every fold: the other network, "
                         "'ridge', a linear model fitted in closed form (penalty and component "
-                        "gains by inner cross-validation over the training subjects)")
+                        "gains by inner cross-validation over the training subjects), or "
+                        "'hrf-ridge', the same on the band amplitudes convolved with the "
+                        "canonical HRF")
     g.add_argument("--channels", nargs="+", metavar="NAME",
                    help="EEG channels to use when runs have different channel sets")
 

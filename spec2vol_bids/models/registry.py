@@ -10,7 +10,7 @@ from .baselines import MeanConfig, MeanVolume
 from .config import ModelConfig
 from .e2fnet import E2fNet, E2fNetConfig
 from .residual import ResidualOutput
-from .ridge import Ridge, RidgeConfig
+from .ridge import HrfRidgeConfig, Ridge, RidgeConfig
 from .spec2vol import Spec2Vol, Spec2VolConfig
 
 # name -> (config class, model class, {size: hyper-parameters that differ from the defaults})
@@ -29,6 +29,7 @@ _MODELS = {
     "mean": (MeanConfig, MeanVolume, {"full": {}, "tiny": {}}),
     # ridge predicts standardised deviations: it always comes wrapped in ResidualOutput
     "ridge": (RidgeConfig, lambda config: ResidualOutput(Ridge(config)), {"full": {}, "tiny": {}}),
+    "hrf-ridge": (HrfRidgeConfig, lambda config: ResidualOutput(Ridge(config)), {"full": {}, "tiny": {}}),
 }
 
 SIZES = ("full", "tiny")
@@ -46,7 +47,7 @@ def build_model(name: str, *, eeg_channels: int, freq_bins: int, out_shape, cont
     Parameters
     ----------
     name : str
-        ``"spec2vol"``, ``"e2fnet"``, ``"ridge"`` or ``"mean"`` (see :func:`list_models`).
+        ``"spec2vol"``, ``"e2fnet"``, ``"ridge"``, ``"hrf-ridge"`` or ``"mean"`` (see :func:`list_models`).
     eeg_channels, freq_bins : int
         Input channels and frequency bins per TR window.
     out_shape : tuple of int
