@@ -21,7 +21,7 @@ Usage (after ``spec2vol BIDS OUT participant``)::
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
         [--variants recipe no-readout readout-only no-projection on-ridge ridge-start] [--seeds 0 1 2]
         [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
-        [--readout-sgd 1e-2] [--select-val]
+        [--readout-sgd 1e-2] [--select-val] [--hrf]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
 learning curve: ``--size full --variants recipe --curve``). ``--readout-sgd LR`` trains the
@@ -29,7 +29,10 @@ linear readout with SGD (momentum 0.9, the same weight decay and schedule) at ``
 AdamW, the rest of the model keeping AdamW: gradient descent on a linear map from zero follows
 the ridge path, AdamW's per-weight step sizes do not. ``--select-val`` holds the last training
 subject of each fold out of training and keeps the epoch with its best dynamics (as the group
-level's ``--select val`` under the residual protocol). Prints the CPU flags, then one
+level's ``--select val`` under the residual protocol). ``--hrf`` gives the model hrf-ridge's
+prior: its network sees one window, the context summed with the canonical HRF's weights, its
+readout reads hrf-ridge's features, and ``on-ridge`` / ``ridge-start`` use the hrf-ridge map
+(``no-projection`` is not defined with it). Prints the CPU flags, then one
 line per variant: dynamics and SSIM as mean ± SD over the
 held-out subjects (and seeds), and the seconds per fold.
 """
@@ -51,7 +54,8 @@ from spec2vol_bids.config import Training
 from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.models import build_model
-from spec2vol_bids.models.residual import ResidualOutput
+from spec2vol_bids.models.residual import BAND, ResidualOutput
+from spec2vol_bids.models.ridge import hrf_lag_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ablate_learning import cpu_flags  # noqa: E402
@@ -70,12 +74,35 @@ class Silent(nn.Module):
         return x.new_zeros(len(x), *self.config.out_shape)
 
 
+class HrfInput(ResidualOutput):
+    """``--hrf``: the residual protocol's model given hrf-ridge's prior. The network sees one
+    window, the sample's context summed with the canonical HRF's weights at the runs' TR, and the
+    readout reads that window's band features (hrf-ridge's features)."""
+
+    def __init__(self, config: Training, channels: int, freq_bins: int, out_shape, context: int,
+                 tr: float):
+        net = build_model(config.model, eeg_channels=channels, freq_bins=freq_bins,
+                          out_shape=out_shape, context=1, size=config.size)
+        super().__init__(net, config.readout_components)
+        self.readout = nn.Linear(channels * (freq_bins // BAND), config.readout_components, bias=False)
+        nn.init.zeros_(self.readout.weight)
+        self.register_buffer("lags", torch.from_numpy(hrf_lag_weights(context, tr)).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.einsum("l,blcf->bcf", self.lags, x.float())[:, None]  # (batch, 1, C, F)
+        return super().forward(pooled)
+
+
 def variant_model(variant: str, config: Training, channels, train_set, stats, context: int,
-                  ridge=None):
+                  ridge=None, hrf_tr: float | None = None):
     components = 0 if variant == "no-projection" else config.readout_components
-    model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
-                        out_shape=train_set.target_shape(), context=context, size=config.size,
-                        readout_components=components)
+    if hrf_tr:
+        model = HrfInput(config, len(channels), train_set.freq_bins(), train_set.target_shape(),
+                         context, hrf_tr)
+    else:
+        model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
+                            out_shape=train_set.target_shape(), context=context, size=config.size,
+                            readout_components=components)
     if variant == "no-projection":
         model = ResidualOutput(model)
     model.set_target_stats(stats["mean"], stats["scale"], stats["basis"] if components else None)
@@ -129,12 +156,13 @@ def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None
 
 
 def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None,
-                  readout_sgd=None):
+                  readout_sgd=None, hrf=False):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
     train.seed_everything(config.seed)
-    model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge)
+    model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge,
+                          linear.repetition_time(train_runs) if hrf else None)
     optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd)
     shifted = DeviationTargets(dataset, stats["shift"])
     criterion = masked_mse(model.scale, stats["mask"])
@@ -181,7 +209,7 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
                   f"dynamics {np.mean([d for d, _ in found]):.3f}, validation {val:.3f}, "
                   f"{time.perf_counter() - tic:.0f} s", flush=True)
     result = train_variant(variant, config, channels, train_runs, work, on_epoch=on_epoch,
-                           ridge=ridge, readout_sgd=args.readout_sgd)
+                           ridge=ridge, readout_sgd=args.readout_sgd, hrf=args.hrf)
     took = time.perf_counter() - tic
     if val_runs:
         result.model.load_state_dict(picked["state"])
@@ -205,9 +233,16 @@ def main() -> None:
                         help="also score the held-out subject after every epoch (a learning curve)")
     parser.add_argument("--readout-sgd", type=float, default=None, metavar="LR",
                         help="train the linear readout with SGD (momentum 0.9) at LR")
+    parser.add_argument("--hrf", action="store_true",
+                        help="give the model hrf-ridge's prior: the network sees the context summed "
+                             "with the canonical HRF, the readout hrf-ridge's features, and on-ridge "
+                             "/ ridge-start start from the hrf-ridge map")
     parser.add_argument("--select-val", action="store_true",
                         help="hold out the last training subject; keep its best-dynamics epoch")
     args = parser.parse_args()
+    if args.hrf and "no-projection" in args.variants:
+        parser.error("--hrf: leave no-projection out of --variants (it has no readout to give "
+                     "hrf-ridge's features)")
     print(cpu_flags(), f"; torch threads {torch.get_num_threads()}")
     runs = [run for run in find_runs(args.out) if run.target is not None]
     channels = resolve_channels(runs)
@@ -232,13 +267,15 @@ def main() -> None:
             for variant in args.variants:
                 for seed in args.seeds:
                     found, took = run_variant(args, variant, seed, held, train_runs, val_runs,
-                                              test_runs, channels, mean, work, ridge)
+                                              test_runs, channels, mean, work,
+                                              hrf_ridge if args.hrf else ridge)
                     seconds.setdefault(variant, []).append(took)
                     results.setdefault(variant, []).extend(found)
                     print(f"  fold {held} {variant} seed {seed}: dynamics "
                           f"{np.mean([d for d, _ in found]):.3f}", flush=True)
     print(f"{args.model} ({args.size}), {args.epochs} epochs, lr {args.lr}, weight decay "
           f"{args.weight_decay}, readout {'SGD lr %g' % args.readout_sgd if args.readout_sgd else 'AdamW'}, "
+          f"{'HRF-convolved inputs (--hrf), ' if args.hrf else ''}"
           f"{'validation-selected epoch' if args.select_val else 'last epoch'}, "
           f"folds {' '.join(args.folds or subjects)}, seeds {args.seeds}")
     for name, rows in results.items():

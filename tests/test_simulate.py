@@ -179,6 +179,32 @@ def test_u_shaped_coupling_drives_bold_by_distance_from_the_typical_amplitude(tm
     assert "--coupling u-shaped" in (root / "README").read_text()
 
 
+def test_hrf_delay_shifts_the_bold_response_of_every_source(tmp_path):
+    """With --hrf-delay d the regressors are the amplitudes convolved with scipy's SPM HRF
+    evaluated d seconds later; the EEG side does not change."""
+    from scipy import stats
+
+    from spec2vol_bids.simulate.latent import SOURCES, latent_timecourses, volume_truth
+    times, amplitude, _ = latent_timecourses(np.random.default_rng(4), list(SOURCES[:3]), 300.0)
+    onsets = np.arange(100) * 2.0
+    means, regressors = volume_truth(times, amplitude, onsets, 2.0, hrf_delay=2.5)
+    canonical_means, canonical = volume_truth(times, amplitude, onsets, 2.0)
+    np.testing.assert_array_equal(means, canonical_means)
+    t = np.arange(0, 34.5, 0.1) - 2.5
+    hrf = np.where(t > 0, stats.gamma.pdf(t, 6) - stats.gamma.pdf(t, 16) / 6, 0)
+    for k in range(3):
+        series = np.convolve(amplitude[k], hrf / hrf.sum())[: amplitude.shape[1]]
+        expected = np.interp(onsets + 1.0, times, series)
+        expected = (expected - expected.mean()) / expected.std()
+        np.testing.assert_allclose(regressors[k], expected, atol=1e-9)
+        # 2.5 s is more than a TR: the canonical regressor is a different series
+        assert np.corrcoef(canonical[k], regressors[k])[0, 1] < 0.95
+    root = simulate_dataset(tmp_path / "bids", subjects=1, volumes=10, channels=4, grid=(12, 12, 8),
+                            hrf_delay=2.5)
+    assert "--hrf-delay 2.5" in (root / "README").read_text()
+    assert "delayed by 2.5 s" in (root / "README").read_text()
+
+
 def test_sessions_runs_and_partial_subjects(tmp_path):
     root = simulate_dataset(tmp_path / "bids", subjects=3, sessions=2, runs=2, volumes=12, channels=8,
                             grid=(12, 12, 8), eeg_only_subjects=1, bold_only_subjects=1, eeg_format="edf",
@@ -250,6 +276,8 @@ def _run_cli(*args):
         (["--subjects", "2", "--eeg-only-subjects", "2", "--bold-only-subjects", "1"], "--eeg-only-subjects"),
         (["--tr", "-1"], "--tr"),
         (["--coupling", "cubic"], "--coupling"),
+        (["--hrf-delay", "5"], "--hrf-delay"),
+        (["--hrf-delay", "nan"], "--hrf-delay"),
     ],
 )
 def test_cli_usage_errors(tmp_path, capsys, args, needle):

@@ -18,7 +18,7 @@ from spec2vol_bids.cli.parser import (ArgumentParser, nonnegative_float, nonnega
 from spec2vol_bids.errors import EX_INTERRUPTED, Spec2VolError
 from spec2vol_bids.simulate.dataset import simulate_dataset
 from spec2vol_bids.simulate.eeg_writers import EEG_DTYPES, EEG_FORMATS, GENERATOR, VOLUME_MARKERS
-from spec2vol_bids.simulate.latent import COUPLINGS, MAX_SOURCES
+from spec2vol_bids.simulate.latent import COUPLINGS, HRF_DELAYS, MAX_SOURCES
 from spec2vol_bids.simulate.options import EEG_OFFSET
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(simulate_dataset).parameters.items()
@@ -69,6 +69,8 @@ def _parser() -> ArgumentParser:
     _option(p, "--eeg-dtype", str, "BrainVision sample format; int16 stores 0.1 µV steps", choices=EEG_DTYPES)
     _option(p, "--coupling", str, "how a source's EEG amplitude drives its BOLD: linear, or u-shaped "
             "(|log amplitude - its mean|; a positive control for nonlinear models)", choices=list(COUPLINGS))
+    _option(p, "--hrf-delay", float, f"seconds the BOLD response comes after SPM's canonical HRF, "
+            f"{HRF_DELAYS[0]:g} to {HRF_DELAYS[1]:g} (its peak at 5 s + this)", metavar="SECONDS")
     p.add_argument("--seed", type=seed, default=_DEFAULTS["seed"],
                    help="random seed; the same seed gives identical files")
     p.add_argument("--overwrite", action="store_true",

@@ -38,7 +38,7 @@ def simulate_dataset(
     grid: tuple[int, int, int] = (64, 64, 32), eeg_format: str = "vhdr", volume_marker: str = "R128",
     eeg_only_subjects: int = 0, bold_only_subjects: int = 0, sources: int = 6,
     eeg_offset: float | None = None, eeg_dtype: str = "float32", seed: int = 0, coupling: str = "linear",
-    overwrite: bool = False, progress=None,
+    hrf_delay: float = 0.0, overwrite: bool = False, progress=None,
 ) -> Path:
     """Write a simultaneous EEG-fMRI BIDS dataset with a known EEG→BOLD coupling.
 
@@ -82,6 +82,9 @@ def simulate_dataset(
         How a source's EEG amplitude drives its BOLD regressor (:func:`~.latent.coupling_drive`):
         linearly, or through ``|log a_k − E log a_k|``, a positive control for models that can
         learn a nonlinear relation.
+    hrf_delay : float
+        Seconds by which the BOLD response comes later than SPM's canonical HRF (−2 to 4; its
+        peak at 5 + ``hrf_delay`` s): data whose response is not the one a model assumes.
     overwrite : bool
         Replace ``out_dir`` if it holds a dataset written by this simulator.
     progress : callable | None
@@ -98,6 +101,7 @@ def simulate_dataset(
         channels=channels, grid=grid, eeg_format=eeg_format, volume_marker=volume_marker,
         eeg_only_subjects=eeg_only_subjects, bold_only_subjects=bold_only_subjects, sources=sources,
         eeg_offset=eeg_offset, eeg_dtype=eeg_dtype, seed=seed, coupling=coupling,
+        hrf_delay=hrf_delay,
     )
     out_dir = Path(out_dir)
     _build_in_place(out_dir, _check_output(out_dir, overwrite), opts, progress or (lambda line: None))
@@ -228,7 +232,7 @@ def _write_run(plan: _Plan, entities: dict, keys: tuple[int, int, int], kind: st
     meas_date = _BASE_DATE + datetime.timedelta(days=i + 28 * j, minutes=15 * r)
     latent = latent_timecourses(_rng(opts.seed, _STREAM_LATENT, *keys), plan.sources, opts.eeg_duration)
     times, amplitude, _ = latent
-    means, regressors = volume_truth(times, amplitude, plan.onsets, opts.tr, opts.coupling)
+    means, regressors = volume_truth(times, amplitude, plan.onsets, opts.tr, opts.coupling, opts.hrf_delay)
     write_run_truth(plan.truth, entities, plan.sources, times, amplitude, plan.onsets, means, regressors, opts.tr)
     rows = []
     if "eeg" in kind:
@@ -322,7 +326,8 @@ def _readme(opts: Options) -> str:
            if opts.volume_marker == "none" else "") + ".\n\n"
         f"{opts.sources} latent sources drive both signals: each has a slowly varying amplitude that sets "
         "the power of an EEG oscillation (its own frequency band and scalp topography) and, convolved "
-        "with the canonical HRF, modulates the BOLD signal in a blob-shaped map"
+        f"with the canonical HRF{f' delayed by {opts.hrf_delay:g} s' if opts.hrf_delay else ''}, modulates "
+        "the BOLD signal in a blob-shaped map"
         + (" (here through |log amplitude − its mean|, a u-shaped coupling: a positive control for "
            "nonlinear models, not a physiological claim)" if opts.coupling == "u-shaped" else "")
         + ". The ground truth "
@@ -334,5 +339,5 @@ def _readme(opts: Options) -> str:
         f"--volume-marker '{opts.volume_marker}' --eeg-only-subjects {opts.eeg_only_subjects} "
         f"--bold-only-subjects {opts.bold_only_subjects} --sources {opts.sources} "
         f"--eeg-offset {opts.eeg_offset:g} --eeg-dtype {opts.eeg_dtype} --seed {opts.seed} "
-        f"--coupling {opts.coupling}\n"
+        f"--coupling {opts.coupling} --hrf-delay {opts.hrf_delay:g}\n"
     )

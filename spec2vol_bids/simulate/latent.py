@@ -159,14 +159,19 @@ def latent_timecourses(rng: np.random.Generator, sources: list[Source], duration
     return times, amplitude, phase
 
 
-def _hrf() -> np.ndarray:
-    """SPM's canonical double-gamma haemodynamic response at ``COARSE_RATE``, unit sum."""
-    t = np.arange(0.0, 32.0, 1 / COARSE_RATE)
+#: ``--hrf-delay``: the lowest and highest delay (s) of the BOLD response after SPM's canonical HRF
+HRF_DELAYS = (-2.0, 4.0)
+
+
+def _hrf(delay: float = 0.0) -> np.ndarray:
+    """SPM's canonical double-gamma haemodynamic response at ``COARSE_RATE``, unit sum, ``delay``
+    seconds later (peak at 5 + ``delay`` s; a negative delay starts it part-way up its rise)."""
+    t = np.arange(0.0, 32.0 + max(delay, 0.0), 1 / COARSE_RATE) - delay
 
     def gamma_pdf(shape):
         return np.exp((shape - 1) * np.log(np.maximum(t, 1e-12)) - t - special.gammaln(shape))
 
-    h = gamma_pdf(6.0) - gamma_pdf(16.0) / 6.0
+    h = np.where(t > 0, gamma_pdf(6.0) - gamma_pdf(16.0) / 6.0, 0.0)
     return h / h.sum()
 
 
@@ -178,16 +183,17 @@ def coupling_drive(amplitude: np.ndarray, coupling: str) -> np.ndarray:
     return np.abs(np.log(amplitude) + _AMPLITUDE_LOG_SD**2 / 2)
 
 
-def volume_truth(times, amplitude, onsets, tr, coupling: str = "linear"):
+def volume_truth(times, amplitude, onsets, tr, coupling: str = "linear", hrf_delay: float = 0.0):
     """Per-volume mean amplitude over each TR window and standardised HRF regressors.
 
-    The regressor of volume v is (:func:`coupling_drive` ⊛ HRF) at the middle of its acquisition.
+    The regressor of volume v is (:func:`coupling_drive` ⊛ HRF) at the middle of its acquisition,
+    the HRF ``hrf_delay`` seconds later than SPM's canonical one.
 
     Returns
     -------
     means, regressors : ndarray, shape (sources, volumes)
     """
-    convolved = np.array([np.convolve(a, _hrf())[: a.size] for a in coupling_drive(amplitude, coupling)])
+    convolved = np.array([np.convolve(a, _hrf(hrf_delay))[: a.size] for a in coupling_drive(amplitude, coupling)])
     regressors = np.array([np.interp(onsets + tr / 2, times, c) for c in convolved])
     regressors -= regressors.mean(axis=1, keepdims=True)
     regressors /= np.maximum(regressors.std(axis=1, keepdims=True), 1e-12)

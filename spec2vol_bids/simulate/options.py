@@ -12,7 +12,7 @@ import numpy as np
 
 from spec2vol_bids.errors import UsageError
 from spec2vol_bids.simulate.eeg_writers import EEG_DTYPES, EEG_FORMATS, VOLUME_MARKERS
-from spec2vol_bids.simulate.latent import COUPLINGS, MAX_SOURCES, SOURCES, channel_names
+from spec2vol_bids.simulate.latent import COUPLINGS, HRF_DELAYS, MAX_SOURCES, SOURCES, channel_names
 
 #: Seconds of EEG before the first volume when the EEG has volume markers; without markers the
 #: EEG can only be aligned by starting it with the first volume, so the offset is then 0.
@@ -45,6 +45,7 @@ class Options:
     eeg_dtype: str
     seed: int
     coupling: str
+    hrf_delay: float
 
     @property
     def eeg_duration(self) -> int:
@@ -91,9 +92,13 @@ def check_options(**opts) -> Options:
     channel_names(counts["channels"])
     if opts["coupling"] not in COUPLINGS:
         raise UsageError(f"--coupling must be {' or '.join(COUPLINGS)} (got {opts['coupling']!r})")
+    delay = opts["hrf_delay"]
+    if isinstance(delay, bool) or not (isinstance(delay, (int, float)) and HRF_DELAYS[0] <= delay <= HRF_DELAYS[1]):
+        raise UsageError(f"--hrf-delay must be a number of seconds from {HRF_DELAYS[0]:g} to "
+                         f"{HRF_DELAYS[1]:g} (got {delay!r})")
     return Options(**counts, task=task, tr=tr, sfreq=sfreq, grid=grid, eeg_format=opts["eeg_format"],
                    volume_marker=opts["volume_marker"], eeg_offset=offset, eeg_dtype=opts["eeg_dtype"],
-                   coupling=opts["coupling"])
+                   coupling=opts["coupling"], hrf_delay=float(delay))
 
 
 def _option(name: str) -> str:
