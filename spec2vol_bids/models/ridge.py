@@ -33,9 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-
 from scipy import special
+from torch import nn
 
 from .config import ModelConfig
 from .residual import BAND, band_features, leading_components
@@ -47,7 +46,8 @@ PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 def canonical_hrf(seconds: np.ndarray) -> np.ndarray:
     """SPM's canonical haemodynamic response at ``seconds`` after a neural event: a gamma density
     of shape 6 (peak at 5 s) minus one sixth of a gamma density of shape 16 (the undershoot), both
-    of unit scale; 0 at and before the event."""
+    of unit scale; 0 at and before the event. The simulator computes its own
+    (:mod:`spec2vol_bids.simulate.latent`), so that its ground truth does not rest on this code."""
     t = np.asarray(seconds, dtype=np.float64)
     positive = np.maximum(t, 1e-12)
 

@@ -19,8 +19,9 @@ from spec2vol_bids.simulate.latent import COARSE_RATE, MAP_WIDTH
 _MODEL = {
     "Amplitude": "a_k = exp(0.5 z - 0.125), z standardised Gaussian noise low-passed at 0.08 Hz "
                  "(mean 1); subject- and run-specific",
-    "HRF": "SPM canonical double gamma (peaks at 6 s and 16 s, ratio 1/6); the regressor of a "
-           "volume is (a_k * HRF) at the middle of its acquisition, standardised per run",
+    "HRF": "SPM canonical double gamma (peaks at 6 s and 16 s, ratio 1/6), later by "
+           "Parameters.hrf_delay seconds; the regressor of a volume is (a_k * HRF) at the middle "
+           "of its acquisition, standardised per run",
     "BOLD": "anatomy * (1 + sum_k map_k * regressor_k + global + drift) + thermal noise (magnitude)",
     "EEG": "sum_k topography_k * EEGAmplitude_k * a_k(t) * cos(phase_k(t)) + 1/f background "
            "+ white amplifier noise + 50 Hz line noise; ECG channel separate",
