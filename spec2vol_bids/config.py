@@ -22,10 +22,11 @@ from spec2vol_bids.naming import clean_labels
 FREQ_BINS = 249
 #: The largest target grid axis: a volume of an fMRI run, not an image to upsample.
 MAX_GRID = 256
-#: The networks ``--model`` can name at the group level, and the baselines ``--compare`` adds.
-MODELS = ("spec2vol", "e2fnet")
-#: What ``--compare`` trains beside ``--model`` on every fold (the mean volume always is).
-COMPARE = ("e2fnet", "spec2vol", "ridge", "hrf-ridge")
+#: The linear baselines, fitted in closed form (spec2vol_bids.linear).
+LINEAR_MODELS = ("ridge", "hrf-ridge")
+#: What ``--model`` can name at the group level (its final model is what ``participant --model``
+#: applies), and what ``--compare`` trains beside it on every fold (the mean volume always is).
+MODELS = COMPARE = ("spec2vol", "e2fnet", *LINEAR_MODELS)
 #: ``--eeg-normalisation``: one min-max pair (published), per channel and bin from the training
 #: subjects, or every run standardised with its own statistics (spec2vol_bids.data.norm_stats).
 NORMALISATIONS = ("minmax", "standard", "run")
@@ -194,9 +195,6 @@ def build(values: dict) -> Config:
     model = values.pop("model", None)
     if level == "group":
         values["model"] = model or Training.model
-        if values["model"] not in MODELS:
-            raise UsageError(f"--model {values['model']!r}: the group level trains one of "
-                             f"{', '.join(MODELS)}")
     elif model is not None:
         values["model_path"] = Path(model).expanduser().absolute()
     if "model_config" in values:
@@ -246,6 +244,13 @@ def check_training(training: Training) -> None:
     choices = {"select": ("last", "val"), "split": ("loso", "fixed"), "size": SIZES,
                "device": ("auto", "cpu", "cuda"), "eeg_normalisation": NORMALISATIONS,
                "protocol": PROTOCOLS}
+    if training.model not in MODELS:
+        raise UsageError(f"--model {training.model!r}: the group level trains one of "
+                         f"{', '.join(MODELS)}")
+    if training.model in LINEAR_MODELS and training.protocol == "published":
+        raise UsageError(f"--model {training.model} with --protocol published: the linear models "
+                         f"always predict deviations from the mean volume; leave out --protocol, "
+                         f"or train a network")
     unknown = [name for name in training.compare if name not in COMPARE]
     if unknown:
         raise UsageError(f"--compare {' '.join(unknown)}: choose from {', '.join(COMPARE)}")

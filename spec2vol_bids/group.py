@@ -25,7 +25,7 @@ import torch.distributed as dist
 from filelock import FileLock
 
 from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
-from spec2vol_bids.config import Config, Training, check_training
+from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
@@ -231,7 +231,7 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     cfg = dataclasses.replace(config, model=model_name)
     fold = extra.get("Fold")
     label = f"{'final model' if fold == 'final' else f'fold {fold}'} {model_name}"
-    if model_name in linear.MODELS:  # closed form; its inner cross-validation needs no validation split
+    if model_name in LINEAR_MODELS:  # closed form; its inner cross-validation needs no validation split
         result = linear.fit_ridge([*train_runs, *val_runs], channels, work_dir=work_dir,
                                   model_name=model_name, description=label)
     else:

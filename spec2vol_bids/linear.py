@@ -30,13 +30,9 @@ logger = logging.getLogger(__name__)
 #: contiguous blocks the inner cross-validation splits a single training run into
 BLOCKS = 4
 
-#: the registry names of the models this module fits
-MODELS = ("ridge", "hrf-ridge")
-
-
 def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | Path,
               model_name: str = "ridge", description: str | None = None) -> TrainResult:
-    """Fit the linear baseline ``model_name`` (one of :data:`MODELS`) on ``runs`` (every
+    """Fit the linear baseline ``model_name`` (one of ``config.LINEAR_MODELS``) on ``runs`` (every
     training subject of a fold).
 
     The penalty is chosen by cross-validation over these runs' subjects (see :func:`cv_groups`).

@@ -36,6 +36,7 @@ def test_version_through_module_and_console_script():
     (["participant", "--bogus"], "--bogus"),
     (["everything"], "analysis_level"),
     (["group", "--model", "resnet"], "--model"),
+    (["group", "--model", "ridge", "--protocol", "published"], "--protocol published"),
     (["participant", "--participant-label", "../01"], "--participant-label"),
     (["participant", "--participant-label", "sub-01/x"], "--participant-label"),
     (["group", "--epochs", "0"], "--epochs"),

@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_data import CONTEXT, DISCARD, GRID, TR, write_derivatives
 
-from spec2vol_bids import data, group
+from spec2vol_bids import data, group, linear
 from spec2vol_bids.config import Config, build
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.models import load_checkpoint
@@ -237,3 +237,25 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     resume = torch.load(ddp.parent / "work" / "checkpoints" / "fold-01" / "spec2vol" / "checkpoint.pt",
                         weights_only=True)
     assert json.loads(resume["fingerprint"])["world"] == 2  # two ranks really shared the fold
+
+
+def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
+    """``--model hrf-ridge``: the folds' models and the final all-subject model (what
+    ``participant --model`` applies) are hrf-ridge fits at the runs' TR; the final one equals a
+    closed-form refit on every subject."""
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=60)
+    assert group.run_group(configured(out, model="hrf-ridge", compare=["ridge"], no_final=False)) == 0
+    table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
+    assert sorted(table.model.unique()) == ["hrf-ridge", "mean", "ridge"]
+    assert np.isfinite(table.dynamics).all()
+    fold = json.loads((out / "models" / "fold-01" / "model.json").read_text())
+    assert fold["Model"] == "hrf-ridge" and fold["TrainSubjects"] == ["02", "03"]
+    final, meta = load_checkpoint(out / "models" / "final" / "model.pt")
+    runs = data.find_runs(out)
+    assert meta["model_name"] == "hrf-ridge"
+    assert final.config.hrf_tr == float(runs[0].meta["RepetitionTime"])
+    assert meta["extra"]["TrainSubjects"] == ["01", "02", "03"]
+    # the final model is the closed-form fit on every subject, refitted here
+    refit = linear.fit_ridge(runs, meta["channels"], work_dir=tmp_path / "w", model_name="hrf-ridge")
+    x = torch.randn(2, runs[0].context, len(meta["channels"]), final.config.freq_bins)
+    torch.testing.assert_close(final(x), refit.model(x), rtol=1e-4, atol=1e-4)

@@ -144,7 +144,8 @@ def _participant_options(g) -> None:
 
 def _training_options(g) -> None:
     g.add_argument("--model", metavar="NAME|MODEL_PT",
-                   help=f"group level: the network to train, {' or '.join(config.MODELS)}"
+                   help=f"group level: the model to train, {', '.join(config.MODELS)} (a network, "
+                        "or a linear baseline fitted in closed form)"
                         f"{_default(_TRAINING['model'])}; participant level: a trained model file "
                         "(e.g. OUTPUT_DIR/models/final/model.pt) to synthesise BOLD for every run "
                         "with EEG, EEG-only participants included")
