@@ -101,7 +101,7 @@ def run_group(config: Config) -> int:
     channels = resolve_channels(paired, training.channels)
     folds = plan_folds(subjects, training.split, training.test_subjects)
     chosen = _chosen_folds(folds, training.folds)
-    models = [training.model] + [m for m in training.compare if m != training.model]
+    models = list(dict.fromkeys([training.model, *training.compare]))
     started = datetime.now(timezone.utc)
     if train.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)

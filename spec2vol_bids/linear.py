@@ -61,8 +61,9 @@ def fit_ridge(runs: Sequence[Run], channels: Sequence[str], *, work_dir: str | P
                          basis=stats["basis"][:, stats["mask"].ravel()])
     model.set_target_stats(stats["mean"], stats["scale"])
     seconds = time.perf_counter() - tic
-    logger.info("%s: penalty %.3g chosen by inner cross-validation (scores %s), %d components "
-                "(gains %.3g–%.3g), %d samples, %.1f s", description, info["penalty"],
+    logger.info("%s: penalty %.3g chosen by inner cross-validation (scores by penalty relative to "
+                "the mean diagonal of X·Xᵀ: %s), %d components (gains %.3g–%.3g), %d samples, %.1f s",
+                description, info["penalty"],
                 ", ".join(f"{k}: {v:.3f}" for k, v in info["scores"].items()), info["components"],
                 info["gains"].min(), info["gains"].max(), len(features), seconds)
     history = [{**dict.fromkeys(HISTORY_COLUMNS, float("nan")), "epoch": 1, "step": 0,

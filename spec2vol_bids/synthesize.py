@@ -187,6 +187,8 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     -----
     Channels are matched by name to the model's list; missing ones are interpolated (with a
     warning naming them) and more than 20 % missing is refused (see :func:`match_channels`).
+    A run whose TR differs from the model's training runs' is refused: its bins and context
+    windows would be other frequencies and another span of time.
     """
     spectrogram = Path(spectrogram)
     if not Path(model_path).is_file():
@@ -199,6 +201,13 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
         raise DataError(f"the model was trained on {config['freq_bins']} frequency bins but "
                         f"{spectrogram.name} has {spec.shape[2]}; rerun the participant level with "
                         f"--freq-bins {config['freq_bins']}", path=model_path)
+    model_tr, run_tr = extra.get("RepetitionTime"), float(side["RepetitionTime"])
+    if model_tr is not None and not np.isclose(float(model_tr), run_tr, rtol=1e-3):
+        # bin k is k / TR Hz and the context spans context · TR s: another TR means other inputs
+        raise DataError(f"the model was trained on runs of TR {float(model_tr):g} s but "
+                        f"{spectrogram.name} has {run_tr:g} s windows: its frequency bins and "
+                        f"context would mean other frequencies and another span of time; apply a "
+                        f"model trained on runs of TR {run_tr:g} s", path=model_path)
     spec = match_channels(spec, side["Channels"], meta["channels"], path=spectrogram)
     # The windows do not depend on the context length: the model's own context is what it needs.
     context = int(config["context"])

@@ -242,11 +242,14 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
 def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     """``--model hrf-ridge``: the folds' models and the final all-subject model (what
     ``participant --model`` applies) are hrf-ridge fits at the runs' TR; the final one equals a
-    closed-form refit on every subject."""
+    closed-form refit on every subject. A model named twice (``--compare``) is trained once."""
     out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=60)
-    assert group.run_group(configured(out, model="hrf-ridge", compare=["ridge"], no_final=False)) == 0
+    # a model named twice is trained once
+    assert group.run_group(configured(out, model="hrf-ridge", compare=["ridge", "hrf-ridge", "ridge"],
+                                      no_final=False)) == 0
     table = pd.read_csv(out / "group_metrics.tsv", sep="\t", dtype={"participant_id": str})
     assert sorted(table.model.unique()) == ["hrf-ridge", "mean", "ridge"]
+    assert not table.duplicated(["participant_id", "model"]).any()
     assert np.isfinite(table.dynamics).all()
     fold = json.loads((out / "models" / "fold-01" / "model.json").read_text())
     assert fold["Model"] == "hrf-ridge" and fold["TrainSubjects"] == ["02", "03"]

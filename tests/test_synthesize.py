@@ -95,6 +95,17 @@ def test_more_than_a_fifth_missing_is_refused(tmp_path, model_path):
     assert not (tmp_path / "x_bold.nii.gz").exists()
 
 
+def test_a_run_of_another_tr_is_refused(tmp_path, model_path):
+    """Same bin count, but bin k is k / TR Hz and the context spans context · TR s."""
+    out = write_derivatives(tmp_path / "out", subjects=("04",), n_volumes=40, bold=False)
+    sidecar = _spec(out, "04").with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "RepetitionTime": 1.5 * TR}))
+    with pytest.raises(DataError, match=f"TR {TR:g} s but .* has {1.5 * TR:g} s windows") as err:
+        synthesize.synthesize_from_checkpoint(model_path, _spec(out, "04"), tmp_path / "x_bold.nii.gz")
+    assert err.value.code == 65
+    assert not (tmp_path / "x_bold.nii.gz").exists()
+
+
 def test_interpolation_recovers_a_smooth_scalp_field():
     rng = np.random.default_rng(0)
     montage = standard_montage()

@@ -19,7 +19,8 @@ from spec2vol_bids.simulate.latent import COARSE_RATE, MAP_WIDTH
 _MODEL = {
     "Amplitude": "a_k = exp(0.5 z - 0.125), z standardised Gaussian noise low-passed at 0.08 Hz "
                  "(mean 1); subject- and run-specific",
-    "HRF": "SPM canonical double gamma (peaks at 6 s and 16 s, ratio 1/6), later by "
+    "HRF": "SPM canonical double gamma (gamma densities of shapes 6 and 16, unit scale, ratio "
+           "1/6: peak at 5 s, undershoot around 15 s), later by "
            "Parameters.hrf_delay seconds; the regressor of a volume is (a_k * HRF) at the middle "
            "of its acquisition, standardised per run",
     "BOLD": "anatomy * (1 + sum_k map_k * regressor_k + global + drift) + thermal noise (magnitude)",
