@@ -50,11 +50,11 @@ import torch
 from torch import nn
 
 from spec2vol_bids import group, linear, train
-from spec2vol_bids.config import Training
+from spec2vol_bids.config import LINEAR_MODELS, Training
 from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.models import build_model
-from spec2vol_bids.models.residual import BAND, ResidualOutput
+from spec2vol_bids.models.residual import ResidualOutput
 from spec2vol_bids.models.ridge import hrf_lag_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,15 +77,14 @@ class Silent(nn.Module):
 class HrfInput(ResidualOutput):
     """``--hrf``: the residual protocol's model given hrf-ridge's prior. The network sees one
     window, the sample's context summed with the canonical HRF's weights at the runs' TR, and the
-    readout reads that window's band features (hrf-ridge's features)."""
+    readout reads that window's band features (hrf-ridge's features: the network's context is
+    one window, so the wrapper's readout has their size)."""
 
     def __init__(self, config: Training, channels: int, freq_bins: int, out_shape, context: int,
                  tr: float):
         net = build_model(config.model, eeg_channels=channels, freq_bins=freq_bins,
                           out_shape=out_shape, context=1, size=config.size)
         super().__init__(net, config.readout_components)
-        self.readout = nn.Linear(channels * (freq_bins // BAND), config.readout_components, bias=False)
-        nn.init.zeros_(self.readout.weight)
         self.register_buffer("lags", torch.from_numpy(hrf_lag_weights(context, tr)).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,12 +253,12 @@ def main() -> None:
             train_runs = [r for r in runs if r.subject != held]
             test_runs = [r for r in runs if r.subject == held]
             mean = PairedDataset(train_runs, channels, {"kind": "run"}, work).mean_target()
-            ridge = linear.fit_ridge(train_runs, channels, work_dir=work)
-            results.setdefault("ridge", []).extend(score(ridge, test_runs, channels, mean, work))
-            hrf_ridge = linear.fit_ridge(train_runs, channels, work_dir=work, model_name="hrf-ridge")
-            results.setdefault("hrf-ridge", []).extend(score(hrf_ridge, test_runs, channels, mean, work))
-            print(f"  fold {held}: ridge {results['ridge'][-1][0]:.3f}, hrf-ridge "
-                  f"{results['hrf-ridge'][-1][0]:.3f}", flush=True)
+            fitted = {name: linear.fit_ridge(train_runs, channels, work_dir=work, model_name=name)
+                      for name in LINEAR_MODELS}
+            for name, result in fitted.items():
+                results.setdefault(name, []).extend(score(result, test_runs, channels, mean, work))
+            print(f"  fold {held}: " + ", ".join(f"{name} {results[name][-1][0]:.3f}"
+                                                 for name in fitted), flush=True)
             results.setdefault("mean volume", []).extend(score(None, test_runs, channels, mean, work))
             val_runs = []
             if args.select_val:  # ridge and the mean volume keep every training subject
@@ -268,7 +267,7 @@ def main() -> None:
                 for seed in args.seeds:
                     found, took = run_variant(args, variant, seed, held, train_runs, val_runs,
                                               test_runs, channels, mean, work,
-                                              hrf_ridge if args.hrf else ridge)
+                                              fitted["hrf-ridge" if args.hrf else "ridge"])
                     seconds.setdefault(variant, []).append(took)
                     results.setdefault(variant, []).extend(found)
                     print(f"  fold {held} {variant} seed {seed}: dynamics "

@@ -47,12 +47,12 @@ logger = logging.getLogger(__name__)
 
 #: What of the configuration shapes a fold's training (and so whether its checkpoint resumes):
 #: not the device, the progress bars or which folds a job runs.
-#: the columns of a fold's ``history.tsv``, one row per epoch
-HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_ssim", "val_dynamics", "lr",
-                   "seconds")
-
 PROTOCOL = ("model", "protocol", "size", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
             "warmup_steps", "restart_epochs", "clip_grad", "select", "eeg_normalisation", "seed")
+
+#: The columns of a fold's ``history.tsv``, one row per epoch.
+HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_ssim", "val_dynamics", "lr",
+                   "seconds")
 
 
 #: Seconds between progress lines in the log when stderr is not a terminal (batch jobs,
