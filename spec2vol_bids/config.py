@@ -20,6 +20,8 @@ from spec2vol_bids.naming import clean_labels
 
 #: Frequency bins kept per TR window when nothing else decides: the authors' 249.
 FREQ_BINS = 249
+#: TR windows of EEG before each volume when no ``--model`` decides: the authors' 20.
+CONTEXT = 20
 #: The largest target grid axis: a volume of an fMRI run, not an image to upsample.
 MAX_GRID = 256
 #: The linear baselines, fitted in closed form (spec2vol_bids.linear).
@@ -71,7 +73,8 @@ class Participant:
     fmax: float | None = None
     target_grid: tuple[int, int, int] | None = None
     discard_volumes: int = 6
-    context: int = 20
+    #: None only at the participant level with ``--model`` and no ``--context``: the model's
+    context: int | None = None
     model_path: Path | None = None
 
     @property
@@ -197,6 +200,8 @@ def build(values: dict) -> Config:
         values["model"] = model or Training.model
     elif model is not None:
         values["model_path"] = Path(model).expanduser().absolute()
+    if "model_path" not in values:
+        values.setdefault("context", CONTEXT)
     if "model_config" in values:
         values["size"] = values.pop("model_config")
     for name, prefix in (("participant_label", "sub"), ("test_subjects", "sub"), ("folds", "sub"),

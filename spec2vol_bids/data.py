@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from spec2vol_bids.config import NORMALISATIONS, Participant
+from spec2vol_bids.config import CONTEXT, NORMALISATIONS, Participant
 from spec2vol_bids.derivatives import atomic_path, read_spectrogram
 from spec2vol_bids.errors import DataError, NothingSelectedError
 from spec2vol_bids.naming import RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key
@@ -60,7 +60,7 @@ class Run:
 
     @property
     def context(self) -> int:
-        return int(self.meta.get("Context", Participant.context))
+        return int(self.meta.get("Context", CONTEXT))
 
     @property
     def first_sample(self) -> int:

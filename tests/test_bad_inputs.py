@@ -423,6 +423,29 @@ def test_model_decides_the_frequency_bins(simulated_bids, model_channels, tmp_pa
     assert nib.load(synth(out)).ndim == 4
 
 
+def test_model_decides_the_context(simulated_bids, model_channels, tmp_path):
+    """Without --context the model's own is used, and recorded: 6 windows here, not 4."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels, context=6)
+    out = tmp_path / "out"
+    at = PARTICIPANT_OPTIONS.index("--context")
+    options = PARTICIPANT_OPTIONS[:at] + PARTICIPANT_OPTIONS[at + 2:]
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
+                        "--model", model)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(spectrogram(out).with_suffix(".json").read_text())["Context"] == 6
+    assert nib.load(synth(out)).shape[3] == 20 - 2 - 6
+    side = json.loads(synth(out).with_suffix("").with_suffix(".json").read_text())
+    assert side["SourceVolumes"][0] == 2 + 6
+
+
+def test_another_context_than_the_models_is_refused(simulated_bids, model_channels, tmp_path):
+    model = save_tiny_model(tmp_path / "model.pt", model_channels, context=6)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out, "--model", model)  # with --context 4
+    assert_clean_failure(proc, 65, "--context 4", "reads 6 TR windows", out_dir=out)
+    assert not out.exists() or not list(out.glob("sub-*"))
+
+
 class _Payload:
     """Unpickling this object runs ``open(marker, "w")``, creating the marker file."""
 

@@ -139,7 +139,7 @@ def _participant_options(g) -> None:
                    help="initial volumes dropped before pairing" + _default(_PARTICIPANT["discard_volumes"]))
     g.add_argument("--context", type=positive_int, metavar="N",
                    help="TR windows of EEG before each volume fed to the model"
-                        + _default(_PARTICIPANT["context"]))
+                        + _default(f"{config.CONTEXT}, or --model's own"))
 
 
 def _training_options(g) -> None:

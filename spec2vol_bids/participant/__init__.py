@@ -42,7 +42,8 @@ def run_participant(config) -> int:
         session_labels=inputs.session_label, task=inputs.task, bids_filters=bids_filters,
         eeg_derivatives=inputs.eeg_derivatives, bold_derivatives=inputs.bold_derivatives,
         bold_space=inputs.bold_space)
-    model_tr, model_bins = _read_model(config.participant.model_path)
+    model_tr, model_bins, model_context = _read_model(config.participant.model_path)
+    config = _at_model_context(config, model_context)
     check_spectrogram_inputs(pairs, config, model_bins)
     config = _at_model_bins(config, model_bins)
     fetch_templates(pairs)
@@ -74,17 +75,32 @@ def run_participant(config) -> int:
     return 0
 
 
-def _read_model(path: Path | None) -> tuple[float | None, int | None]:
-    """``--model``, read once before any output is written: its TR and frequency bin count."""
+def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None]:
+    """``--model``, read once before any output is written: its TR, frequency bin count and
+    context."""
     if path is None:
-        return None, None
+        return None, None, None
     from spec2vol_bids.models import load_checkpoint  # torch: only a run with --model needs it
 
     if not path.is_file():
         raise MissingInputError("model file not found; give the model.pt written by the group "
                                 "level (OUTPUT_DIR/models/final/model.pt)", path=path)
     _, meta = load_checkpoint(path)
-    return (meta.get("extra") or {}).get("RepetitionTime"), int(meta["config"]["freq_bins"])
+    return ((meta.get("extra") or {}).get("RepetitionTime"), int(meta["config"]["freq_bins"]),
+            int(meta["config"]["context"]))
+
+
+def _at_model_context(config, context: int | None):
+    """The model's context unless ``--context`` says otherwise; another ``--context`` is refused:
+    the model reads exactly its own number of TR windows."""
+    settings = config.participant
+    if context is None:
+        return config
+    if settings.context is not None and settings.context != context:
+        raise DataError(f"the model reads {context} TR windows of EEG before each volume but "
+                         f"--context {settings.context} was given; leave --context out to use "
+                         "the model's", path=settings.model_path)
+    return dataclasses.replace(config, participant=dataclasses.replace(settings, context=context))
 
 
 def _at_model_bins(config, bins: int | None):
