@@ -206,14 +206,23 @@ def _check_same_protocol(folder: Path, training: Training) -> None:
         stored = json.loads((folder / "model.json").read_text())["Config"]
     except (OSError, ValueError, KeyError, TypeError):
         stored = {}
-    asked = {name: getattr(training, name) for name in train.PROTOCOL}
-    differ = [name for name in train.PROTOCOL if stored.get(name) != asked[name]]
+    asked = _protocol(training, training.model)
+    differ = [name for name in asked if stored.get(name) != asked[name]]
     if differ:
         shown = ", ".join(f"{name} {stored.get(name, 'unrecorded')!r} there, {asked[name]!r} now"
                           for name in differ)
         raise UsageError(f"{folder} was trained with other options ({shown}); delete that folder "
                          "to retrain it, use another OUTPUT_DIR, or give the options it was "
                          "trained with")
+
+
+def _protocol(config: Training, model_name: str) -> dict:
+    """What shaped ``model_name``'s fit: the network's training settings, or for a linear model
+    (closed form, run-standardised EEG) nothing but its name."""
+    if model_name in LINEAR_MODELS:
+        return {"model": model_name, "eeg_normalisation": "run"}
+    return {name: getattr(dataclasses.replace(config, model=model_name), name)
+            for name in train.PROTOCOL}
 
 
 def _broadcast(value):
@@ -228,16 +237,20 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
                    config: Training, model_name: str, folder: Path, *, work_dir: Path,
                    checkpoint: Path, extra: dict) -> train.TrainResult:
     """Train one model and store it as ``folder/model.pt`` + ``model.json`` + ``history.tsv``."""
-    cfg = dataclasses.replace(config, model=model_name)
     fold = extra.get("Fold")
     label = f"{'final model' if fold == 'final' else f'fold {fold}'} {model_name}"
-    if model_name in LINEAR_MODELS:  # closed form; its inner cross-validation needs no validation split
+    linear_model = model_name in LINEAR_MODELS
+    if linear_model:  # closed form; its inner cross-validation needs no validation split
         result = linear.fit_ridge([*train_runs, *val_runs], channels, work_dir=work_dir,
                                   model_name=model_name, description=label)
+        fitting = {"TrainSubjects": subjects_of([*train_runs, *val_runs]), "ValSubjects": []}
     else:
-        result = train.train(train_runs, channels, cfg, work_dir=work_dir,
-                             checkpoint=checkpoint / "checkpoint.pt", val_runs=val_runs,
-                             description=label)
+        result = train.train(train_runs, channels, dataclasses.replace(config, model=model_name),
+                             work_dir=work_dir, checkpoint=checkpoint / "checkpoint.pt",
+                             val_runs=val_runs, description=label)
+        fitting = {"TrainSubjects": subjects_of(train_runs), "ValSubjects": subjects_of(val_runs),
+                   "Epochs": config.epochs, "Selection": config.select,
+                   "SelectedEpoch": result.selected_epoch}
     if not train.is_main():
         return result
     ref = train_runs[0]
@@ -245,14 +258,10 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     meta = {
         **extra,
         "Model": model_name,
-        "Config": {name: getattr(cfg, name) for name in train.PROTOCOL},
+        "Config": _protocol(config, model_name),
         "Channels": list(channels),
         "NormStats": result.norm,
-        "TrainSubjects": subjects_of(train_runs),
-        "ValSubjects": subjects_of(val_runs),
-        "Epochs": cfg.epochs,
-        "Selection": cfg.select,
-        "SelectedEpoch": result.selected_epoch,
+        **fitting,
         "RepetitionTime": float(ref.meta["RepetitionTime"]),
         "Context": ref.context,
         "DiscardVolumes": ref.discard,
@@ -266,8 +275,8 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     history = pd.DataFrame(result.history, columns=list(train.HISTORY_COLUMNS))
     write_text(folder / "history.tsv", history.to_csv(sep="\t", index=False, na_rep="n/a",
                                                       float_format="%.6g"))
-    logger.info("%s: model written to %s (epoch %d selected)", label, folder / "model.pt",
-                result.selected_epoch)
+    logger.info("%s: model written to %s%s", label, folder / "model.pt",
+                "" if linear_model else f" (epoch {result.selected_epoch} selected)")
     return result
 
 

@@ -253,6 +253,12 @@ def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     assert np.isfinite(table.dynamics).all()
     fold = json.loads((out / "models" / "fold-01" / "model.json").read_text())
     assert fold["Model"] == "hrf-ridge" and fold["TrainSubjects"] == ["02", "03"]
+    # a closed-form fit records no network settings, so other ones do not make it stale
+    assert fold["Config"] == {"model": "hrf-ridge", "eeg_normalisation": "run"}
+    assert not {"Epochs", "Selection", "SelectedEpoch"} & fold.keys()
+    done = (out / "models" / "fold-01" / "done.json").stat().st_mtime_ns
+    assert group.run_group(configured(out, model="hrf-ridge", epochs=7, lr=5e-4, no_final=False)) == 0
+    assert (out / "models" / "fold-01" / "done.json").stat().st_mtime_ns == done
     final, meta = load_checkpoint(out / "models" / "final" / "model.pt")
     runs = data.find_runs(out)
     assert meta["model_name"] == "hrf-ridge"
