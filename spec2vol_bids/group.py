@@ -152,10 +152,12 @@ def _finish_reports(config: Config, subjects: Sequence[str], started: datetime) 
     out_dir = config.inputs.output_dir
     for subject in subjects:
         report.write_participant_report(out_dir, subject.removeprefix("sub-"))
-    logger.info("report: %s", report.write_group_report(out_dir, config=config.as_dict()))
+    # the participant settings were the participant level's (its own logs record them)
+    settings = {k: v for k, v in config.as_dict().items() if k != "participant"}
+    logger.info("report: %s", report.write_group_report(out_dir, config=settings))
     provenance.write_provenance(
         out_dir, level="group", argv=list(config.execution.argv) or ["spec2vol"],
-        config=config.as_dict(), seeds={"seed": config.training.seed}, started=started,
+        config=settings, seeds={"seed": config.training.seed}, started=started,
         finished=datetime.now(timezone.utc), stages={"group": (started, datetime.now(timezone.utc))},
     )
     logger.info("group level done: derivatives, models and reports in %s", out_dir)

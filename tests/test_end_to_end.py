@@ -4,10 +4,13 @@ This is the main job of README in miniature (3 subjects, tiny models, one epoch)
 checks is the shape of what a user gets, not the quality of the models.
 """
 
+import html
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import nibabel as nib
 import numpy as np
@@ -58,6 +61,22 @@ def test_group_outputs_and_log(main_job):
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
     assert (out / "models" / "final" / "model.pt").is_file()
     assert (out / "group.html").is_file() and (out / "logs" / "config.toml").is_file()
+
+
+def test_group_report_shows_the_participant_settings_the_derivatives_were_made_with(main_job):
+    """Not the defaults of the group run (which does not use them): those of the participant
+    run, as its log folder recorded them."""
+    _, out, _ = main_job
+    group_config = tomllib.loads((out / "logs" / "config.toml").read_text())
+    assert "participant" not in group_config and group_config["training"]["epochs"] == 1
+    report = (out / "group.html").read_text()
+    shown = re.findall(r"Participant level, from (logs/participant-[^.<]+/config\.toml)\.</p>"
+                       r"<pre>(.*?)</pre>", report, flags=re.S)
+    assert len(shown) == 1
+    recorded = tomllib.loads(html.unescape(shown[0][1]))["participant"]
+    assert recorded == tomllib.loads((out / shown[0][0]).read_text())["participant"]
+    assert recorded["context"] == 4 and recorded["discard_volumes"] == 2
+    assert recorded["freq_bins"] == 32 and recorded["target_grid"] == [32, 32, 16]
 
 
 def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):

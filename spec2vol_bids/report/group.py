@@ -157,7 +157,29 @@ def _config_section(output_dir: Path, config) -> str:
         source = "logs/config.toml (the latest run's resolved configuration)"
     else:
         return html.empty("no configuration recorded yet (logs/config.toml is missing)")
-    return f'<p class="small">From {html.escape(source)}.</p><pre>{html.escape(text)}</pre>'
+    shown = f'<p class="small">From {html.escape(source)}.</p><pre>{html.escape(text)}</pre>'
+    return shown + _participant_settings(output_dir)
+
+
+def _participant_settings(output_dir: Path) -> str:
+    """The ``[participant]`` settings recorded by the participant-level runs of ``output_dir``
+    (the ones its spectrograms and targets were made with), each distinct set once."""
+    import tomllib
+
+    from spec2vol_bids.provenance import config_toml
+
+    runs = sorted((output_dir / "logs").glob("participant-*/config.toml"),
+                  key=lambda p: p.parent.name.split("-")[1:3])
+    if not runs:
+        return html.empty("no participant-level run is recorded in logs/ (the derivatives were "
+                          "made elsewhere): their settings are in each spectrogram's sidecar")
+    distinct: dict[str, list[str]] = {}
+    for path in runs:
+        settings = tomllib.loads(path.read_text(encoding="utf-8")).get("participant", {})
+        distinct.setdefault(config_toml({"participant": settings}), []).append(
+            path.relative_to(output_dir).as_posix())
+    return "".join(f'<p class="small">Participant level, from {html.escape(", ".join(sources))}.'
+                   f'</p><pre>{html.escape(text)}</pre>' for text, sources in distinct.items())
 
 
 def write_group_report(output_dir: str | Path, *, config: dict | None = None) -> Path:
