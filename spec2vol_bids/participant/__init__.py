@@ -98,8 +98,8 @@ def _at_model_context(config, context: int | None):
         return config
     if settings.context is not None and settings.context != context:
         raise DataError(f"the model reads {context} TR windows of EEG before each volume but "
-                         f"--context {settings.context} was given; leave --context out to use "
-                         "the model's", path=settings.model_path)
+                        f"--context {settings.context} was given; leave --context out to use "
+                        "the model's", path=settings.model_path)
     return dataclasses.replace(config, participant=dataclasses.replace(settings, context=context))
 
 

@@ -175,9 +175,12 @@ def _participant_settings(output_dir: Path) -> str:
                           "made elsewhere): their settings are in each spectrogram's sidecar")
     distinct: dict[str, list[str]] = {}
     for path in runs:
-        settings = tomllib.loads(path.read_text(encoding="utf-8")).get("participant", {})
-        distinct.setdefault(config_toml({"participant": settings}), []).append(
-            path.relative_to(output_dir).as_posix())
+        try:
+            settings = tomllib.loads(path.read_text(encoding="utf-8")).get("participant", {})
+            text = config_toml({"participant": settings})
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            text = "(unreadable)"
+        distinct.setdefault(text, []).append(path.relative_to(output_dir).as_posix())
     return "".join(f'<p class="small">Participant level, from {html.escape(", ".join(sources))}.'
                    f'</p><pre>{html.escape(text)}</pre>' for text, sources in distinct.items())
 
