@@ -82,10 +82,14 @@ def test_idempotent_and_parallel_runs_are_byte_identical(small_dataset, tmp_path
     assert spec2vol(small_dataset, serial, "participant", *opts).returncode == 0
     first = _arrays(serial)
     assert len(first) == 6
-    mtimes = {p: p.stat().st_mtime_ns for p in serial.rglob("*.npy")}
+    outputs = [*serial.rglob("*.npy"), *serial.rglob("*_desc-target_bold.nii.gz")]
+    assert len(outputs) == 6
+    mtimes = {p: p.stat().st_mtime_ns for p in outputs}
     rerun = spec2vol(small_dataset, serial, "participant", *opts)
-    assert rerun.returncode == 0 and "skipped" in rerun.stderr
-    assert {p: p.stat().st_mtime_ns for p in serial.rglob("*.npy")} == mtimes
+    assert rerun.returncode == 0 and "damaged" not in rerun.stderr, rerun.stderr
+    assert rerun.stderr.count("spectrogram up to date, skipped") == 3
+    assert rerun.stderr.count("BOLD target up to date, skipped") == 3
+    assert {p: p.stat().st_mtime_ns for p in outputs} == mtimes
     assert _arrays(serial) == first
     proc = spec2vol(small_dataset, parallel, "participant", "--nprocs", "2", *opts)
     assert proc.returncode == 0, proc.stderr

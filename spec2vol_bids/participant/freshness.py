@@ -75,7 +75,8 @@ def _intact_target(nii: Path, meta: dict) -> bool:
         shape = tuple(img.shape)
         if shape != (*meta["TargetGrid"], meta["NumberOfVolumes"]):
             return False
-        size = int(img.header.get_data_offset()) + int(np.prod(shape)) * img.get_data_dtype().itemsize
+        # the proxy's offset is the file's: a loaded header's vox_offset is reset to 0
+        size = int(img.dataobj.offset) + int(np.prod(shape)) * img.get_data_dtype().itemsize
         with open(nii, "rb") as fh:
             if nii.name.endswith(".gz"):
                 fh.seek(-4, os.SEEK_END)
