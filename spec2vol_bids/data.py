@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -368,6 +369,51 @@ class PairedDataset(torch.utils.data.Dataset):
         if not count:
             raise DataError("no samples to average (runs too short for discard + context volumes)")
         return (total / count).astype(np.float32)
+
+
+def check_same_preprocessing(runs: Sequence[Run], out_dir: Path) -> None:
+    """Refuse runs that one model cannot learn from together.
+
+    Their spectrograms must have one context, one TR (bin k is k / TR Hz and the context spans
+    context · TR s) and the same frequency bins, and their targets one grid; participant-level
+    runs with other options into one OUTPUT_DIR would otherwise be mixed.
+
+    Raises
+    ------
+    DataError (65)
+        Naming what differs and the subjects of each value.
+    """
+    def bins(run):
+        hz = run.meta["FrequencyBinsHz"]
+        return f"{len(hz)} bins, {hz[0]:g}–{hz[-1]:g} Hz" if len(hz) else "no bins"
+
+    aspects = {"context (TR windows)": lambda run: run.context,
+               "repetition time (s)": lambda run: f"{float(run.meta['RepetitionTime']):g}",
+               "frequency bins": bins,
+               "target grid": lambda run: "x".join(map(str, nib.load(run.target).shape[:3]))}
+    for aspect, value_of in aspects.items():
+        found: dict = {}
+        for run in runs:
+            found.setdefault(value_of(run), set()).add(f"sub-{run.subject}")
+        if len(found) > 1:
+            shown = "; ".join(f"{value}: {' '.join(sorted(subjects))}"
+                              for value, subjects in found.items())
+            raise DataError(f"the runs' derivatives differ in their {aspect} ({shown}); one model "
+                            "learns from one preprocessing: rerun the participant level for these "
+                            "subjects with the same options", path=out_dir)
+
+
+def derivatives_digest(runs: Iterable[Run]) -> str:
+    """A digest of the runs' participant-level derivatives: their names and sidecars, whose
+    ``InputHash`` changes with the raw inputs and the options they were made with."""
+    h = hashlib.sha256()
+    for run in sorted(runs, key=lambda r: r.spectrogram.name):
+        h.update(f"{run.spectrogram.name}\n{json.dumps(run.meta, sort_keys=True)}\n".encode())
+        if run.target is not None:
+            sidecar = run.target.with_name(run.target.name.replace(".nii.gz", ".json"))
+            h.update(f"{run.target.name}\n".encode())
+            h.update(sidecar.read_bytes() if sidecar.is_file() else b"")
+    return h.hexdigest()[:16]
 
 
 def subjects_of(runs: Iterable[Run]) -> list[str]:

@@ -26,7 +26,8 @@ from filelock import FileLock
 
 from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
-from spec2vol_bids.data import PairedDataset, Run, cache_target, find_runs, resolve_channels, subjects_of
+from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing,
+                                derivatives_digest, find_runs, resolve_channels, subjects_of)
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.models import save_checkpoint
@@ -98,6 +99,7 @@ def run_group(config: Config) -> int:
     if len(subjects) < 2:
         raise DataError(f"training needs at least two subjects with paired EEG and BOLD; found "
                         f"{len(subjects)} ({' '.join(subjects)})", path=out_dir)
+    check_same_preprocessing(paired, out_dir)
     channels = resolve_channels(paired, training.channels)
     folds = plan_folds(subjects, training.split, training.test_subjects)
     chosen = _chosen_folds(folds, training.folds)
@@ -112,7 +114,7 @@ def run_group(config: Config) -> int:
                 ", ".join(models + [MEAN]))
 
     for fold in chosen:
-        _locked_once(out_dir / "models" / f"fold-{fold.label}", training,
+        _locked_once(out_dir / "models" / f"fold-{fold.label}", _record(training, models, paired),
                      lambda fold=fold: run_fold(fold, paired, channels, training, models,
                                                 out_dir=out_dir, work_dir=work_dir,
                                                 bids_dir=inputs.bids_dir))
@@ -125,7 +127,7 @@ def run_group(config: Config) -> int:
                     " ".join(pending))
     if not training.no_final and not training.folds:
         final_runs, final_val = split_validation(paired, training.select)
-        _locked_once(out_dir / "models" / "final", training,
+        _locked_once(out_dir / "models" / "final", _record(training, [training.model], paired),
                      lambda: _train_final(final_runs, final_val, channels, training,
                                           out_dir=out_dir, work_dir=work_dir))
     if train.is_main():
@@ -181,41 +183,59 @@ def _done(out_dir: Path, label: str) -> bool:
     return (out_dir / "models" / f"fold-{label}" / "done.json").exists()
 
 
-def _locked_once(folder: Path, training: Training, job) -> None:
+def _locked_once(folder: Path, record: dict, job) -> None:
     """Run ``job`` unless ``folder/done.json`` exists, holding a lock; then write the marker.
 
-    A finished folder is kept only when its model was trained with the protocol asked for now
-    (:data:`train.PROTOCOL`); otherwise the run is refused rather than mixing two protocols in
-    one table. Under torchrun rank 0 takes the lock and decides; every rank runs the job
-    (training is collective) and only rank 0 writes.
+    The marker keeps ``record`` (:func:`_record`). A finished folder is kept only when it was
+    made as asked now, from the same derivatives; otherwise the run is refused rather than
+    mixing two protocols or two versions of the data in one table. Under torchrun rank 0 takes
+    the lock and decides; every rank runs the job (training is collective) and only rank 0
+    writes.
     """
     lock = FileLock(str(_lock_path(folder))) if train.is_main() else contextlib.nullcontext()
     with lock:
         skip = _broadcast((folder / "done.json").exists())
         if skip:
-            _check_same_protocol(folder, training)
+            _check_same_record(folder, record)
             logger.info("%s is finished; skipping it (delete the folder to redo it)", folder)
             return
         info = job() or {}
         if train.is_main():
-            write_json(folder / "done.json", {**info, "Finished": datetime.now(timezone.utc).isoformat()})
+            write_json(folder / "done.json", {**info, **record,
+                                              "Finished": datetime.now(timezone.utc).isoformat()})
         train.barrier()
 
 
-def _check_same_protocol(folder: Path, training: Training) -> None:
-    """Refuse a finished ``folder`` whose model was trained with other protocol settings."""
+def _record(training: Training, models: Sequence[str], runs: Sequence[Run]) -> dict:
+    """What a folder of trained models is made from: its model, each model's protocol
+    (:func:`_protocol`) and a digest of the participant-level derivatives."""
+    return {"Model": training.model, "Protocols": {name: _protocol(training, name) for name in models},
+            "Inputs": derivatives_digest(runs)}
+
+
+def _check_same_record(folder: Path, record: dict) -> None:
+    """Refuse a finished ``folder`` made otherwise than ``record`` says the run would make it."""
     try:
-        stored = json.loads((folder / "model.json").read_text())["Config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        stored = {}
-    asked = _protocol(training, training.model)
-    differ = [name for name in asked if stored.get(name) != asked[name]]
+        done = json.loads((folder / "done.json").read_text())
+    except (OSError, ValueError):
+        done = {}
+    stored = done.get("Protocols") if isinstance(done.get("Protocols"), dict) else {}
+    retrain = "delete that folder to retrain it, use another OUTPUT_DIR, or"
+    if done.get("Model") != record["Model"] or list(stored) != list(record["Protocols"]):
+        raise UsageError(f"{folder} was trained for the models {', '.join(stored) or '(unrecorded)'} "
+                         f"(group model {done.get('Model', 'unrecorded')}), not "
+                         f"{', '.join(record['Protocols'])} (group model {record['Model']}); "
+                         f"{retrain} ask for the models it was trained for")
+    differ = [f"{name}: {key} {stored[name].get(key, 'unrecorded')!r} there, {value!r} now"
+              for name, asked in record["Protocols"].items() for key, value in asked.items()
+              if stored[name].get(key) != value]
     if differ:
-        shown = ", ".join(f"{name} {stored.get(name, 'unrecorded')!r} there, {asked[name]!r} now"
-                          for name in differ)
-        raise UsageError(f"{folder} was trained with other options ({shown}); delete that folder "
-                         "to retrain it, use another OUTPUT_DIR, or give the options it was "
-                         "trained with")
+        raise UsageError(f"{folder} was trained with other options ({'; '.join(differ)}); "
+                         f"{retrain} give the options it was trained with")
+    if done.get("Inputs") != record["Inputs"]:
+        raise DataError(f"{folder} was trained on other participant-level derivatives (they were "
+                        f"remade since, or other subjects are selected now); {retrain} select "
+                        "the subjects it was trained on")
 
 
 def _protocol(config: Training, model_name: str) -> dict:

@@ -161,7 +161,7 @@ def test_concurrent_fold_jobs_aggregate_like_one_run(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (shared / "models").rglob("model.pt")} == before
     # a rerun with another protocol is refused, never mixed into the finished folds' table
     with pytest.raises(UsageError, match="fold-01 was trained with other options "
-                                         r"\(protocol 'residual' there, 'published' now"):
+                                         r"\(spec2vol: protocol 'residual' there, 'published' now"):
         group.run_group(configured(shared, protocol="published", **settings))
     assert {p: p.stat().st_mtime_ns for p in (shared / "models").rglob("model.pt")} == before
 
@@ -257,8 +257,13 @@ def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     assert fold["Config"] == {"model": "hrf-ridge", "eeg_normalisation": "run"}
     assert not {"Epochs", "Selection", "SelectedEpoch"} & fold.keys()
     done = (out / "models" / "fold-01" / "done.json").stat().st_mtime_ns
-    assert group.run_group(configured(out, model="hrf-ridge", epochs=7, lr=5e-4, no_final=False)) == 0
+    assert group.run_group(configured(out, model="hrf-ridge", compare=["ridge"], epochs=7, lr=5e-4,
+                                      no_final=False)) == 0
     assert (out / "models" / "fold-01" / "done.json").stat().st_mtime_ns == done
+    # ... but a network compared beside it was trained with its settings, which do count
+    with pytest.raises(UsageError, match=r"trained for the models hrf-ridge, ridge \(group model "
+                                         r"hrf-ridge\), not hrf-ridge, ridge, spec2vol"):
+        group.run_group(configured(out, model="hrf-ridge", compare=["ridge", "spec2vol"]))
     final, meta = load_checkpoint(out / "models" / "final" / "model.pt")
     runs = data.find_runs(out)
     assert meta["model_name"] == "hrf-ridge"
@@ -268,3 +273,44 @@ def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     refit = linear.fit_ridge(runs, meta["channels"], work_dir=tmp_path / "w", model_name="hrf-ridge")
     x = torch.randn(2, runs[0].context, len(meta["channels"]), final.config.freq_bins)
     torch.testing.assert_close(final(x), refit.model(x), rtol=1e-4, atol=1e-4)
+
+
+def _edit_sidecars(out: Path, subjects, **changes) -> None:
+    """What a participant-level rerun with other options leaves: spectrogram sidecars that
+    say so (the arrays themselves do not depend on the context)."""
+    for subject in subjects:
+        for sidecar in (out / f"sub-{subject}").rglob("*_spectrogram.json"):
+            meta = json.loads(sidecar.read_text())
+            sidecar.write_text(json.dumps({**meta, **changes}))
+
+
+def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivatives(tmp_path):
+    """A finished fold records each model's options and a digest of the derivatives; a rerun
+    that asks for other ones, or finds the derivatives remade, is refused. Derivatives made
+    with different options for different subjects are refused before any training."""
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=40)
+    settings = dict(model="ridge", compare=["spec2vol"], epochs=1, folds=["01"])
+    assert group.run_group(configured(out, **settings)) == 0
+    done = json.loads((out / "models" / "fold-01" / "done.json").read_text())
+    assert done["Model"] == "ridge" and list(done["Protocols"]) == ["ridge", "spec2vol"]
+    assert done["Protocols"]["ridge"] == {"model": "ridge", "eeg_normalisation": "run"}
+    assert done["Protocols"]["spec2vol"]["epochs"] == 1
+    models = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("model.pt")}
+    assert len(models) == 2
+    # the compared network's settings count although the group's model is linear
+    with pytest.raises(UsageError, match=r"other options \(spec2vol: epochs 1 there, 2 now\)"):
+        group.run_group(configured(out, **{**settings, "epochs": 2}))
+    # one subject remade with another context: refused, naming who has which
+    _edit_sidecars(out, ["03"], Context=CONTEXT + 2, InputHash="remade")
+    with pytest.raises(DataError, match=rf"differ in their context \(TR windows\) \({CONTEXT}: "
+                                        rf"sub-01 sub-02; {CONTEXT + 2}: sub-03\)"):
+        group.run_group(configured(out, **settings))
+    # all remade alike: consistent, but not what fold 01 was trained on
+    _edit_sidecars(out, ["01", "02"], Context=CONTEXT + 2, InputHash="remade")
+    with pytest.raises(DataError, match="fold-01 was trained on other participant-level derivatives"):
+        group.run_group(configured(out, **settings))
+    # and the first subject at another TR: a bin is another frequency
+    _edit_sidecars(out, ["01"], RepetitionTime=2 * TR)
+    with pytest.raises(DataError, match=rf"repetition time \(s\) \({2 * TR:g}: sub-01; {TR:g}: sub-02 sub-03\)"):
+        group.run_group(configured(out, **settings))
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").rglob("model.pt")} == models
