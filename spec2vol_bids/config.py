@@ -256,6 +256,10 @@ def check_training(training: Training) -> None:
         raise UsageError(f"--model {training.model} with --protocol published: the linear models "
                          f"always predict deviations from the mean volume; leave out --protocol, "
                          f"or train a network")
+    if training.model in LINEAR_MODELS and training.eeg_normalisation != "run":
+        raise UsageError(f"--model {training.model} with --eeg-normalisation "
+                         f"{training.eeg_normalisation}: the linear models standardise each run's "
+                         f"EEG on its own; leave out --eeg-normalisation, or train a network")
     unknown = [name for name in training.compare if name not in COMPARE]
     if unknown:
         raise UsageError(f"--compare {' '.join(unknown)}: choose from {', '.join(COMPARE)}")

@@ -37,6 +37,7 @@ def test_version_through_module_and_console_script():
     (["everything"], "analysis_level"),
     (["group", "--model", "resnet"], "--model"),
     (["group", "--model", "ridge", "--protocol", "published"], "--protocol published"),
+    (["group", "--model", "hrf-ridge", "--eeg-normalisation", "minmax"], "--eeg-normalisation minmax"),
     (["participant", "--participant-label", "../01"], "--participant-label"),
     (["participant", "--participant-label", "sub-01/x"], "--participant-label"),
     (["group", "--epochs", "0"], "--epochs"),

@@ -90,6 +90,24 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert side["RepetitionTime"] == pytest.approx(2.0)
 
 
+def test_a_model_never_replaces_the_group_levels_held_out_synthesis(main_job):
+    """sub-01's series in OUT is its fold's held-out prediction, which group.html and the
+    metrics describe: applying the final model (trained on sub-01) there is refused."""
+    bids, out, _ = main_job
+    synth = out / "sub-01" / "func" / "sub-01_task-rest_desc-synth_bold.nii.gz"
+    before = synth.read_bytes()
+    proc = spec2vol(bids, out, "participant", "--participant-label", "01", *SMALL,
+                    "--model", out / "models" / "final" / "model.pt")
+    assert proc.returncode == 64, proc.stderr
+    assert "group level's held-out synthesis of this run (fold 01)" in proc.stderr
+    assert str(synth) in proc.stderr and synth.read_bytes() == before
+    # a name of a model, not a file, at the participant level
+    proc = spec2vol(bids, out / "other", "participant", "--participant-label", "03", *SMALL,
+                    "--model", "ridge")
+    assert proc.returncode == 66 and "a name such as ridge is for the group level" in proc.stderr
+    assert not (out / "other").exists()
+
+
 @pytest.mark.parametrize("name", ["ridge", "hrf-ridge"])
 def test_linear_model_synthesises_an_eeg_only_run_with_its_own_statistics(main_job, tmp_path, name):
     """The ridge (hrf-ridge) model file applied to sub-03 (no BOLD): each window standardised

@@ -16,10 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from spec2vol_bids import __version__
+from spec2vol_bids.config import MODELS
 from spec2vol_bids.derivatives import init_output_dataset, write_text
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.participant.result import RunResult
-from spec2vol_bids.participant.run import process_run
+from spec2vol_bids.participant.run import check_no_group_synthesis, process_run
 from spec2vol_bids.participant.spectrogram import check_spectrogram_inputs
 from spec2vol_bids.participant.target import fetch_templates
 
@@ -46,6 +47,8 @@ def run_participant(config) -> int:
     config = _at_model_context(config, model_context)
     check_spectrogram_inputs(pairs, config, model_bins)
     config = _at_model_bins(config, model_bins)
+    if config.participant.model_path:
+        check_no_group_synthesis(pairs, inputs.output_dir)
     fetch_templates(pairs)
     init_output_dataset(inputs.output_dir, inputs.bids_dir)
     LOGGER.info("spec2vol %s participant level; log: %s", __version__,
@@ -83,8 +86,9 @@ def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None
     from spec2vol_bids.models import load_checkpoint  # torch: only a run with --model needs it
 
     if not path.is_file():
-        raise MissingInputError("model file not found; give the model.pt written by the group "
-                                "level (OUTPUT_DIR/models/final/model.pt)", path=path)
+        named = f" (a name such as {path.name} is for the group level)" if path.name in MODELS else ""
+        raise MissingInputError(f"model file not found{named}; give the model.pt written by the "
+                                "group level (OUTPUT_DIR/models/final/model.pt)", path=path)
     _, meta = load_checkpoint(path)
     return ((meta.get("extra") or {}).get("RepetitionTime"), int(meta["config"]["freq_bins"]),
             int(meta["config"]["context"]))

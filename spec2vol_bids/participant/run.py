@@ -6,7 +6,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from spec2vol_bids.errors import DataError
+from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.naming import build_name, run_dir, run_label, source_uri
 from spec2vol_bids.participant.result import RunResult
 from spec2vol_bids.participant.spectrogram import eeg_entities, process_eeg, reuse_spectrogram
@@ -71,8 +71,9 @@ def _bold_volumes(pair, settings) -> int:
     n_volumes = int(bold.load_bold(pair.bold).shape[3])
     needed = settings.discard_volumes + settings.context + 1
     if n_volumes < needed:
+        context = "the model's context" if settings.model_path else "--context"
         raise DataError(f"the BOLD series has {n_volumes} volumes, fewer than the {needed} a run "
-                        f"needs (--discard-volumes {settings.discard_volumes} + --context "
+                        f"needs (--discard-volumes {settings.discard_volumes} + {context} "
                         f"{settings.context} + 1)", path=pair.bold)
     return n_volumes
 
@@ -94,11 +95,39 @@ def _eeg_only_tr(pair, config, model_tr: float | None) -> float:
     return float(tr)
 
 
+def synth_path(pair, output_dir: Path) -> Path:
+    """Where a run's synthesised BOLD series goes."""
+    return run_dir(output_dir, pair.entities, "func") / build_name(pair.entities, "bold", ".nii.gz",
+                                                                  desc="synth")
+
+
+def check_no_group_synthesis(pairs, output_dir: Path) -> None:
+    """``--model`` never replaces the group level's held-out synthesis of a run (its sidecar
+    holds the fold's metrics): group.html and group_metrics.tsv describe that one.
+
+    Raises
+    ------
+    UsageError (64)
+        Naming the run's series.
+    """
+    import json
+
+    for pair in (p for p in pairs if p.eeg is not None):
+        nii = synth_path(pair, output_dir)
+        try:
+            meta = json.loads(nii.with_name(nii.name.replace(".nii.gz", ".json")).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and "Metrics" in meta:
+            raise UsageError(f"OUTPUT_DIR holds the group level's held-out synthesis of this run "
+                             f"(fold {meta.get('Fold')}), which its reports describe; apply the "
+                             "model into another OUTPUT_DIR", path=nii)
+
+
 def _synthesize(pair, config, tr: float, result: RunResult) -> None:
     from spec2vol_bids import synthesize
 
-    nii = run_dir(config.inputs.output_dir, pair.entities, "func") / build_name(
-        pair.entities, "bold", ".nii.gz", desc="synth")
+    nii = synth_path(pair, config.inputs.output_dir)
     synthesize.synthesize_from_checkpoint(
         config.participant.model_path, Path(result.spectrogram), nii,
         target=Path(result.target) if result.target else None, tr=tr,
