@@ -70,8 +70,8 @@ def test_group_report_shows_the_participant_settings_the_derivatives_were_made_w
     group_config = tomllib.loads((out / "logs" / "config.toml").read_text())
     assert "participant" not in group_config and group_config["training"]["epochs"] == 1
     report = (out / "group.html").read_text()
-    shown = re.findall(r"Participant level, from (logs/participant-[^.<]+/config\.toml)\.</p>"
-                       r"<pre>(.*?)</pre>", report, flags=re.S)
+    shown = re.findall(r"Participant level, oldest run first: (logs/participant-[^ ]+/config\.toml) "
+                       r"\(all participants\)\.</p><pre>(.*?)</pre>", report, flags=re.S)
     assert len(shown) == 1
     recorded = tomllib.loads(html.unescape(shown[0][1]))["participant"]
     assert recorded == tomllib.loads((out / shown[0][0]).read_text())["participant"]

@@ -175,14 +175,18 @@ def _participant_settings(output_dir: Path) -> str:
                           "made elsewhere): their settings are in each spectrogram's sidecar")
     distinct: dict[str, list[str]] = {}
     for path in runs:
+        source = path.relative_to(output_dir).as_posix()
         try:
-            settings = tomllib.loads(path.read_text(encoding="utf-8")).get("participant", {})
-            text = config_toml({"participant": settings})
+            recorded = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = config_toml({"participant": recorded.get("participant", {})})
+            labels = recorded.get("inputs", {}).get("participant_label")
+            source += f" ({'sub-' + ' sub-'.join(labels) if labels else 'all participants'})"
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             text = "(unreadable)"
-        distinct.setdefault(text, []).append(path.relative_to(output_dir).as_posix())
-    return "".join(f'<p class="small">Participant level, from {html.escape(", ".join(sources))}.'
-                   f'</p><pre>{html.escape(text)}</pre>' for text, sources in distinct.items())
+        distinct.setdefault(text, []).append(source)
+    return "".join(f'<p class="small">Participant level, oldest run first: '
+                   f'{html.escape("; ".join(sources))}.</p><pre>{html.escape(text)}</pre>'
+                   for text, sources in distinct.items())
 
 
 def write_group_report(output_dir: str | Path, *, config: dict | None = None) -> Path:
