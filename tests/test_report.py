@@ -119,6 +119,11 @@ def derivatives(tmp_path_factory) -> Path:
         (out / "models" / f"fold-{fold}").mkdir(parents=True)
         (out / "models" / f"fold-{fold}" / "history.tsv").write_text("\n".join(hist) + "\n")
     start = datetime(2025, 5, 14, 10, 0, 0)
+    write_provenance(out, level="participant", argv=["spec2vol", "/data", str(out), "participant"],
+                     config={"inputs": {"participant_label": ["01", "02"]},
+                             "participant": {"context": 7, "task": HOSTILE}},
+                     seeds=0, started=start - timedelta(minutes=9),
+                     finished=start - timedelta(minutes=8), stages={})
     write_provenance(out, level="group", argv=["spec2vol", "/data", str(out), "group"],
                      config={"epochs": 5, "note": HOSTILE, "model": None}, seeds={"torch": 1},
                      started=start, finished=start + timedelta(minutes=3),
@@ -196,6 +201,7 @@ def test_reports_are_self_contained(derivatives):
     group = group_report.read_text(encoding="utf-8")
     assert HOSTILE not in group and html_escaped(HOSTILE) in group
     assert "epochs = 5" in group
+    assert "context = 7" in group and "(sub-01 sub-02)" in group  # the participant level's
     assert 'href="sub-02.html"' in group
     # the mean ± std table: spec2vol's mean SSIM over the three subjects
     table = _read_metrics_rows(derivatives)
@@ -266,7 +272,8 @@ def test_qc_figures_are_deterministic_svg(tmp_path):
 
 def test_provenance_records(derivatives):
     logs = derivatives / "logs"
-    run_dirs = [p for p in logs.iterdir() if p.is_dir()]
+    assert len([p for p in logs.iterdir() if p.is_dir() and p.name.startswith("participant-")]) == 1
+    run_dirs = [p for p in logs.iterdir() if p.is_dir() and p.name.startswith("group-")]
     assert len(run_dirs) == 1 and re.fullmatch(r"group-20250514-100000-\d+", run_dirs[0].name)
     config = tomllib.loads((run_dirs[0] / "config.toml").read_text())
     assert config == {"epochs": 5, "note": HOSTILE}  # None has no TOML form: left out
