@@ -400,19 +400,18 @@ def check_same_preprocessing(runs: Sequence[Run], out_dir: Path) -> None:
                               for value, subjects in found.items())
             raise DataError(f"the runs' derivatives differ in their {aspect} ({shown}); one model "
                             "learns from one preprocessing: rerun the participant level for these "
-                            "subjects with the same options", path=out_dir)
+                            "subjects with the same options, or select the subjects that agree "
+                            "(--participant-label)", path=out_dir)
 
 
-def derivatives_digest(runs: Iterable[Run]) -> str:
-    """A digest of the runs' participant-level derivatives: their names and sidecars, whose
+def run_digest(run: Run) -> str:
+    """A digest of a run's participant-level derivatives: their names and sidecars, whose
     ``InputHash`` changes with the raw inputs and the options they were made with."""
-    h = hashlib.sha256()
-    for run in sorted(runs, key=lambda r: r.spectrogram.name):
-        h.update(f"{run.spectrogram.name}\n{json.dumps(run.meta, sort_keys=True)}\n".encode())
-        if run.target is not None:
-            sidecar = run.target.with_name(run.target.name.replace(".nii.gz", ".json"))
-            h.update(f"{run.target.name}\n".encode())
-            h.update(sidecar.read_bytes() if sidecar.is_file() else b"")
+    h = hashlib.sha256(f"{run.spectrogram.name}\n{json.dumps(run.meta, sort_keys=True)}\n".encode())
+    if run.target is not None:
+        sidecar = run.target.with_name(run.target.name.replace(".nii.gz", ".json"))
+        h.update(f"{run.target.name}\n".encode())
+        h.update(sidecar.read_bytes() if sidecar.is_file() else b"")
     return h.hexdigest()[:16]
 
 

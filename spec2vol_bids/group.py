@@ -26,8 +26,8 @@ from filelock import FileLock
 
 from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
-from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing,
-                                derivatives_digest, find_runs, resolve_channels, subjects_of)
+from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
+                                resolve_channels, run_digest, subjects_of)
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.models import save_checkpoint
@@ -104,6 +104,14 @@ def run_group(config: Config) -> int:
     folds = plan_folds(subjects, training.split, training.test_subjects)
     chosen = _chosen_folds(folds, training.folds)
     models = list(dict.fromkeys([training.model, *training.compare]))
+    final = not training.no_final and not training.folds
+    records = {out_dir / "models" / f"fold-{fold.label}": _record(training, models, channels,
+                                                                  fold.test, paired)
+               for fold in folds}
+    if final:
+        records[out_dir / "models" / "final"] = _record(training, [training.model], channels, [],
+                                                        paired)
+    _check_finished(records)
     started = datetime.now(timezone.utc)
     if train.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)
@@ -114,7 +122,8 @@ def run_group(config: Config) -> int:
                 ", ".join(models + [MEAN]))
 
     for fold in chosen:
-        _locked_once(out_dir / "models" / f"fold-{fold.label}", _record(training, models, paired),
+        folder = out_dir / "models" / f"fold-{fold.label}"
+        _locked_once(folder, records[folder],
                      lambda fold=fold: run_fold(fold, paired, channels, training, models,
                                                 out_dir=out_dir, work_dir=work_dir,
                                                 bids_dir=inputs.bids_dir))
@@ -125,9 +134,9 @@ def run_group(config: Config) -> int:
         pending = [f.label for f in folds if not _done(out_dir, f.label)]
         logger.info("folds still to run: %s; the group table is written when all have finished",
                     " ".join(pending))
-    if not training.no_final and not training.folds:
+    if final:
         final_runs, final_val = split_validation(paired, training.select)
-        _locked_once(out_dir / "models" / "final", _record(training, [training.model], paired),
+        _locked_once(out_dir / "models" / "final", records[out_dir / "models" / "final"],
                      lambda: _train_final(final_runs, final_val, channels, training,
                                           out_dir=out_dir, work_dir=work_dir))
     if train.is_main():
@@ -206,36 +215,74 @@ def _locked_once(folder: Path, record: dict, job) -> None:
         train.barrier()
 
 
-def _record(training: Training, models: Sequence[str], runs: Sequence[Run]) -> dict:
-    """What a folder of trained models is made from: its model, each model's protocol
-    (:func:`_protocol`) and a digest of the participant-level derivatives."""
+def _record(training: Training, models: Sequence[str], channels: Sequence[str],
+            test: Sequence[str], runs: Sequence[Run]) -> dict:
+    """What a folder of trained models is made from: the group's model, each model's protocol
+    (:func:`_protocol`), the channels, the test subjects and a digest of every run's
+    participant-level derivatives."""
     return {"Model": training.model, "Protocols": {name: _protocol(training, name) for name in models},
-            "Inputs": derivatives_digest(runs)}
+            "Channels": list(channels), "TestSubjects": list(test),
+            "Inputs": {run.name: run_digest(run) for run in runs}}
+
+
+def _check_finished(records: dict[Path, dict]) -> None:
+    """Before anything is trained: refuse when a finished folder of this run (every fold, and
+    the final model when it is made) was made otherwise; name every such folder."""
+    found = [(folder, _record_mismatch(folder, record)) for folder, record in records.items()
+             if (folder / "done.json").exists()]
+    found = [(folder, mismatch) for folder, mismatch in found if mismatch]
+    if found:
+        (folder, (error, text)), others = found[0], [f.name for f, _ in found[1:]]
+        also = f" (so were {', '.join(others)})" if others else ""
+        raise error(f"{text}{also}", path=folder)
 
 
 def _check_same_record(folder: Path, record: dict) -> None:
     """Refuse a finished ``folder`` made otherwise than ``record`` says the run would make it."""
+    mismatch = _record_mismatch(folder, record)
+    if mismatch:
+        error, text = mismatch
+        raise error(text, path=folder)
+
+
+def _record_mismatch(folder: Path, record: dict) -> tuple[type, str] | None:
+    """How a finished ``folder`` differs from ``record``: the error to raise and its text."""
     try:
         done = json.loads((folder / "done.json").read_text())
     except (OSError, ValueError):
-        done = {}
-    stored = done.get("Protocols") if isinstance(done.get("Protocols"), dict) else {}
+        return DataError, "its done.json is unreadable; delete that folder to retrain it"
     retrain = "delete that folder to retrain it, use another OUTPUT_DIR, or"
-    if done.get("Model") != record["Model"] or list(stored) != list(record["Protocols"]):
-        raise UsageError(f"{folder} was trained for the models {', '.join(stored) or '(unrecorded)'} "
-                         f"(group model {done.get('Model', 'unrecorded')}), not "
-                         f"{', '.join(record['Protocols'])} (group model {record['Model']}); "
-                         f"{retrain} ask for the models it was trained for")
+    if not isinstance(done, dict) or not isinstance(done.get("Protocols"), dict):
+        return UsageError, ("made by an earlier spec2vol, which did not record its models, options "
+                            "and derivatives; delete that folder to retrain it, or use another "
+                            "OUTPUT_DIR")
+    stored = done["Protocols"]
+    if done.get("Model") != record["Model"] or set(stored) != set(record["Protocols"]):
+        return UsageError, (f"trained for the models {', '.join(sorted(stored))} (group model "
+                            f"{done.get('Model')}), not {', '.join(sorted(record['Protocols']))} "
+                            f"(group model {record['Model']}); {retrain} ask for the models it "
+                            "was trained for")
     differ = [f"{name}: {key} {stored[name].get(key, 'unrecorded')!r} there, {value!r} now"
               for name, asked in record["Protocols"].items() for key, value in asked.items()
               if stored[name].get(key) != value]
     if differ:
-        raise UsageError(f"{folder} was trained with other options ({'; '.join(differ)}); "
-                         f"{retrain} give the options it was trained with")
-    if done.get("Inputs") != record["Inputs"]:
-        raise DataError(f"{folder} was trained on other participant-level derivatives (they were "
-                        f"remade since, or other subjects are selected now); {retrain} select "
-                        "the subjects it was trained on")
+        return UsageError, (f"trained with other options ({'; '.join(differ)}); {retrain} give "
+                            "the options it was trained with")
+    for key, what in (("Channels", "channels"), ("TestSubjects", "test subjects")):
+        if done.get(key) != record[key]:
+            return UsageError, (f"trained with other {what} ({' '.join(done.get(key) or [])} "
+                                f"there, {' '.join(record[key])} now); {retrain} give the ones it "
+                                "was trained with")
+    inputs, now = done.get("Inputs") or {}, record["Inputs"]
+    changes = [(what, names) for what, names in (
+        ("remade since", [n for n in now if n in inputs and inputs[n] != now[n]]),
+        ("not there then", [n for n in now if n not in inputs]),
+        ("not selected now", [n for n in inputs if n not in now])) if names]
+    if changes:
+        shown = "; ".join(f"{what}: {' '.join(names)}" for what, names in changes)
+        return DataError, (f"trained on other participant-level derivatives ({shown}); {retrain} "
+                           "select the runs it was trained on, as they were")
+    return None
 
 
 def _protocol(config: Training, model_name: str) -> dict:

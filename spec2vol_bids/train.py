@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from spec2vol_bids import evaluate
 from spec2vol_bids.config import Training, check_training
-from spec2vol_bids.data import PairedDataset, Run, norm_stats
+from spec2vol_bids.data import PairedDataset, Run, norm_stats, run_digest
 from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, shifts_to, target_stats
 from spec2vol_bids.errors import DataError, UsageError
@@ -263,8 +263,8 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
                               "world": world, "channels": list(channels),
                               "selection": selection_metric(config),
-                              "runs": [str(r.spectrogram.name) for r in train_runs],
-                              "val": [str(r.spectrogram.name) for r in val_runs], "norm": norm},
+                              "runs": {r.name: run_digest(r) for r in train_runs},
+                              "val": {r.name: run_digest(r) for r in val_runs}, "norm": norm},
                              sort_keys=True)
     checkpoint = Path(checkpoint)
     history, best, start_epoch = _resume(checkpoint, fingerprint, model, optimizer, scheduler,

@@ -160,7 +160,7 @@ def test_concurrent_fold_jobs_aggregate_like_one_run(tmp_path):
     assert group.run_group(configured(shared, **settings)) == 0
     assert {p: p.stat().st_mtime_ns for p in (shared / "models").rglob("model.pt")} == before
     # a rerun with another protocol is refused, never mixed into the finished folds' table
-    with pytest.raises(UsageError, match="fold-01 was trained with other options "
+    with pytest.raises(UsageError, match="fold-01: trained with other options "
                                          r"\(spec2vol: protocol 'residual' there, 'published' now"):
         group.run_group(configured(shared, protocol="published", **settings))
     assert {p: p.stat().st_mtime_ns for p in (shared / "models").rglob("model.pt")} == before
@@ -262,7 +262,8 @@ def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     assert (out / "models" / "fold-01" / "done.json").stat().st_mtime_ns == done
     # ... but a network compared beside it was trained with its settings, which do count
     with pytest.raises(UsageError, match=r"trained for the models hrf-ridge, ridge \(group model "
-                                         r"hrf-ridge\), not hrf-ridge, ridge, spec2vol"):
+                                         r"hrf-ridge\), not hrf-ridge, ridge, spec2vol \(group model "
+                                         r"hrf-ridge\).*\(so were fold-02, fold-03\)"):
         group.run_group(configured(out, model="hrf-ridge", compare=["ridge", "spec2vol"]))
     final, meta = load_checkpoint(out / "models" / "final" / "model.pt")
     runs = data.find_runs(out)
@@ -289,17 +290,33 @@ def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivati
     that asks for other ones, or finds the derivatives remade, is refused. Derivatives made
     with different options for different subjects are refused before any training."""
     out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=40)
-    settings = dict(model="ridge", compare=["spec2vol"], epochs=1, folds=["01"])
+    settings = dict(model="ridge", compare=["spec2vol", "hrf-ridge"], epochs=1, folds=["01"])
     assert group.run_group(configured(out, **settings)) == 0
     done = json.loads((out / "models" / "fold-01" / "done.json").read_text())
-    assert done["Model"] == "ridge" and list(done["Protocols"]) == ["ridge", "spec2vol"]
+    assert done["Model"] == "ridge" and list(done["Protocols"]) == ["ridge", "spec2vol", "hrf-ridge"]
     assert done["Protocols"]["ridge"] == {"model": "ridge", "eeg_normalisation": "run"}
-    assert done["Protocols"]["spec2vol"]["epochs"] == 1
+    assert done["Protocols"]["spec2vol"]["epochs"] == 1 and done["TestSubjects"] == ["01"]
+    assert sorted(done["Inputs"]) == [f"sub-{s}_task-rest" for s in ("01", "02", "03")]
     models = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("model.pt")}
-    assert len(models) == 2
+    assert len(models) == 3
+    # the order of --compare does not matter
+    assert group.run_group(configured(out, **{**settings, "compare": ["hrf-ridge", "spec2vol"]})) == 0
     # the compared network's settings count although the group's model is linear
     with pytest.raises(UsageError, match=r"other options \(spec2vol: epochs 1 there, 2 now\)"):
         group.run_group(configured(out, **{**settings, "epochs": 2}))
+    # ... also for a job of another fold, before it trains: the table would mix the two
+    with pytest.raises(UsageError, match=r"fold-01: trained with other options"):
+        group.run_group(configured(out, **{**settings, "epochs": 2, "folds": ["02"]}))
+    assert not (out / "models" / "fold-02").exists()
+    with pytest.raises(UsageError, match=r"other channels \(Fp1 Fp2 .* there, Fp1 Fp2 F7 now\)"):
+        group.run_group(configured(out, **settings, channels=["Fp1", "Fp2", "F7"]))
+    # a folder of an earlier version, which recorded none of it
+    legacy = out / "models" / "fold-02"
+    legacy.mkdir()
+    (legacy / "done.json").write_text(json.dumps({"Fold": "02", "Models": ["ridge"]}))
+    with pytest.raises(UsageError, match="fold-02: made by an earlier spec2vol"):
+        group.run_group(configured(out, **settings))
+    shutil.rmtree(legacy)
     # one subject remade with another context: refused, naming who has which
     _edit_sidecars(out, ["03"], Context=CONTEXT + 2, InputHash="remade")
     with pytest.raises(DataError, match=rf"differ in their context \(TR windows\) \({CONTEXT}: "
@@ -307,7 +324,8 @@ def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivati
         group.run_group(configured(out, **settings))
     # all remade alike: consistent, but not what fold 01 was trained on
     _edit_sidecars(out, ["01", "02"], Context=CONTEXT + 2, InputHash="remade")
-    with pytest.raises(DataError, match="fold-01 was trained on other participant-level derivatives"):
+    with pytest.raises(DataError, match=r"fold-01: trained on other participant-level derivatives \(remade since: "
+                                        r"sub-01_task-rest sub-02_task-rest sub-03_task-rest\)"):
         group.run_group(configured(out, **settings))
     # and the first subject at another TR: a bin is another frequency
     _edit_sidecars(out, ["01"], RepetitionTime=2 * TR)

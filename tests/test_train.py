@@ -77,6 +77,21 @@ def test_resume_from_checkpoint_gives_the_same_weights(runs, tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=1e-6)
 
 
+def test_a_checkpoint_of_other_derivatives_is_not_resumed_from(runs, tmp_path, caplog):
+    """Same options and run names, but a run's derivatives remade (its sidecar's input hash
+    changed): the fold starts afresh instead of carrying on with weights of the old data."""
+    caplog.set_level("INFO", logger="spec2vol_bids.train")
+    one = dataclasses.replace(CONFIG, epochs=1)
+    train.train(runs[:2], CHANNELS, one, work_dir=tmp_path / "w", checkpoint=tmp_path / "d.pt")
+    remade = [runs[0], dataclasses.replace(runs[1], meta={**runs[1].meta, "InputHash": "remade"})]
+    caplog.clear()
+    train.train(remade, CHANNELS, CONFIG, work_dir=tmp_path / "w", checkpoint=tmp_path / "d.pt")
+    assert "made with other options or data" in caplog.text and "resuming" not in caplog.text
+    caplog.clear()  # the control: the same derivatives resume
+    train.train(remade, CHANNELS, CONFIG, work_dir=tmp_path / "w", checkpoint=tmp_path / "d.pt")
+    assert "resuming after epoch 3" in caplog.text
+
+
 def test_val_selection_keeps_the_best_validation_epoch(runs, tmp_path):
     cfg = dataclasses.replace(CONFIG, select="val", epochs=3)
     result = train.train(runs[:2], CHANNELS, cfg, work_dir=tmp_path, checkpoint=tmp_path / "v.pt",
