@@ -410,12 +410,17 @@ def test_model_from_another_preprocessing(simulated_bids, participant_outputs, m
     assert not synth(participant_outputs).exists()
 
 
+def _without(options: tuple, name: str) -> tuple:
+    """``options`` without the option ``name`` and its value."""
+    at = options.index(name)
+    return options[:at] + options[at + 2:]
+
+
 def test_model_decides_the_frequency_bins(simulated_bids, model_channels, tmp_path):
     """Without --freq-bins the spectrograms take the model's bins (32 here, not 249)."""
     model = save_tiny_model(tmp_path / "model.pt", model_channels, freq_bins=32)
     out = tmp_path / "out"
-    at = PARTICIPANT_OPTIONS.index("--freq-bins")
-    options = PARTICIPANT_OPTIONS[:at] + PARTICIPANT_OPTIONS[at + 2:]
+    options = _without(PARTICIPANT_OPTIONS, "--freq-bins")
     proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
                         "--model", model)
     assert proc.returncode == 0, proc.stderr
@@ -427,8 +432,7 @@ def test_model_decides_the_context(simulated_bids, model_channels, tmp_path):
     """Without --context the model's own is used, and recorded: 6 windows here, not 4."""
     model = save_tiny_model(tmp_path / "model.pt", model_channels, context=6)
     out = tmp_path / "out"
-    at = PARTICIPANT_OPTIONS.index("--context")
-    options = PARTICIPANT_OPTIONS[:at] + PARTICIPANT_OPTIONS[at + 2:]
+    options = _without(PARTICIPANT_OPTIONS, "--context")
     proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
                         "--model", model)
     assert proc.returncode == 0, proc.stderr
