@@ -150,10 +150,16 @@ class Config:
     training: Training = field(default_factory=Training)
     execution: Execution | None = None
 
-    def as_dict(self) -> dict:
-        """Every setting by part, paths as strings: what ``logs/config.toml`` records."""
+    def as_dict(self, level: str | None = None) -> dict:
+        """Every setting by part, paths as strings: what ``logs/config.toml`` records.
+
+        Given the analysis ``level``, the other level's part is left out: the participant level
+        trains nothing, and the group level's derivatives were made with the participant
+        settings its participant runs recorded, not with this run's defaults.
+        """
+        unused = {"participant": "training", "group": "participant"}.get(level)
         return {part.name: _plain(dataclasses.asdict(getattr(self, part.name)))
-                for part in dataclasses.fields(self)}
+                for part in dataclasses.fields(self) if part.name != unused}
 
 
 def _plain(value):

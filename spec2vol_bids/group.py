@@ -4,14 +4,13 @@ Each fold holds out its test subject(s) completely: the EEG scaling, the trainin
 checkpoint selection never see them (``--select val`` holds out one more, *training*, subject).
 Folds are independent jobs: ``--folds`` runs a subset (e.g. one per SLURM array task), a file
 lock per fold lets concurrent jobs share one OUTPUT_DIR, a finished fold (its ``done.json`` is
-written last) is skipped, and whichever job finds every fold finished writes the group table.
+written last) is skipped when :mod:`spec2vol_bids.finished` finds it made as asked now, and
+whichever job finds every fold finished writes the group table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,15 +20,16 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from filelock import FileLock
 
 from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
-                                resolve_channels, run_digest, subjects_of)
+                                resolve_channels, subjects_of)
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
+from spec2vol_bids.finished import (check_finished, folder_record, is_done, lock_path, locked_once,
+                                    protocol)
 from spec2vol_bids.models import save_checkpoint
 from spec2vol_bids.naming import MASK_SUFFIX, TARGET_SUFFIX, build_name, parse_name, run_dir, source_uri
 
@@ -105,13 +105,14 @@ def run_group(config: Config) -> int:
     chosen = _chosen_folds(folds, training.folds)
     models = list(dict.fromkeys([training.model, *training.compare]))
     final = not training.no_final and not training.folds
-    records = {out_dir / "models" / f"fold-{fold.label}": _record(training, models, channels,
-                                                                  fold.test, paired)
+    records = {_fold_dir(out_dir, fold.label): folder_record(training, models, channels,
+                                                                        fold.test, paired)
                for fold in folds}
     if final:
-        records[out_dir / "models" / "final"] = _record(training, [training.model], channels, [],
-                                                        paired)
-    _check_finished(records)
+        records[out_dir / "models" / "final"] = folder_record(training, [training.model], channels,
+                                                              [], paired)
+    check_finished(records, {folder: _outputs(folder, record, paired, out_dir)
+                             for folder, record in records.items()})
     started = datetime.now(timezone.utc)
     if train.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)
@@ -122,21 +123,21 @@ def run_group(config: Config) -> int:
                 ", ".join(models + [MEAN]))
 
     for fold in chosen:
-        folder = out_dir / "models" / f"fold-{fold.label}"
-        _locked_once(folder, records[folder],
+        folder = _fold_dir(out_dir, fold.label)
+        locked_once(folder, records[folder],
                      lambda fold=fold: run_fold(fold, paired, channels, training, models,
                                                 out_dir=out_dir, work_dir=work_dir,
                                                 bids_dir=inputs.bids_dir))
-    if train.is_main() and all(_done(out_dir, f.label) for f in folds):
-        with FileLock(str(_lock_path(out_dir / "models" / "group"))):
+    if train.is_main() and all(is_done(_fold_dir(out_dir, f.label)) for f in folds):
+        with FileLock(str(lock_path(out_dir / "models" / "group"))):
             aggregate(out_dir, [f.label for f in folds])
     elif train.is_main():
-        pending = [f.label for f in folds if not _done(out_dir, f.label)]
+        pending = [f.label for f in folds if not is_done(_fold_dir(out_dir, f.label))]
         logger.info("folds still to run: %s; the group table is written when all have finished",
                     " ".join(pending))
     if final:
         final_runs, final_val = split_validation(paired, training.select)
-        _locked_once(out_dir / "models" / "final", records[out_dir / "models" / "final"],
+        locked_once(out_dir / "models" / "final", records[out_dir / "models" / "final"],
                      lambda: _train_final(final_runs, final_val, channels, training,
                                           out_dir=out_dir, work_dir=work_dir))
     if train.is_main():
@@ -163,8 +164,7 @@ def _finish_reports(config: Config, subjects: Sequence[str], started: datetime) 
     out_dir = config.inputs.output_dir
     for subject in subjects:
         report.write_participant_report(out_dir, subject.removeprefix("sub-"))
-    # the participant settings were the participant level's (its own logs record them)
-    settings = {k: v for k, v in config.as_dict().items() if k != "participant"}
+    settings = config.as_dict("group")
     logger.info("report: %s", report.write_group_report(out_dir, config=settings))
     provenance.write_provenance(
         out_dir, level="group", argv=list(config.execution.argv) or ["spec2vol"],
@@ -174,132 +174,29 @@ def _finish_reports(config: Config, subjects: Sequence[str], started: datetime) 
     logger.info("group level done: derivatives, models and reports in %s", out_dir)
 
 
+def _fold_dir(out_dir: Path, label: str) -> Path:
+    return out_dir / "models" / f"fold-{label}"
+
+
+def _outputs(folder: Path, record: dict, runs: Sequence[Run], out_dir: Path) -> list[Path]:
+    """What a finished ``folder`` wrote (its :func:`~spec2vol_bids.finished.folder_record` is
+    ``record``): each model, and for a fold its table and its test runs' held-out series."""
+    models = [folder / "model.pt"] + [folder / name / "model.pt" for name in record["Protocols"]
+                                      if name != record["Model"]]
+    if not record["TestSubjects"]:
+        return models
+    held_out = [path for run in runs if run.subject in record["TestSubjects"]
+                for image in held_out_paths(run, out_dir)
+                for path in (image, image.with_name(image.name.replace(".nii.gz", ".json")))]
+    return [*models, folder / "metrics.tsv", *held_out]
+
+
 def _train_final(train_runs, val_runs, channels, config, *, out_dir: Path, work_dir: Path) -> dict:
     """The all-subject model, ``models/final`` (what ``participant --model`` applies)."""
     train_and_save(train_runs, val_runs, channels, config, config.model, out_dir / "models" / "final",
                    work_dir=work_dir, checkpoint=work_dir / "checkpoints" / "final" / config.model,
                    extra={"Fold": "final", "TestSubjects": []})
     return {"Fold": "final", "TrainSubjects": subjects_of([*train_runs, *val_runs])}
-
-
-def _lock_path(folder: Path) -> Path:
-    """The lock of ``folder``: next to it in OUTPUT_DIR, so every job writing there sees it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    return folder.parent / f".{folder.name}.lock"
-
-
-def _done(out_dir: Path, label: str) -> bool:
-    return (out_dir / "models" / f"fold-{label}" / "done.json").exists()
-
-
-def _locked_once(folder: Path, record: dict, job) -> None:
-    """Run ``job`` unless ``folder/done.json`` exists, holding a lock; then write the marker.
-
-    The marker keeps ``record`` (:func:`_record`). A finished folder is kept only when it was
-    made as asked now, from the same derivatives; otherwise the run is refused rather than
-    mixing two protocols or two versions of the data in one table. Under torchrun rank 0 takes
-    the lock and decides; every rank runs the job (training is collective) and only rank 0
-    writes.
-    """
-    lock = FileLock(str(_lock_path(folder))) if train.is_main() else contextlib.nullcontext()
-    with lock:
-        skip = _broadcast((folder / "done.json").exists())
-        if skip:
-            _check_same_record(folder, record)
-            logger.info("%s is finished; skipping it (delete the folder to redo it)", folder)
-            return
-        info = job() or {}
-        if train.is_main():
-            write_json(folder / "done.json", {**info, **record,
-                                              "Finished": datetime.now(timezone.utc).isoformat()})
-        train.barrier()
-
-
-def _record(training: Training, models: Sequence[str], channels: Sequence[str],
-            test: Sequence[str], runs: Sequence[Run]) -> dict:
-    """What a folder of trained models is made from: the group's model, each model's protocol
-    (:func:`_protocol`), the channels, the test subjects and a digest of every run's
-    participant-level derivatives."""
-    return {"Model": training.model, "Protocols": {name: _protocol(training, name) for name in models},
-            "Channels": list(channels), "TestSubjects": list(test),
-            "Inputs": {run.name: run_digest(run) for run in runs}}
-
-
-def _check_finished(records: dict[Path, dict]) -> None:
-    """Before anything is trained: refuse when a finished folder of this run (every fold, and
-    the final model when it is made) was made otherwise; name every such folder."""
-    found = [(folder, _record_mismatch(folder, record)) for folder, record in records.items()
-             if (folder / "done.json").exists()]
-    found = [(folder, mismatch) for folder, mismatch in found if mismatch]
-    if found:
-        (folder, (error, text)), others = found[0], [f.name for f, _ in found[1:]]
-        also = f" (so were {', '.join(others)})" if others else ""
-        raise error(f"{text}{also}", path=folder)
-
-
-def _check_same_record(folder: Path, record: dict) -> None:
-    """Refuse a finished ``folder`` made otherwise than ``record`` says the run would make it."""
-    mismatch = _record_mismatch(folder, record)
-    if mismatch:
-        error, text = mismatch
-        raise error(text, path=folder)
-
-
-def _record_mismatch(folder: Path, record: dict) -> tuple[type, str] | None:
-    """How a finished ``folder`` differs from ``record``: the error to raise and its text."""
-    try:
-        done = json.loads((folder / "done.json").read_text())
-    except (OSError, ValueError):
-        return DataError, "its done.json is unreadable; delete that folder to retrain it"
-    retrain = "delete that folder to retrain it, use another OUTPUT_DIR, or"
-    if not isinstance(done, dict) or not isinstance(done.get("Protocols"), dict):
-        return UsageError, ("made by an earlier spec2vol, which did not record its models, options "
-                            "and derivatives; delete that folder to retrain it, or use another "
-                            "OUTPUT_DIR")
-    stored = done["Protocols"]
-    if done.get("Model") != record["Model"] or set(stored) != set(record["Protocols"]):
-        return UsageError, (f"trained for the models {', '.join(sorted(stored))} (group model "
-                            f"{done.get('Model')}), not {', '.join(sorted(record['Protocols']))} "
-                            f"(group model {record['Model']}); {retrain} ask for the models it "
-                            "was trained for")
-    differ = [f"{name}: {key} {stored[name].get(key, 'unrecorded')!r} there, {value!r} now"
-              for name, asked in record["Protocols"].items() for key, value in asked.items()
-              if stored[name].get(key) != value]
-    if differ:
-        return UsageError, (f"trained with other options ({'; '.join(differ)}); {retrain} give "
-                            "the options it was trained with")
-    for key, what in (("Channels", "channels"), ("TestSubjects", "test subjects")):
-        if done.get(key) != record[key]:
-            return UsageError, (f"trained with other {what} ({' '.join(done.get(key) or [])} "
-                                f"there, {' '.join(record[key])} now); {retrain} give the ones it "
-                                "was trained with")
-    inputs, now = done.get("Inputs") or {}, record["Inputs"]
-    changes = [(what, names) for what, names in (
-        ("remade since", [n for n in now if n in inputs and inputs[n] != now[n]]),
-        ("not there then", [n for n in now if n not in inputs]),
-        ("not selected now", [n for n in inputs if n not in now])) if names]
-    if changes:
-        shown = "; ".join(f"{what}: {' '.join(names)}" for what, names in changes)
-        return DataError, (f"trained on other participant-level derivatives ({shown}); {retrain} "
-                           "select the runs it was trained on, as they were")
-    return None
-
-
-def _protocol(config: Training, model_name: str) -> dict:
-    """What shaped ``model_name``'s fit: the network's training settings, or for a linear model
-    (closed form, run-standardised EEG) nothing but its name."""
-    if model_name in LINEAR_MODELS:
-        return {"model": model_name, "eeg_normalisation": "run"}
-    return {name: getattr(dataclasses.replace(config, model=model_name), name)
-            for name in train.PROTOCOL}
-
-
-def _broadcast(value):
-    if dist.is_available() and dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
 
 
 def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels: Sequence[str],
@@ -327,13 +224,13 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     meta = {
         **extra,
         "Model": model_name,
-        "Config": _protocol(config, model_name),
+        "Config": protocol(config, model_name),
         "Channels": list(channels),
         "NormStats": result.norm,
         **fitting,
         "RepetitionTime": float(ref.meta["RepetitionTime"]),
         "Context": ref.context,
-        "DiscardVolumes": ref.discard,
+        "DiscardVolumes": _discarded([*train_runs, *val_runs]),
         "TargetShape": list(target_img.shape[:3]),
         "TargetAffine": target_img.affine.tolist(),
     }
@@ -349,6 +246,13 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
     return result
 
 
+def _discarded(runs: Sequence[Run]) -> int | dict[str, int]:
+    """The volumes discarded before the runs' first samples: one number when the participant
+    level discarded as many in every run, else each run's."""
+    counts = {run.discard for run in runs}
+    return counts.pop() if len(counts) == 1 else {run.name: run.discard for run in runs}
+
+
 def _target_header(run: Run) -> nib.Nifti1Image:
     return nib.load(run.target)
 
@@ -357,7 +261,7 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
              models: Sequence[str], *, out_dir: Path, work_dir: Path,
              bids_dir: Path | None = None) -> dict:
     """Train, evaluate and synthesise one fold; write ``models/fold-<label>/metrics.tsv``."""
-    folder = out_dir / "models" / f"fold-{fold.label}"
+    folder = _fold_dir(out_dir, fold.label)
     training = [r for r in paired if r.subject not in fold.test]
     testing = [r for r in paired if r.subject in fold.test]
     train_runs, val_runs = split_validation(training, config.select)
@@ -434,19 +338,17 @@ def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str,
     They keep the target's ``space``/``res`` entities, so they overlay on the same template.
     """
     img = _target_header(run)
-    entities = {**run.entities, **{k: v for k, v in parse_name(run.target.name).items()
-                                   if k in ("space", "res")}}
-    folder = run_dir(out_dir, entities, "func")
+    synth, statmap = held_out_paths(run, out_dir)
     sources = [source_uri(p, out_dir, dataset="") for p in (run.spectrogram, run.target, model_path)]
     metrics = {"SSIM": float(result["ssim"].mean()), "PSNR": float(result["psnr"].mean()),
                "SSIM3D": float(result["ssim3d"].mean()), "Dynamics": result["dynamics"]}
-    synthesize.write_synth(result["pred"], folder / build_name(entities, "bold", ".nii.gz", desc="synth"),
+    synthesize.write_synth(result["pred"], synth,
                            affine=img.affine, tr=float(run.meta["RepetitionTime"]),
                            first_volume=int(run.sample_volumes[0]),
                            sidecar={"Model": model_name, "Fold": fold, "Sources": sources,
                                     "Metrics": metrics})
     synthesize.write_statmap(
-        result["dynamics_map"], folder / build_name(entities, "statmap", ".nii.gz", desc="dynamics"),
+        result["dynamics_map"], statmap,
         affine=img.affine,
         sidecar={"Description": "Voxel-wise Pearson correlation of the synthesised and measured BOLD "
                                 "time series (each voxel's mean removed); 0 outside the brain mask "
@@ -456,9 +358,19 @@ def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str,
                  "MeanInMask": result["dynamics"]})
 
 
+def held_out_paths(run: Run, out_dir: Path) -> tuple[Path, Path]:
+    """Where a held-out run's synthesised series and dynamics map go (``desc-synth_bold``,
+    ``desc-dynamics_statmap``), with the target's ``space``/``res`` entities."""
+    entities = {**run.entities, **{k: v for k, v in parse_name(run.target.name).items()
+                                   if k in ("space", "res")}}
+    folder = run_dir(out_dir, entities, "func")
+    return (folder / build_name(entities, "bold", ".nii.gz", desc="synth"),
+            folder / build_name(entities, "statmap", ".nii.gz", desc="dynamics"))
+
+
 def aggregate(out_dir: Path, labels: Sequence[str]) -> dict:
     """Concatenate the folds' tables into ``group_metrics.tsv`` and summarise per model."""
-    tables = [evaluate.read_table(out_dir / "models" / f"fold-{label}" / "metrics.tsv") for label in labels]
+    tables = [evaluate.read_table(_fold_dir(out_dir, label) / "metrics.tsv") for label in labels]
     table = pd.concat(tables, ignore_index=True)
     summary = evaluate.summarise(table)
     # group_metrics.json is both the TSV's column sidecar and the per-model summary

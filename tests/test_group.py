@@ -276,6 +276,16 @@ def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     torch.testing.assert_close(final(x), refit.model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_fold_records_each_runs_discarded_volumes_when_they_differ(tmp_path):
+    out = write_derivatives(tmp_path / "out", subjects=("01", "02", "03"), n_volumes=40)
+    discard = data.find_runs(out)[0].discard
+    _edit_sidecars(out, ["03"], DiscardVolumes=discard + 3)
+    assert group.run_group(configured(out, model="ridge", folds=["01", "03"])) == 0
+    fold_01 = json.loads((out / "models" / "fold-01" / "model.json").read_text())
+    assert fold_01["DiscardVolumes"] == {"sub-02_task-rest": discard, "sub-03_task-rest": discard + 3}
+    assert json.loads((out / "models" / "fold-03" / "model.json").read_text())["DiscardVolumes"] == discard
+
+
 def _edit_sidecars(out: Path, subjects, **changes) -> None:
     """What a participant-level rerun with other options leaves: spectrogram sidecars that
     say so (the arrays themselves do not depend on the context)."""
@@ -310,6 +320,17 @@ def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivati
     assert not (out / "models" / "fold-02").exists()
     with pytest.raises(UsageError, match=r"other channels \(Fp1 Fp2 .* there, Fp1 Fp2 F7 now\)"):
         group.run_group(configured(out, **settings, channels=["Fp1", "Fp2", "F7"]))
+    # a finished fold that lost files it wrote: the table and the reports would describe them
+    lost = [next((out / "sub-01").rglob("*_desc-synth_bold.nii.gz")),
+            out / "models" / "fold-01" / "spec2vol" / "model.pt"]
+    for path in lost:
+        path.rename(tmp_path / path.name)
+    with pytest.raises(DataError, match=r"fold-01: finished, but 2 of the files it wrote are missing "
+                                        r"\(models/fold-01/spec2vol/model\.pt "
+                                        r"sub-01/func/sub-01_task-rest_desc-synth_bold\.nii\.gz\)"):
+        group.run_group(configured(out, **settings))
+    for path in lost:
+        (tmp_path / path.name).rename(path)
     # a folder of an earlier version, which recorded none of it
     legacy = out / "models" / "fold-02"
     legacy.mkdir()

@@ -71,7 +71,7 @@ def run_participant(config) -> int:
         LOGGER.info("report: %s", report.write_participant_report(inputs.output_dir, subject))
     provenance.write_provenance(
         inputs.output_dir, level="participant", argv=list(config.execution.argv),
-        config=config.as_dict(), seeds={"seed": config.training.seed}, started=started,
+        config=config.as_dict("participant"), seeds={}, started=started,
         finished=datetime.now(timezone.utc), stages={"runs": [dataclasses.asdict(r) for r in results]})
     LOGGER.info("participant level done: %d runs of %d participants in %s", len(results),
                 len(subjects), inputs.output_dir)
