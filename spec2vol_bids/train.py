@@ -338,9 +338,10 @@ def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Traini
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         row["seconds"] = time.perf_counter() - tic
         history.append(row)
-        logger.info("%s epoch %d/%d: train loss %.4f, val SSIM %.4f, val dynamics %.4f, %.1f s",
-                    description, epoch + 1, config.epochs, train_loss, row["val_ssim"],
-                    row["val_dynamics"], row["seconds"])
+        scored = ("" if val_set is None else f", val SSIM {row['val_ssim']:.4f}, val dynamics "
+                                             f"{row['val_dynamics']:.4f}")
+        logger.info("%s epoch %d/%d: train loss %.4f%s, %.1f s", description, epoch + 1,
+                    config.epochs, train_loss, scored, row["seconds"])
         if rank == 0:
             _save(checkpoint, fingerprint, epoch + 1, model, optimizer, scheduler, history, best)
         barrier()

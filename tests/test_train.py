@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -83,6 +84,9 @@ def test_a_checkpoint_of_other_derivatives_is_not_resumed_from(runs, tmp_path, c
     caplog.set_level("INFO", logger="spec2vol_bids.train")
     one = dataclasses.replace(CONFIG, epochs=1)
     train.train(runs[:2], CHANNELS, one, work_dir=tmp_path / "w", checkpoint=tmp_path / "d.pt")
+    # without a validation subject the epoch's line has no validation scores, not "nan"
+    assert re.search(r"epoch 1/1: train loss \d\.\d{4}, \d+\.\d s", caplog.text)
+    assert "nan" not in caplog.text
     remade = [runs[0], dataclasses.replace(runs[1], meta={**runs[1].meta, "InputHash": "remade"})]
     caplog.clear()
     train.train(remade, CHANNELS, CONFIG, work_dir=tmp_path / "w", checkpoint=tmp_path / "d.pt")
@@ -92,11 +96,15 @@ def test_a_checkpoint_of_other_derivatives_is_not_resumed_from(runs, tmp_path, c
     assert "resuming after epoch 3" in caplog.text
 
 
-def test_val_selection_keeps_the_best_validation_epoch(runs, tmp_path):
+def test_val_selection_keeps_the_best_validation_epoch(runs, tmp_path, caplog):
+    caplog.set_level("INFO", logger="spec2vol_bids.train")
     cfg = dataclasses.replace(CONFIG, select="val", epochs=3)
     result = train.train(runs[:2], CHANNELS, cfg, work_dir=tmp_path, checkpoint=tmp_path / "v.pt",
                          val_runs=runs[2:])
     ssims = [h["val_ssim"] for h in result.history]
+    last = result.history[-1]
+    assert (f"epoch 3/3: train loss {last['train_loss']:.4f}, val SSIM {last['val_ssim']:.4f}, "
+            f"val dynamics {last['val_dynamics']:.4f}") in caplog.text
     assert result.selected_epoch == 1 + max(range(3), key=lambda i: ssims[i])
     val = data.PairedDataset(runs[2:], CHANNELS, result.norm, tmp_path)
     scores = train.validate(result.model, val, torch.device("cpu"), 8)
