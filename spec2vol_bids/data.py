@@ -25,6 +25,7 @@ from spec2vol_bids.config import CONTEXT, NORMALISATIONS, Participant
 from spec2vol_bids.derivatives import atomic_path, read_spectrogram
 from spec2vol_bids.errors import DataError, NothingSelectedError
 from spec2vol_bids.naming import RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key
+from spec2vol_bids.spectra import select_channels
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def norm_stats(runs: Iterable[Run], channels: Sequence[str], *, chunk: int = 64,
         index = channel_index(run, channels)
         stop = run.n_volumes - 1
         for start in range(run.discard, stop, chunk):
-            block = np.asarray(spec[start:min(start + chunk, stop)])[:, index]
+            block = select_channels(spec[start:min(start + chunk, stop)], index)
             lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
             if kind == "standard":
                 block = block.astype(np.float64)
@@ -249,7 +250,7 @@ def run_norm(run: Run, channels: Sequence[str], norm: dict) -> dict:
     if norm.get("kind") != "run":
         return norm
     spec = _open_npy(run.spectrogram)
-    windows = np.asarray(spec[run.discard:run.n_volumes - 1])[:, channel_index(run, channels)]
+    windows = select_channels(spec[run.discard:run.n_volumes - 1], channel_index(run, channels))
     if not len(windows):
         raise DataError("no EEG windows to standardise (the run is too short for discard + "
                         "context volumes)", path=run.spectrogram)
@@ -342,7 +343,7 @@ class PairedDataset(torch.utils.data.Dataset):
         spec = self._map(("x", r), run.spectrogram)
         block = spec[j - run.context:j]
         self._mapped_bytes += block.nbytes
-        x = apply_norm(np.array(block[:, self._index[r]], dtype=np.float32), self._norms[r])
+        x = apply_norm(select_channels(block, self._index[r]), self._norms[r])
         if not self.with_target:
             return torch.from_numpy(x)
         volume = self._map(("y", r), self._targets[r])[j]

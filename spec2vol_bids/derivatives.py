@@ -249,7 +249,8 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
         "Name": PIPELINE_NAME,
         "Version": __version__,
         "CodeURL": "https://github.com/spec2vol/spec2vol",
-        "Description": "EEG spectrograms, BOLD targets and Spec2VolCAMU-Net synthesised BOLD",
+        "Description": "TR-window EEG spectrograms, normalised BOLD targets of the runs with "
+                       "BOLD, and BOLD synthesised from EEG by the trained models",
     }
     container = container_info()
     if container:
@@ -260,6 +261,8 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
         "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],
+        # the sidecars' "bids:raw:" URIs name the source dataset
+        "DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()},
     }
     return desc
 

@@ -270,6 +270,24 @@ def zscore_channels(spec: np.ndarray, *, exclude=None) -> np.ndarray:
     return spec
 
 
+def select_channels(spec: np.ndarray, index) -> np.ndarray:
+    """The channels ``index`` of a (windows, channels, bins) spectrogram z-scored across
+    channels, as a float32 copy, z-scored again across them when they are fewer than the
+    spectrogram's.
+
+    The participant level z-scores across every channel of the recording; a model that reads
+    fewer must not see its input move with the channels it leaves out. A z-score is blind to
+    the affine map the first one applied to each (window, bin), so the result is the z-score of
+    the selected channels' amplitudes. Flat channels (all zeros) stay out of the statistics.
+    """
+    if isinstance(index, slice):
+        return np.array(spec, dtype=np.float32)
+    chosen = np.array(spec[:, index], dtype=np.float32)
+    if len(index) < spec.shape[1]:
+        zscore_channels(chosen, exclude=flat_channels(chosen))
+    return chosen
+
+
 def flat_channels(spec: np.ndarray) -> np.ndarray:
     """Boolean mask of the channels :func:`tr_spectrogram` found flat (all-zero rows)."""
     return ~np.any(spec, axis=(0, 2))

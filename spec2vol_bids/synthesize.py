@@ -29,6 +29,7 @@ from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
 from spec2vol_bids.naming import dataset_root, source_uri
+from spec2vol_bids.spectra import select_channels
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,11 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
                    path: str | Path | None = None) -> np.ndarray:
     """Reorder a ``(V, C, F)`` spectrogram to the model's channels, interpolating missing ones.
 
-    Channels are matched by name (case-insensitively); extra channels are dropped. Missing ones
-    (at most 20 % of the model's) are interpolated with spherical splines on the standard 10-05
-    montage from the present channels that lie on it; the result is z-scored again across
-    channels per (window, bin), as the participant level does.
+    Channels are matched by name (case-insensitively); extra channels are dropped, and the rest
+    z-scored again across channels per (window, bin), as the model's training runs were read
+    (:func:`~spec2vol_bids.spectra.select_channels`). Missing ones (at most 20 % of the
+    model's) are interpolated with spherical splines on the standard 10-05 montage from the
+    present channels that lie on it, then z-scored the same way.
 
     Raises
     ------
@@ -105,9 +107,7 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
     present = [name for name in model_channels if name.lower() in lower]
     missing = [name for name in model_channels if name.lower() not in lower]
     if not missing:
-        if list(channels) == list(model_channels):
-            return np.asarray(spec, dtype=np.float32)
-        return np.asarray(spec, dtype=np.float32)[:, [lower[n.lower()] for n in model_channels]]
+        return select_channels(spec, [lower[name.lower()] for name in model_channels])
     if len(missing) > MAX_MISSING * len(model_channels):
         raise DataError(f"{len(missing)} of the model's {len(model_channels)} EEG channels are missing "
                         f"({', '.join(missing)}); at most {MAX_MISSING:.0%} can be interpolated",

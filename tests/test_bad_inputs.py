@@ -12,6 +12,7 @@ import gzip
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -112,6 +113,20 @@ def test_output_dir_in_the_raw_tree(simulated_bids, where):
     proc = participant(simulated_bids, out)
     assert_clean_failure(proc, 64, "OUTPUT_DIR")
     assert snapshot(simulated_bids) == before
+
+
+def test_an_eeg_only_run_is_not_written_beside_a_bold_target_of_its_name(simulated_bids,
+                                                                         participant_outputs):
+    """Another dataset (here: this one with sub-01's BOLD removed) into an OUTPUT_DIR that holds
+    a run of the same name: its spectrogram would be paired with the other's target."""
+    shutil.rmtree(simulated_bids / "sub-01" / "func")
+    before = snapshot(participant_outputs)
+    proc = participant(simulated_bids, participant_outputs, "--skip-bids-validation")
+    assert_clean_failure(proc, 64, "sub-01_task-rest_desc-target_bold.nii.gz",
+                         "give this dataset its own OUTPUT_DIR")
+    assert snapshot(participant_outputs) == before
+    proc = participant(simulated_bids, participant_outputs.parent / "own", "--skip-bids-validation")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_output_dir_not_writable(simulated_bids, tmp_path):

@@ -170,13 +170,42 @@ def test_different_channel_sets_are_refused_unless_named(tmp_path):
     assert data.resolve_channels(runs, common) == common
     with pytest.raises(DataError, match="lacks channel.*Fp1"):
         data.resolve_channels(runs, ["Cz", "Fp1"])
-    # channels are selected by name: the same electrode gives the same input in both files
+    # channels are selected by name and z-scored again across the common set in either file
     norm = {"min": -5.0, "max": 5.0}
     ds = data.PairedDataset(runs, common, norm, tmp_path / "work")
-    spec2 = np.load(runs[1].spectrogram)
-    x = ds[len(ds) - 1][0].numpy()
-    cz = runs[1].channels.index("Cz")
-    np.testing.assert_allclose(x[:, 0], (spec2[39:59, cz] + 5) / 10, rtol=1e-6)
+    chosen = np.load(runs[1].spectrogram)[39:59][:, [runs[1].channels.index(c) for c in common]]
+    np.testing.assert_allclose(ds[len(ds) - 1][0].numpy(), (_zscore(chosen) + 5) / 10, atol=1e-5)
+
+
+def _zscore(a: np.ndarray) -> np.ndarray:
+    return (a - a.mean(axis=1, keepdims=True)) / a.std(axis=1, keepdims=True)
+
+
+def test_a_channel_subset_is_z_scored_across_the_channels_read(deriv, tmp_path):
+    """The participant level z-scores across every channel of the recording; a model that reads
+    fewer sees the z-score of their amplitudes, whatever the channels it leaves out held."""
+    from spec2vol_bids import synthesize
+
+    run = data.find_runs(deriv)[0]
+    amplitude = np.random.default_rng(5).gamma(2.0, size=np.load(run.spectrogram).shape)
+    np.save(run.spectrogram, _zscore(amplitude).astype(np.float32))
+    subset = ["Cz", "O1", "Fp1", "T7", "F4"]
+    index = [CHANNELS.index(c) for c in subset]
+    norm = {"kind": "minmax", "min": -3.0, "max": 3.0}
+    x = data.PairedDataset([run], subset, norm, tmp_path / "work")[0][0].numpy()
+    j = run.sample_volumes[0]
+    np.testing.assert_allclose(x, (_zscore(amplitude[j - run.context:j][:, index]) + 3) / 6, atol=1e-5)
+    stats = data.run_norm(run, subset, {"kind": "run"})
+    used = _zscore(amplitude[run.discard:run.n_volumes - 1][:, index])
+    np.testing.assert_allclose(stats["mean"], used.mean(axis=0), atol=1e-5)
+    # at synthesis from a recording with more channels than the model: the same input
+    np.testing.assert_allclose(synthesize.match_channels(_zscore(amplitude), CHANNELS, subset),
+                               _zscore(amplitude[:, index]), atol=1e-5)
+    # all of them in another order: only reordered
+    order = list(reversed(CHANNELS))
+    np.testing.assert_array_equal(
+        data.PairedDataset([run], order, norm, tmp_path / "work")[0][0].numpy(),
+        data.PairedDataset([run], CHANNELS, norm, tmp_path / "work")[0][0].numpy()[:, ::-1])
 
 
 def test_dataset_pickles_without_maps_and_recycles_them(deriv, tmp_path, monkeypatch):

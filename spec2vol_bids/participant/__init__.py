@@ -20,7 +20,7 @@ from spec2vol_bids.config import MODELS
 from spec2vol_bids.derivatives import init_output_dataset, write_text
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.participant.result import RunResult
-from spec2vol_bids.participant.run import check_no_group_synthesis, process_run
+from spec2vol_bids.participant.run import check_no_group_synthesis, check_no_other_half, process_run
 from spec2vol_bids.participant.spectrogram import check_spectrogram_inputs
 from spec2vol_bids.participant.target import fetch_templates
 
@@ -49,6 +49,7 @@ def run_participant(config) -> int:
     config = _at_model_bins(config, model_bins)
     if config.participant.model_path:
         check_no_group_synthesis(pairs, inputs.output_dir)
+    check_no_other_half(pairs, inputs.output_dir)
     fetch_templates(pairs)
     init_output_dataset(inputs.output_dir, inputs.bids_dir)
     LOGGER.info("spec2vol %s participant level; log: %s", __version__,

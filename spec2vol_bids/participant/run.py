@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from spec2vol_bids.errors import DataError, UsageError
-from spec2vol_bids.naming import build_name, run_dir, run_label, source_uri
+from spec2vol_bids.naming import (TARGET_SUFFIX, build_name, parse_name, run_dir, run_key, run_label,
+                                  source_uri)
 from spec2vol_bids.participant.result import RunResult
 from spec2vol_bids.participant.spectrogram import eeg_entities, process_eeg, reuse_spectrogram
 from spec2vol_bids.participant.target import process_bold
@@ -122,6 +123,26 @@ def check_no_group_synthesis(pairs, output_dir: Path) -> None:
             raise UsageError(f"OUTPUT_DIR holds the group level's held-out synthesis of this run "
                              f"(fold {meta.get('Fold')}), which its reports describe; apply the "
                              "model into another OUTPUT_DIR", path=nii)
+
+
+def check_no_other_half(pairs, output_dir: Path) -> None:
+    """A run with EEG only never gets its spectrogram written beside a BOLD target of a run of
+    the same name in OUTPUT_DIR: that target came from another dataset (or from BOLD since
+    removed), and the group level would pair the two. (BOLD without EEG is not processed.)
+
+    Raises
+    ------
+    UsageError (64)
+        Naming the target.
+    """
+    for pair in (p for p in pairs if p.eeg is not None and p.bold is None):
+        folder = run_dir(output_dir, pair.entities, "func")
+        for target in sorted(folder.glob(f"*{TARGET_SUFFIX}")) if folder.is_dir() else ():
+            if run_key(parse_name(target.name)) == run_key(pair.entities):
+                raise UsageError("OUTPUT_DIR holds a BOLD target of this run, which has no BOLD in "
+                                 "BIDS_DIR: it comes from another dataset (or from BOLD since "
+                                 "removed), and the group level would pair it with this EEG; give "
+                                 "this dataset its own OUTPUT_DIR", path=target)
 
 
 def _synthesize(pair, config, tr: float, result: RunResult) -> None:
