@@ -374,6 +374,13 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     chosen = fitting[0]
     wanted = n_volumes if n_volumes is not None else len(chosen.onsets) - skip
     for other in fitting[1:]:
+        if n_volumes is None and len(other.onsets) != len(chosen.onsets):
+            # without BOLD nothing else counts the volumes: the shorter train may have stopped
+            raise DataError(
+                f"two trigger trains fit this run without BOLD but count different volumes "
+                f"({chosen.series.label}: {len(chosen.onsets) - skip}, {other.series.label}: "
+                f"{len(other.onsets) - skip}); choose one with --volume-marker (eeg:NAME or "
+                "events:NAME)", path=path)
         gap = _disagreement(chosen, other, skip, wanted)
         if gap > max(2.0, _AGREEMENT * tr * sfreq):
             raise DataError(

@@ -167,6 +167,17 @@ def test_two_fitting_trains_must_agree():
     assert timing.marker == "Response/R128" and timing.starts[0] == 400
 
 
+def test_trains_of_different_lengths_are_refused_without_bold():
+    """Without BOLD nothing else counts the volumes: a train that stops early (in the .vmrk)
+    beside one that goes on (in events.tsv) would shorten the run without a word."""
+    volumes = 400 + np.arange(30) * PERIOD
+    raw = raw_with_markers((volumes[:15], "Response/R128"), (volumes, "Scanner/Volume"))
+    with pytest.raises(DataError, match=r"count different volumes \('Response/R128' \(EEG file\): "
+                                        r"15, 'Scanner/Volume' \(EEG file\): 30\); choose one"):
+        timing_of(raw, n_volumes=None)
+    assert timing_of(raw, n_volumes=None, marker="Volume").n_volumes == 30
+
+
 def test_marker_and_offset_options():
     raw = raw_with_markers((400 + np.arange(30) * PERIOD, "Stimulus/S  5"), ([50], "Response/R128"))
     assert timing_of(raw, marker="S 5").starts[0] == 400
