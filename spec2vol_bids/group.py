@@ -93,8 +93,10 @@ def run_group(config: Config) -> int:
                      session_label=inputs.session_label, task=inputs.task)
     paired = [r for r in runs if r.target is not None]
     if not paired:
-        raise NothingSelectedError("no paired EEG spectrogram and BOLD target derivatives found; "
-                                   "run the participant level first", path=out_dir)
+        hint = (f"the {len(runs)} run(s) found have no BOLD: the group level trains and scores "
+                "models on runs with both" if runs else "run the participant level first")
+        raise NothingSelectedError(f"no paired EEG spectrogram and BOLD target derivatives found; "
+                                   f"{hint}", path=out_dir)
     subjects = subjects_of(paired)
     if len(subjects) < 2:
         raise DataError(f"training needs at least two subjects with paired EEG and BOLD; found "

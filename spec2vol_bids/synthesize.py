@@ -88,6 +88,13 @@ def _sidecar_path(path) -> Path:
     return path.with_name(path.name.split(".")[0] + ".json")
 
 
+def missing_channels(channels: Sequence[str], model_channels: Sequence[str]) -> list[str]:
+    """The model's channels that a recording with ``channels`` lacks (names matched
+    case-insensitively): those :func:`match_channels` interpolates."""
+    have = {name.lower() for name in channels}
+    return [name for name in model_channels if name.lower() not in have]
+
+
 def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Sequence[str], *,
                    path: str | Path | None = None) -> np.ndarray:
     """Reorder a ``(V, C, F)`` spectrogram to the model's channels, interpolating missing ones.
@@ -105,7 +112,7 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
     """
     lower = {name.lower(): i for i, name in enumerate(channels)}
     present = [name for name in model_channels if name.lower() in lower]
-    missing = [name for name in model_channels if name.lower() not in lower]
+    missing = missing_channels(channels, model_channels)
     if not missing:
         return select_channels(spec, [lower[name.lower()] for name in model_channels])
     if len(missing) > MAX_MISSING * len(model_channels):
@@ -232,6 +239,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
                        first_volume=first, sidecar={
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
+                           "InterpolatedChannels": missing_channels(side["Channels"], meta["channels"]),
                            "Sources": [source_uri(spectrogram, dataset_root(spectrogram), dataset=""), *sources,
                                        str(model_path)],
                        })

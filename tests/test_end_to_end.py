@@ -89,6 +89,11 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
     side = json.loads((out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.json").read_text())
     assert side["RepetitionTime"] == pytest.approx(2.0)
+    # its report says which model made it and does not send the user to the group level
+    report = (out / "sub-03.html").read_text()
+    model = out / "models" / "final" / "model.pt"
+    assert f"synthesised by spec2vol ({model}) for volumes 6–29" in report
+    assert "no measured BOLD for this participant" in report and "run the group level" not in report
 
 
 def test_a_model_never_replaces_the_group_levels_held_out_synthesis(main_job):

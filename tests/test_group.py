@@ -22,7 +22,7 @@ from test_data import CONTEXT, DISCARD, GRID, TR, write_derivatives
 
 from spec2vol_bids import data, group, linear
 from spec2vol_bids.config import Config, build
-from spec2vol_bids.errors import DataError, UsageError
+from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.models import load_checkpoint
 
 torch.set_num_threads(1)
@@ -72,6 +72,9 @@ def test_folds_and_bad_options(tmp_path):
     assert [(f.label, f.test) for f in fixed] == [("fixed", ["03"])]
     with pytest.raises(UsageError, match="--test-subjects 09"):
         group.plan_folds(["01", "02"], "fixed", ["09"])
+    eeg_only = write_derivatives(tmp_path / "eeg-only", subjects=("01", "02"), n_volumes=40, bold=False)
+    with pytest.raises(NothingSelectedError, match="the 2 run.s. found have no BOLD"):
+        group.run_group(configured(eeg_only))
     out = write_derivatives(tmp_path / "out", subjects=("01",), n_volumes=40)
     with pytest.raises(DataError, match="at least two subjects"):
         group.run_group(configured(out))

@@ -82,6 +82,8 @@ def test_three_missing_channels_are_interpolated(tmp_path, model_path, caplog):
         synthesize.synthesize_from_checkpoint(model_path, _spec(out, "02"), synth)
     assert "interpolating 3 missing EEG channel(s)" in caplog.text
     assert all(name in caplog.text for name in dropped)
+    sidecar = json.loads(synth.with_name("synth_bold.json").read_text())
+    assert sidecar["InterpolatedChannels"] == ["F8", "C3", "Pz"]  # in the model's order
     data = nib.load(synth).get_fdata()
     assert data.shape == GRID + (40 - DISCARD - CONTEXT,) and np.isfinite(data).all()
 

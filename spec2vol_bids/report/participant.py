@@ -160,9 +160,21 @@ def _slices_section(func_files: list[Path]) -> str:
         parts.append(_run_slices(target, synths.get(run_key(parse_name(target)))))
     measured = {run_key(parse_name(t)) for t in targets}
     for synth in sorted((s for k, s in synths.items() if k not in measured), key=run_name):
-        parts.append(f"<p>{html.escape(synth.name)}: synthesised without a measured target "
-                     "(EEG-only run).</p>")
+        parts.append(f"<p>{html.escape(synth.name)}: {html.escape(_synthesised_by(synth))}, "
+                     "without a measured target (EEG-only run).</p>")
     return "".join(parts)
+
+
+def _synthesised_by(synth: Path) -> str:
+    """Which model made a synthesised series, from which file, for which volumes."""
+    try:
+        meta = read_json(synth.with_name(synth.name.replace(".nii.gz", ".json")))
+    except (OSError, ValueError):
+        return "synthesised (its sidecar is unreadable)"
+    model = next((s for s in meta.get("Sources", []) if str(s).endswith(".pt")), None)
+    volumes = meta.get("SourceVolumes") or ["?", "?"]
+    return (f"synthesised by {meta.get('Model', 'an unrecorded model')}"
+            f"{f' ({model})' if model else ''} for volumes {volumes[0]}–{volumes[-1]}")
 
 
 def _metrics_section(output_dir: Path, sub: str) -> str:
@@ -230,13 +242,16 @@ def write_participant_report(output_dir: str | Path, subject: str) -> Path:
     sub_dir = output_dir / sub
     sidecars = sorted(sub_dir.glob(f"**/eeg/*{SPECTROGRAM_SIDECAR}"))
     func_files = sorted(sub_dir.glob("**/func/*.nii.gz"))
+    measured = any(p.name.endswith(TARGET_SUFFIX) for p in func_files)
+    unscored = html.empty("no measured BOLD for this participant (EEG-only runs): there is "
+                          "nothing to score a synthesis against")
     sections = [
         ("runs", "Runs", _runs_section(sub_dir, sub)),
         ("eeg", "EEG channels", _eeg_section(sidecars)),
         ("qc", "Alignment and spectrogram", _qc_section(sub_dir / "figures")),
         ("slices", "Measured vs synthesised", _slices_section(func_files)),
-        ("dynamics", "Dynamics map", _dynamics_section(func_files)),
-        ("metrics", "Metrics", _metrics_section(output_dir, sub)),
+        ("dynamics", "Dynamics map", _dynamics_section(func_files) if measured else unscored),
+        ("metrics", "Metrics", _metrics_section(output_dir, sub) if measured else unscored),
     ]
     path = output_dir / f"{sub}.html"
     return write_text(path, html.page(f"spec2vol: {sub}", sections))
