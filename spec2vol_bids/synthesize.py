@@ -223,6 +223,12 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     if target is not None:
         ref = nib.load(target)
         affine, n_volumes = ref.affine, min(n_volumes, ref.shape[3])
+        grid = extra.get("TargetShape")
+        if grid and list(ref.shape[:3]) != list(grid):  # its affine would misplace the volumes
+            raise DataError(f"the model synthesises volumes on a {'x'.join(map(str, grid))} grid "
+                            f"but the run's target is {'x'.join(map(str, ref.shape[:3]))}; rerun the "
+                            f"participant level with --target-grid {' '.join(map(str, grid))}",
+                            path=target)
     elif "TargetAffine" in extra:
         affine = np.asarray(extra["TargetAffine"], dtype=float)
     else:

@@ -425,10 +425,10 @@ def test_model_from_another_preprocessing(simulated_bids, participant_outputs, m
     assert not synth(participant_outputs).exists()
 
 
-def _without(options: tuple, name: str) -> tuple:
-    """``options`` without the option ``name`` and its value."""
+def _without(options: tuple, name: str, values: int = 1) -> tuple:
+    """``options`` without the option ``name`` and its ``values`` values."""
     at = options.index(name)
-    return options[:at] + options[at + 2:]
+    return options[:at] + options[at + 1 + values:]
 
 
 def test_model_decides_the_frequency_bins(simulated_bids, model_channels, tmp_path):
@@ -463,6 +463,22 @@ def test_another_context_than_the_models_is_refused(simulated_bids, model_channe
     proc = participant(simulated_bids, out, "--model", model)  # with --context 4
     assert_clean_failure(proc, 65, "--context 4", "reads 6 TR windows", out_dir=out)
     assert not out.exists() or not list(out.glob("sub-*"))
+
+
+def test_model_decides_the_target_grid(simulated_bids, model_channels, tmp_path):
+    """Without --target-grid the paired run's target is on the model's grid (32x32x8 here), the
+    one its synthesised volumes have; another --target-grid is refused before anything is
+    written."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out, "--model", model, "--target-grid", "32", "32", "16")
+    assert_clean_failure(proc, 65, "--target-grid 32 32 16", "a 32x32x8 grid", out_dir=out)
+    assert not out.exists() or not list(out.glob("sub-*"))
+    options = _without(PARTICIPANT_OPTIONS, "--target-grid", values=3)
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
+                        "--model", model)
+    assert proc.returncode == 0, proc.stderr
+    assert nib.load(target(out)).shape[:3] == nib.load(synth(out)).shape[:3] == (32, 32, 8)
 
 
 class _Payload:

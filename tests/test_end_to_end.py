@@ -111,6 +111,9 @@ def test_a_model_never_replaces_the_group_levels_held_out_synthesis(main_job):
     proc = spec2vol(bids, out / "other", "participant", "--participant-label", "03", *SMALL,
                     "--model", "ridge")
     assert proc.returncode == 66 and "a name such as ridge is for the group level" in proc.stderr
+    proc = spec2vol(bids, out / "other", "participant", "--participant-label", "03", *SMALL,
+                    "--model", out / "models" / "final")
+    assert proc.returncode == 66 and "a folder, not a model file; give the model.pt in it" in proc.stderr
     assert not (out / "other").exists()
 
 

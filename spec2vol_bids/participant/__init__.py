@@ -43,8 +43,8 @@ def run_participant(config) -> int:
         session_labels=inputs.session_label, task=inputs.task, bids_filters=bids_filters,
         eeg_derivatives=inputs.eeg_derivatives, bold_derivatives=inputs.bold_derivatives,
         bold_space=inputs.bold_space)
-    model_tr, model_bins, model_context = _read_model(config.participant.model_path)
-    config = _at_model_context(config, model_context)
+    model_tr, model_bins, model_context, model_grid = _read_model(config.participant.model_path)
+    config = _at_model_grid(_at_model_context(config, model_context), model_grid)
     check_spectrogram_inputs(pairs, config, model_bins)
     config = _at_model_bins(config, model_bins)
     if config.participant.model_path:
@@ -79,20 +79,25 @@ def run_participant(config) -> int:
     return 0
 
 
-def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None]:
-    """``--model``, read once before any output is written: its TR, frequency bin count and
-    context."""
+def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None, tuple | None]:
+    """``--model``, read once before any output is written: its TR, frequency bin count,
+    context and target grid."""
     if path is None:
-        return None, None, None
+        return None, None, None, None
     from spec2vol_bids.models import load_checkpoint  # torch: only a run with --model needs it
 
+    if path.is_dir():
+        raise MissingInputError(f"a folder, not a model file; give the model.pt in it "
+                                f"({path / 'model.pt'})", path=path)
     if not path.is_file():
         named = f" (a name such as {path.name} is for the group level)" if path.name in MODELS else ""
         raise MissingInputError(f"model file not found{named}; give the model.pt written by the "
                                 "group level (OUTPUT_DIR/models/final/model.pt)", path=path)
     _, meta = load_checkpoint(path)
-    return ((meta.get("extra") or {}).get("RepetitionTime"), int(meta["config"]["freq_bins"]),
-            int(meta["config"]["context"]))
+    extra = meta.get("extra") or {}
+    grid = tuple(int(n) for n in extra["TargetShape"]) if extra.get("TargetShape") else None
+    return (extra.get("RepetitionTime"), int(meta["config"]["freq_bins"]),
+            int(meta["config"]["context"]), grid)
 
 
 def _at_model_context(config, context: int | None):
@@ -106,6 +111,19 @@ def _at_model_context(config, context: int | None):
                         f"--context {settings.context} was given; leave --context out to use "
                         "the model's", path=settings.model_path)
     return dataclasses.replace(config, participant=dataclasses.replace(settings, context=context))
+
+
+def _at_model_grid(config, grid: tuple | None):
+    """BOLD targets on the model's grid, which its synthesised volumes have; another
+    ``--target-grid`` is refused."""
+    settings = config.participant
+    if grid is None:
+        return config
+    if settings.target_grid is not None and tuple(settings.target_grid) != grid:
+        raise DataError(f"the model synthesises volumes on a {'x'.join(map(str, grid))} grid but "
+                        f"--target-grid {' '.join(map(str, settings.target_grid))} was given; leave "
+                        "--target-grid out to use the model's", path=settings.model_path)
+    return dataclasses.replace(config, participant=dataclasses.replace(settings, target_grid=grid))
 
 
 def _at_model_bins(config, bins: int | None):
