@@ -13,6 +13,7 @@ spherical splines on the standard 10-05 montage, per (window, frequency bin).
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -88,18 +89,35 @@ def _sidecar_path(path) -> Path:
     return path.with_name(path.name.split(".")[0] + ".json")
 
 
-def missing_channels(channels: Sequence[str], model_channels: Sequence[str]) -> list[str]:
-    """The model's channels that a recording with ``channels`` lacks (names matched
-    case-insensitively): those :func:`match_channels` interpolates."""
-    have = {name.lower() for name in channels}
-    return [name for name in model_channels if name.lower() not in have]
+#: Electrode sites the 10-10 system renamed (their positions on the standard montage are the
+#: same): a recording that uses the other name of a model's site gives that channel as it is.
+SAME_SITE = {"t3": "t7", "t4": "t8", "t5": "p7", "t6": "p8"}
+SAME_SITE.update({new: old for old, new in list(SAME_SITE.items())})
+
+
+def locate_channels(channels: Sequence[str],
+                    model_channels: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """Where each of the model's channels is in a recording with ``channels``: matched by name
+    (case-insensitively), else by the other name of its site (T3 for T7, ...). Returns the
+    index of every channel found and, for those found under the other name, that name."""
+    lower = {name.lower(): i for i, name in enumerate(channels)}
+    wanted = {name.lower() for name in model_channels}
+    found, renamed = {}, {}
+    for name in model_channels:
+        other = SAME_SITE.get(name.lower())
+        if name.lower() in lower:
+            found[name] = lower[name.lower()]
+        elif other in lower and other not in wanted:
+            found[name] = lower[other]
+            renamed[name] = channels[found[name]]
+    return found, renamed
 
 
 def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Sequence[str], *,
                    path: str | Path | None = None) -> np.ndarray:
     """Reorder a ``(V, C, F)`` spectrogram to the model's channels, interpolating missing ones.
 
-    Channels are matched by name (case-insensitively); extra channels are dropped, and the rest
+    Channels are found by :func:`locate_channels`; extra channels are dropped, and the rest
     z-scored again across channels per (window, bin), as the model's training runs were read
     (:func:`~spec2vol_bids.spectra.select_channels`). Missing ones (at most 20 % of the
     model's) are interpolated with spherical splines on the standard 10-05 montage from the
@@ -110,15 +128,17 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
     DataError
         More than 20 % missing, or a missing channel that is not on the montage.
     """
-    lower = {name.lower(): i for i, name in enumerate(channels)}
-    present = [name for name in model_channels if name.lower() in lower]
-    missing = missing_channels(channels, model_channels)
+    found, renamed = locate_channels(channels, model_channels)
+    missing = [name for name in model_channels if name not in found]
+    if renamed:
+        logger.info("%s: the model's channel(s) %s taken from %s (the same sites' other names)",
+                    path, ", ".join(renamed), ", ".join(renamed.values()))
     if not missing:
-        return select_channels(spec, [lower[name.lower()] for name in model_channels])
+        return select_channels(spec, [found[name] for name in model_channels])
     if len(missing) > MAX_MISSING * len(model_channels):
         raise DataError(f"{len(missing)} of the model's {len(model_channels)} EEG channels are missing "
-                        f"({', '.join(missing)}); at most {MAX_MISSING:.0%} can be interpolated",
-                        path=path)
+                        f"({', '.join(missing)}); at most {MAX_MISSING:.0%} can be interpolated"
+                        f"{_naming_hint(channels, missing)}", path=path)
     montage = standard_montage()
     on_montage = {name.lower() for name in montage.ch_names}
     off = [name for name in missing if name.lower() not in on_montage]
@@ -128,12 +148,12 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
     logger.warning("%s: interpolating %d missing EEG channel(s) with spherical splines: %s",
                    path, len(missing), ", ".join(missing))
     # the interpolation uses the present channels that have a standard position
-    donors = [name for name in present if name.lower() in on_montage]
+    donors = [name for name in model_channels if name in found and name.lower() in on_montage]
     names = donors + missing
     V, _, F = spec.shape
     data = np.zeros((len(names), V * F))
     for k, name in enumerate(donors):
-        data[k] = np.asarray(spec[:, lower[name.lower()]], dtype=np.float64).reshape(-1)
+        data[k] = np.asarray(spec[:, found[name]], dtype=np.float64).reshape(-1)
     info = mne.create_info(names, sfreq=1.0, ch_types="eeg")
     raw = mne.io.RawArray(data, info, verbose="error")
     with warnings.catch_warnings():
@@ -145,11 +165,22 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
     out = np.empty((V, len(model_channels), F), dtype=np.float64)
     for k, name in enumerate(model_channels):
         out[:, k] = (filled[name] if name in filled else
-                     np.asarray(spec[:, lower[name.lower()]], dtype=np.float64).reshape(-1)).reshape(V, F)
+                     np.asarray(spec[:, found[name]], dtype=np.float64).reshape(-1)).reshape(V, F)
     out -= out.mean(axis=1, keepdims=True)
     std = out.std(axis=1, keepdims=True)
     out /= np.where(std > 0, std, 1.0)
     return out.astype(np.float32)
+
+
+def _naming_hint(channels: Sequence[str], missing: Sequence[str]) -> str:
+    """A pointer for recordings whose names carry a prefix or suffix ("EEG Fp1-REF")."""
+    plain = {re.sub(r"^eeg[\s_-]*|[\s_-]*(ref|avg|ar|le|a1|a2|m1|m2)$", "", name.strip().lower())
+             for name in channels}
+    hits = [name for name in missing if name.lower() in plain]
+    if len(hits) < len(missing) / 2:
+        return ""
+    return (f"; the recording names them otherwise ({', '.join(list(channels)[:3])}, ...): give "
+            "the channels the model's names in channels.tsv and the header")
 
 
 def context_batches(spec: np.ndarray, volumes: np.ndarray, context: int, norm: dict,
@@ -216,6 +247,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
                         f"context would mean other frequencies and another span of time; apply a "
                         f"model trained on runs of TR {run_tr:g} s", path=model_path)
     spec = match_channels(spec, side["Channels"], meta["channels"], path=spectrogram)
+    found, renamed = locate_channels(side["Channels"], meta["channels"])
     # The windows do not depend on the context length: the model's own context is what it needs.
     context = int(config["context"])
     first = int(side.get("DiscardVolumes", Participant.discard_volumes)) + context
@@ -245,7 +277,9 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
                        first_volume=first, sidecar={
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
-                           "InterpolatedChannels": missing_channels(side["Channels"], meta["channels"]),
+                           "InterpolatedChannels": [name for name in meta["channels"]
+                                                    if name not in found],
+                           "ChannelsFoundAs": renamed,
                            "Sources": [source_uri(spectrogram, dataset_root(spectrogram), dataset=""), *sources,
                                        str(model_path)],
                        })

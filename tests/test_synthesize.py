@@ -131,3 +131,29 @@ def test_interpolation_recovers_a_smooth_scalp_field():
                                   field.astype(np.float32))
     with pytest.raises(DataError, match="not on the standard 10-05 montage"):
         synthesize.match_channels(field[:, 1:], CHANNELS[1:], ["Bip1"] + CHANNELS[1:])
+
+
+def test_old_names_of_the_same_sites_are_the_models_channels(tmp_path, model_path, caplog):
+    """T3/T4/T5/T6 (10-20) are the sites the 10-10 system calls T7/T8/P7/P8: a recording that
+    uses them gives the model's channels as they are, not interpolated ones."""
+    field = np.random.default_rng(1).normal(size=(30, len(CHANNELS), 8))
+    field = ((field - field.mean(axis=1, keepdims=True)) / field.std(axis=1, keepdims=True))
+    old = {"T7": "T3", "T8": "T4", "P7": "T5", "P8": "T6"}
+    names = [old.get(c, c) for c in CHANNELS]
+    np.testing.assert_array_equal(synthesize.match_channels(field, names, CHANNELS),
+                                  field.astype(np.float32))
+    # a recording with the model's names written otherwise ("Fp1-REF"): told so
+    with pytest.raises(DataError, match=r"20 of the model's 20 .* the recording names them "
+                                        r"otherwise \(EEG Fp1-REF, EEG Fp2-REF, EEG F7-REF, ...\)"):
+        synthesize.match_channels(field, [f"EEG {c}-REF" for c in CHANNELS], CHANNELS)
+    # through a run's spectrogram: no interpolation, and the sidecar says which names were used
+    out = write_derivatives(tmp_path / "out", subjects=("02",), n_volumes=40, bold=False)
+    sidecar_path = _spec(out, "02").with_suffix(".json")
+    meta = json.loads(sidecar_path.read_text())
+    sidecar_path.write_text(json.dumps({**meta, "Channels": [old.get(c, c) for c in meta["Channels"]]}))
+    synth = tmp_path / "synth_bold.nii.gz"
+    with caplog.at_level(logging.INFO, logger="spec2vol_bids"):
+        synthesize.synthesize_from_checkpoint(model_path, _spec(out, "02"), synth)
+    assert "interpolating" not in caplog.text
+    sidecar = json.loads(synth.with_name("synth_bold.json").read_text())
+    assert sidecar["InterpolatedChannels"] == [] and sidecar["ChannelsFoundAs"] == old
