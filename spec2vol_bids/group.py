@@ -119,7 +119,7 @@ def run_group(config: Config) -> int:
     if train.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)
         if config.execution.argv:  # the command line, not a library call
-            logger.info("log: %s", logs.add_log_file(out_dir, "group"))
+            logger.info("log: %s", logs.add_log_file(out_dir, "group", started))
     logger.info("group level: %d subjects, %d runs, %d channels; folds %s; models %s",
                 len(subjects), len(paired), len(channels), " ".join(f.label for f in chosen),
                 ", ".join(models + [MEAN]))

@@ -8,7 +8,6 @@ shows a raw ``warn()`` line or a traceback for a mistake.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -43,10 +42,13 @@ def setup(verbose: int) -> None:
     warnings_log.propagate = False
 
 
-def add_log_file(output_dir: Path, level: str) -> Path:
-    """Also log (at DEBUG, with tracebacks) to ``OUTPUT_DIR/logs/<level>-<time>-<pid>.log``."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(output_dir) / "logs" / f"{level}-{stamp}-{os.getpid()}.log"
+def add_log_file(output_dir: Path, level: str, started: datetime) -> Path:
+    """Also log (at DEBUG, with tracebacks) to ``OUTPUT_DIR/logs/<level>-<time>-<pid>.log``,
+    named as the run's log folder (:func:`~spec2vol_bids.provenance.run_log_dir`)."""
+    from spec2vol_bids.provenance import run_log_dir
+
+    folder = run_log_dir(output_dir, level, started)
+    path = folder.with_name(f"{folder.name}.log")
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s | %(message)s"))

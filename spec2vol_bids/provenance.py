@@ -33,8 +33,8 @@ CITATION = """\
 The results in `{out}` were produced with spec2vol {version}, an implementation of
 Spec2VolCAMU-Net (He et al., 2025) packaged as a BIDS-App. EEG recordings were read with
 MNE-Python (Gramfort et al., 2013) and MNE-BIDS (Appelhoff et al., 2019), the BIDS dataset was
-queried with PyBIDS (Yarkoni et al., 2019), models were trained with PyTorch (Paszke et al., 2019)
-and figures were made with nilearn (Abraham et al., 2014). Please cite:
+queried with PyBIDS (Yarkoni et al., 2019), models were trained or applied with PyTorch (Paszke et
+al., 2019) and figures were made with nilearn (Abraham et al., 2014). Please cite:
 
 1. He D, Li S, Jiang B, Yan H. Spec2VolCAMU-Net: A Spectrogram-to-Volume Model for EEG-to-fMRI
    Reconstruction based on Multi-directional Time-Frequency Convolutional Attention Encoder and

@@ -334,7 +334,8 @@ def volume_timing(
         timing = _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window, path)
     if timing.n_volumes < needed:
         raise DataError(f"the EEG covers {timing.n_volumes} TR windows from t0 = {timing.t0:.3f} s, "
-                        f"fewer than the {needed} needed (discard {discard} + context {context} + 1)",
+                        f"fewer than the {needed} needed (--discard-volumes {discard} + context "
+                        f"{context} + 1)",
                         path=path)
     if n_volumes is not None and timing.n_volumes < n_volumes:
         logger.warning("%s: the EEG covers %d of %d volumes; the run is truncated to %d", path,

@@ -61,6 +61,10 @@ def test_group_outputs_and_log(main_job):
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
     assert (out / "models" / "final" / "model.pt").is_file()
     assert (out / "group.html").is_file() and (out / "logs" / "config.toml").is_file()
+    # each run's log file is named as its log folder (config.toml, provenance.json)
+    folders = [p for p in (out / "logs").iterdir() if p.is_dir()]
+    assert {p.name.split("-")[0] for p in folders} == {"participant", "group"}
+    assert all(p.with_name(f"{p.name}.log").is_file() for p in folders)
 
 
 def test_group_report_shows_the_participant_settings_the_derivatives_were_made_with(main_job):

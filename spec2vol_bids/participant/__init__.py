@@ -53,7 +53,7 @@ def run_participant(config) -> int:
     fetch_templates(pairs)
     init_output_dataset(inputs.output_dir, inputs.bids_dir)
     LOGGER.info("spec2vol %s participant level; log: %s", __version__,
-                logs.add_log_file(inputs.output_dir, "participant"))
+                logs.add_log_file(inputs.output_dir, "participant", started))
     LOGGER.info("runs found:\n%s", format_pair_table(pairs))
     for text in notes:
         LOGGER.warning("%s", text)
