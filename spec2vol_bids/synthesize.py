@@ -238,7 +238,8 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     if spec.shape[2] != config["freq_bins"]:
         raise DataError(f"the model was trained on {config['freq_bins']} frequency bins but "
                         f"{spectrogram.name} has {spec.shape[2]}; rerun the participant level with "
-                        f"--freq-bins {config['freq_bins']}", path=model_path)
+                        f"--freq-bins {config['freq_bins']} and without --fmax (or leave both out "
+                        "with --model)", path=model_path)
     model_tr, run_tr = extra.get("RepetitionTime"), float(side["RepetitionTime"])
     if model_tr is not None and not np.isclose(float(model_tr), run_tr, rtol=1e-3):
         # bin k is k / TR Hz and the context spans context · TR s: another TR means other inputs
