@@ -242,7 +242,8 @@ def write_participant_report(output_dir: str | Path, subject: str) -> Path:
     sub_dir = output_dir / sub
     sidecars = sorted(sub_dir.glob(f"**/eeg/*{SPECTROGRAM_SIDECAR}"))
     func_files = sorted(sub_dir.glob("**/func/*.nii.gz"))
-    measured = any(p.name.endswith(TARGET_SUFFIX) for p in func_files)
+    # EEG processed, no BOLD target: an EEG-only participant, not one awaiting the group level
+    eeg_only = bool(sidecars) and not any(p.name.endswith(TARGET_SUFFIX) for p in func_files)
     unscored = html.empty("no measured BOLD for this participant (EEG-only runs): there is "
                           "nothing to score a synthesis against")
     sections = [
@@ -250,8 +251,8 @@ def write_participant_report(output_dir: str | Path, subject: str) -> Path:
         ("eeg", "EEG channels", _eeg_section(sidecars)),
         ("qc", "Alignment and spectrogram", _qc_section(sub_dir / "figures")),
         ("slices", "Measured vs synthesised", _slices_section(func_files)),
-        ("dynamics", "Dynamics map", _dynamics_section(func_files) if measured else unscored),
-        ("metrics", "Metrics", _metrics_section(output_dir, sub) if measured else unscored),
+        ("dynamics", "Dynamics map", unscored if eeg_only else _dynamics_section(func_files)),
+        ("metrics", "Metrics", unscored if eeg_only else _metrics_section(output_dir, sub)),
     ]
     path = output_dir / f"{sub}.html"
     return write_text(path, html.page(f"spec2vol: {sub}", sections))
