@@ -302,6 +302,25 @@ def test_marker_spacing_disagrees_with_repetition_time(simulated_bids, tmp_path)
 
 # -- BOLD -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("nprocs", ["1", "2"])
+def test_a_refused_run_does_not_stop_the_others(simulated_bids, tmp_path, nprocs):
+    """sub-01's BOLD is too short: sub-01 is refused and leaves nothing, sub-02 is processed
+    and reported; the exit code and the line are sub-01's, with how many runs are done."""
+    bold = bold_file(simulated_bids)
+    img = nib.load(bold)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :5], img.affine, img.header), bold)
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", "02",
+                        *PARTICIPANT_OPTIONS, "--nprocs", nprocs)
+    assert_clean_failure(proc, 65, "the BOLD series has 5 volumes", "1 of 2 runs are done",
+                         "--participant-label", out_dir=out)
+    assert not spectrogram(out).exists() and not target(out).exists()
+    assert spectrogram(out, "02").is_file() and target(out, "02").is_file()
+    assert (out / "sub-02.html").is_file()
+    inventory = (out / "sub-01" / "sub-01_runs.tsv").read_text()
+    assert "\trefused\t" in inventory and "5 volumes" in inventory
+
+
 def test_zero_byte_nifti(simulated_bids, tmp_path):
     bold_file(simulated_bids).write_bytes(b"")
     out = tmp_path / "out"

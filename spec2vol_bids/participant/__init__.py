@@ -18,7 +18,7 @@ from pathlib import Path
 from spec2vol_bids import __version__
 from spec2vol_bids.config import MODELS
 from spec2vol_bids.derivatives import init_output_dataset, write_text
-from spec2vol_bids.errors import DataError, MissingInputError
+from spec2vol_bids.errors import DataError, MissingInputError, Spec2VolError
 from spec2vol_bids.participant.result import RunResult
 from spec2vol_bids.participant.run import check_no_group_synthesis, check_no_other_half, process_run
 from spec2vol_bids.participant.spectrogram import check_spectrogram_inputs
@@ -59,24 +59,58 @@ def run_participant(config) -> int:
         LOGGER.warning("%s", text)
 
     pairs = [p for p in pairs if p.eeg is not None or p.bold is not None]
-    nprocs = min(config.execution.nprocs, len(pairs))
-    if nprocs > 1:
-        with ProcessPoolExecutor(max_workers=nprocs) as pool:
-            results = list(pool.map(process_run, pairs, [config] * len(pairs), [model_tr] * len(pairs)))
-    else:
-        results = [process_run(pair, config, model_tr) for pair in pairs]
+    results, failed = _run_all(pairs, config, model_tr)
 
-    subjects = sorted({r.entities["subject"] for r in results})
+    subjects = sorted({r.entities["subject"] for r in results} | {p.subject for p, _ in failed})
     for subject in subjects:
-        _inventory(inputs.output_dir, subject, [r for r in results if r.entities["subject"] == subject], notes)
+        _inventory(inputs.output_dir, subject, [r for r in results if r.entities["subject"] == subject],
+                   [(p, e) for p, e in failed if p.subject == subject], notes)
         LOGGER.info("report: %s", report.write_participant_report(inputs.output_dir, subject))
     provenance.write_provenance(
         inputs.output_dir, level="participant", argv=list(config.execution.argv),
         config=config.as_dict("participant"), seeds={}, started=started,
-        finished=datetime.now(timezone.utc), stages={"runs": [dataclasses.asdict(r) for r in results]})
+        finished=datetime.now(timezone.utc), stages={
+            "runs": [dataclasses.asdict(r) for r in results],
+            "failed": {pair.label: str(error) for pair, error in failed}})
+    if failed:
+        raise _summary(failed, len(pairs))
     LOGGER.info("participant level done: %d runs of %d participants in %s", len(results),
                 len(subjects), inputs.output_dir)
     return 0
+
+
+def _run_all(pairs, config, model_tr) -> tuple[list[RunResult], list[tuple]]:
+    """Every run, one's refusal not stopping the others: the results and ``(pair, error)`` of
+    the runs refused (each leaves nothing behind, see :func:`process_run`)."""
+    nprocs = min(config.execution.nprocs, len(pairs))
+    if nprocs > 1:
+        with ProcessPoolExecutor(max_workers=nprocs) as pool:
+            futures = [pool.submit(process_run, pair, config, model_tr) for pair in pairs]
+            outcomes = [_outcome(future.result) for future in futures]
+    else:
+        outcomes = [_outcome(lambda pair=pair: process_run(pair, config, model_tr)) for pair in pairs]
+    failed = [(pair, error) for pair, (_, error) in zip(pairs, outcomes) if error is not None]
+    for pair, error in failed:
+        LOGGER.error("%s: refused: %s", pair.label, error)
+    return [result for result, error in outcomes if error is None], failed
+
+
+def _outcome(call) -> tuple[RunResult | None, Spec2VolError | None]:
+    try:
+        return call(), None
+    except Spec2VolError as error:  # a user's problem with this run; anything else stops all
+        return None, error
+
+
+def _summary(failed: list[tuple], n_runs: int) -> Spec2VolError:
+    """The first refusal, with how many runs were refused and done when there were several."""
+    error = failed[0][1]
+    if n_runs == 1:
+        return error
+    more = f" ({len(failed) - 1} more refused: see the log)" if len(failed) > 1 else ""
+    return type(error)(f"{error}{more}; {n_runs - len(failed)} of {n_runs} runs are done: fix it "
+                       "and rerun (finished runs are skipped), or leave it out with "
+                       "--participant-label or --bids-filter-file", code=error.code)
 
 
 def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None, tuple | None]:
@@ -139,8 +173,10 @@ def _at_model_bins(config, bins: int | None):
     return dataclasses.replace(config, participant=dataclasses.replace(settings, freq_bins=bins))
 
 
-def _inventory(out_dir: Path, subject: str, results: list[RunResult], notes: list[str]) -> Path:
-    """``sub-<label>/sub-<label>_runs.tsv``: what was found, paired and produced for a participant."""
+def _inventory(out_dir: Path, subject: str, results: list[RunResult], failed: list[tuple],
+               notes: list[str]) -> Path:
+    """``sub-<label>/sub-<label>_runs.tsv``: what was found, paired, produced or refused for a
+    participant."""
     lines = ["run\teeg\tbold\tstatus\tnote"]
     for r in results:
         status = "paired" if r.eeg and r.bold else ("eeg-only" if r.eeg else "bold-only")
@@ -148,6 +184,9 @@ def _inventory(out_dir: Path, subject: str, results: list[RunResult], notes: lis
         if r.skipped:
             note += " (up to date)"
         lines.append("\t".join([r.label, r.eeg or "n/a", r.bold or "n/a", status, note.strip()]))
+    for pair, error in failed:
+        lines.append("\t".join([pair.label, str(pair.eeg or "n/a"), str(pair.bold or "n/a"), "refused",
+                                str(error).replace("\t", " ")]))
     for text in notes:
         if f"sub-{subject}" in text:
             lines.append("\t".join(["n/a", "n/a", "n/a", "not paired", text.replace("\t", " ")]))
