@@ -459,7 +459,10 @@ def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trig
         parts = []
         for series, found_trains in ranked[:6]:
             spacing = np.diff(series.samples)
-            every = f", every {np.median(spacing) / sfreq:.3f} s" if len(spacing) else ""
+            regular = bool(found_trains) or (len(spacing) and np.ptp(spacing)
+                                             <= max(2.0, 0.01 * np.median(spacing)))
+            every = (f", {'every' if regular else 'median interval'} "
+                     f"{np.median(spacing) / sfreq:.3f} s" if len(spacing) else "")
             count = len(series.samples)
             text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
             if found_trains:

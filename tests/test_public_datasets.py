@@ -145,7 +145,7 @@ def test_natview_broken_and_missing_trains_are_refused(natview):
     # what was found instead: the stimulus and sync markers (messages are one line with single
     # spaces: "S  5" reads "S 5")
     assert "'Stimulus/S 5' (EEG file) 601 markers, every 1.000 s" in str(err.value)
-    assert "'SyncStatus/Sync On' (EEG file) 313 markers, every 2.000 s" in str(err.value)
+    assert "'SyncStatus/Sync On' (EEG file) 313 markers, median interval 2.000 s" in str(err.value)
 
 
 def test_natview_refused_run_leaves_nothing_behind(natview, tmp_path):
