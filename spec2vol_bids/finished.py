@@ -62,7 +62,7 @@ def locked_once(folder: Path, record: dict, job) -> None:
 
 
 def folder_record(training: Training, models: Sequence[str], channels: Sequence[str],
-            test: Sequence[str], runs: Sequence[Run]) -> dict:
+                  test: Sequence[str], runs: Sequence[Run]) -> dict:
     """What a folder of trained models is made from: the group's model, each model's protocol
     (:func:`protocol`), the channels, the test subjects and a digest of every run's
     participant-level derivatives."""

@@ -107,8 +107,8 @@ def run_group(config: Config) -> int:
     chosen = _chosen_folds(folds, training.folds)
     models = list(dict.fromkeys([training.model, *training.compare]))
     final = not training.no_final and not training.folds
-    records = {_fold_dir(out_dir, fold.label): folder_record(training, models, channels,
-                                                                        fold.test, paired)
+    records = {_fold_dir(out_dir, fold.label): folder_record(training, models, channels, fold.test,
+                                                             paired)
                for fold in folds}
     if final:
         records[out_dir / "models" / "final"] = folder_record(training, [training.model], channels,
@@ -127,9 +127,9 @@ def run_group(config: Config) -> int:
     for fold in chosen:
         folder = _fold_dir(out_dir, fold.label)
         locked_once(folder, records[folder],
-                     lambda fold=fold: run_fold(fold, paired, channels, training, models,
-                                                out_dir=out_dir, work_dir=work_dir,
-                                                bids_dir=inputs.bids_dir))
+                    lambda fold=fold: run_fold(fold, paired, channels, training, models,
+                                               out_dir=out_dir, work_dir=work_dir,
+                                               bids_dir=inputs.bids_dir))
     if train.is_main() and all(is_done(_fold_dir(out_dir, f.label)) for f in folds):
         with FileLock(str(lock_path(out_dir / "models" / "group"))):
             aggregate(out_dir, [f.label for f in folds])
@@ -140,8 +140,8 @@ def run_group(config: Config) -> int:
     if final:
         final_runs, final_val = split_validation(paired, training.select)
         locked_once(out_dir / "models" / "final", records[out_dir / "models" / "final"],
-                     lambda: _train_final(final_runs, final_val, channels, training,
-                                          out_dir=out_dir, work_dir=work_dir))
+                    lambda: _train_final(final_runs, final_val, channels, training,
+                                         out_dir=out_dir, work_dir=work_dir))
     if train.is_main():
         _finish_reports(config, subjects, started)
     train.barrier()
