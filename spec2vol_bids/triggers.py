@@ -377,11 +377,10 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     for other in fitting[1:]:
         if n_volumes is None and len(other.onsets) != len(chosen.onsets):
             # without BOLD nothing else counts the volumes: the shorter train may have stopped
-            raise DataError(
-                f"two trigger trains fit this run without BOLD but count different volumes "
-                f"({chosen.series.label}: {len(chosen.onsets) - skip}, {other.series.label}: "
-                f"{len(other.onsets) - skip}); choose one with --volume-marker (eeg:NAME or "
-                "events:NAME)", path=path)
+            raise DataError(f"two trigger trains fit this run without BOLD but count different "
+                            f"volumes ({chosen.series.label}: {len(chosen.onsets) - skip}, "
+                            f"{other.series.label}: {len(other.onsets) - skip}); choose one with "
+                            "--volume-marker (eeg:NAME or events:NAME)", path=path)
         gap = _disagreement(chosen, other, skip, wanted)
         if gap > max(2.0, _AGREEMENT * tr * sfreq):
             raise DataError(
@@ -459,15 +458,14 @@ def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trig
         parts = []
         for series, found_trains in ranked[:6]:
             spacing = np.diff(series.samples)
-            regular = bool(found_trains) or (len(spacing) and np.ptp(spacing)
-                                             <= max(2.0, 0.01 * np.median(spacing)))
-            every = (f", {'every' if regular else 'median interval'} "
-                     f"{np.median(spacing) / sfreq:.3f} s" if len(spacing) else "")
+            median, spread = (float(np.median(spacing)), np.ptp(spacing)) if len(spacing) else (0, 0)
+            every = f", {'every' if found_trains or spread <= max(2, median / 100) else 'median interval'}"
+            every = f"{every} {median / sfreq:.3f} s" if len(spacing) else ""
             count = len(series.samples)
             text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
             if found_trains:
                 text += ": " + " and ".join(t.describe(sfreq) for t in found_trains)
-            elif len(spacing) and 0.01 < abs(np.median(spacing) / (tr * sfreq) - 1) < 0.2:
+            elif len(spacing) and 0.01 < abs(median / (tr * sfreq) - 1) < 0.2:
                 off_tr = True
             parts.append(text)
         more = f" and {len(trains) - 6} more" if len(trains) > 6 else ""
