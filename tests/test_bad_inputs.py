@@ -304,18 +304,24 @@ def test_marker_spacing_disagrees_with_repetition_time(simulated_bids, tmp_path)
 
 @pytest.mark.parametrize("nprocs", ["1", "2"])
 def test_a_refused_run_does_not_stop_the_others(simulated_bids, tmp_path, nprocs):
-    """sub-01's BOLD is too short: sub-01 is refused and leaves nothing, sub-02 is processed
-    and reported; the exit code and the line are sub-01's, with how many runs are done."""
+    """sub-01's BOLD is cut short after a first run: sub-01 is refused and leaves nothing, not
+    even the derivatives of its BOLD as it was, which the group level would train on; sub-02
+    is reported and kept as it was; the exit code and the line are sub-01's, with how many
+    runs are done."""
+    out = tmp_path / "out"
+    args = (simulated_bids, out, "participant", "--participant-label", "01", "02",
+            *PARTICIPANT_OPTIONS, "--nprocs", nprocs)
+    assert run_spec2vol(*args).returncode == 0
+    kept = {p: p.stat().st_mtime_ns for p in (spectrogram(out, "02"), target(out, "02"))}
     bold = bold_file(simulated_bids)
     img = nib.load(bold)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :5], img.affine, img.header), bold)
-    out = tmp_path / "out"
-    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", "02",
-                        *PARTICIPANT_OPTIONS, "--nprocs", nprocs)
+    proc = run_spec2vol(*args)
     assert_clean_failure(proc, 65, "the BOLD series has 5 volumes", "1 of 2 runs are done",
                          "--participant-label", out_dir=out)
     assert not spectrogram(out).exists() and not target(out).exists()
-    assert spectrogram(out, "02").is_file() and target(out, "02").is_file()
+    assert not list((out / "sub-01").rglob("sub-01_task-rest_desc-*"))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert (out / "sub-02.html").is_file()
     inventory = (out / "sub-01" / "sub-01_runs.tsv").read_text()
     assert "\trefused\t" in inventory and "5 volumes" in inventory
@@ -421,6 +427,8 @@ def test_too_many_model_channels_missing(simulated_bids, participant_outputs, mo
     proc = participant(simulated_bids, participant_outputs, "--model", model)
     assert_clean_failure(proc, 65, "missing", "Fz", out_dir=participant_outputs)
     assert not synth(participant_outputs).exists()
+    # a model refused at synthesis leaves the run's derivatives as they were
+    assert spectrogram(participant_outputs).is_file() and target(participant_outputs).is_file()
 
 
 def test_model_weights_do_not_fit_its_configuration(simulated_bids, tmp_path, model_channels):

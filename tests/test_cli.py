@@ -71,6 +71,19 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
     assert opts.inputs.skip_bids_validation is True
 
 
+def test_one_config_file_for_both_levels_names_the_groups_model(tmp_path):
+    """``model = "ridge"`` is the group's model; the participant level applies a model file
+    only when one is named (in the file or on the command line)."""
+    cfg = tmp_path / "study.toml"
+    cfg.write_text('model = "ridge"\n')
+    args = [str(tmp_path), str(tmp_path / "o")]
+    assert parse_args([*args, "group", "--config-file", str(cfg)]).training.model == "ridge"
+    assert parse_args([*args, "participant", "--config-file", str(cfg)]).participant.model_path is None
+    cfg.write_text(f'model = "{tmp_path / "model.pt"}"\n')
+    assert (parse_args([*args, "participant", "--config-file", str(cfg)]).participant.model_path
+            == tmp_path / "model.pt")
+
+
 @pytest.mark.parametrize("content, needle", [
     ("learning_rate_schedule = 3\n", "learning_rate_schedule"),
     ("epochs = 'many'\n", "epochs"),

@@ -219,9 +219,12 @@ def parse_args(argv: list[str] | None = None) -> config.Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config-file", type=Path)
     known, _ = pre.parse_known_args(argv)
-    if known.config_file is not None:
-        parser.set_defaults(**_config_defaults(parser, known.config_file))
+    from_file = _config_defaults(parser, known.config_file) if known.config_file is not None else {}
+    parser.set_defaults(**from_file)
     values = vars(parser.parse_args(argv))
+    if (values["analysis_level"] == "participant" and from_file.get("model") in config.MODELS
+            and not any(a == "--model" or a.startswith("--model=") for a in argv)):
+        values["model"] = None  # the group's model, named in a file both levels read
     values.pop("notrack", None)
     values["argv"] = ["spec2vol", *argv]
     return config.build(values)

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from spec2vol_bids.errors import DataError, UsageError
+from spec2vol_bids.errors import DataError, Spec2VolError, UsageError
 from spec2vol_bids.naming import (TARGET_SUFFIX, build_name, parse_name, run_dir, run_key, run_label,
                                   source_uri)
 from spec2vol_bids.participant.result import RunResult
@@ -21,7 +21,10 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
 
     The EEG comes first: its alignment to the volumes is where a run is most often refused, and
     it needs only the BOLD series' volume count (from its header). A run that fails leaves none
-    of the outputs it wrote behind.
+    of the outputs it wrote behind. A run whose inputs are refused (a :class:`Spec2VolError`
+    before synthesis) leaves none of its earlier ones either: they were made from inputs or
+    options that no longer hold, and the group level would train on them. A model refused at
+    synthesis leaves the run's derivatives as they were.
     """
     from spec2vol_bids.bids.metadata import repetition_time
 
@@ -29,6 +32,7 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
                        eeg=str(pair.eeg) if pair.eeg else None,
                        bold=str(pair.bold) if pair.bold else None)
     before = _own_outputs(pair, config.inputs.output_dir)
+    synthesising = False
     try:
         tr, n_volumes = None, None
         if pair.bold is not None:
@@ -42,11 +46,17 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
         if pair.bold is not None:
             process_bold(pair, config, tr, result)
         if config.participant.model_path and pair.eeg is not None:
+            synthesising = True
             _synthesize(pair, config, tr, result)
-    except BaseException:
-        for path, stamp in _own_outputs(pair, config.inputs.output_dir).items():
-            if before.get(path) != stamp:
-                path.unlink(missing_ok=True)
+    except BaseException as error:
+        refused = isinstance(error, Spec2VolError) and not synthesising
+        stale = [path for path, stamp in _own_outputs(pair, config.inputs.output_dir).items()
+                 if refused or before.get(path) != stamp]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if refused and set(stale) & set(before):
+            LOGGER.warning("%s: refused; its earlier derivatives are removed (%d files)", pair.label,
+                           len(set(stale) & set(before)))
         raise
     return result
 
