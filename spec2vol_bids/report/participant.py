@@ -39,7 +39,8 @@ def _runs_section(sub_dir: Path, sub: str) -> str:
 
 def _eeg_section(sidecars: list[Path]) -> str:
     if not sidecars:
-        return html.empty("no EEG spectrograms yet: run the participant level")
+        return html.empty("no EEG spectrograms yet: run the participant level (a run it refused "
+                          "has none; the Runs table gives the reason)")
     rows, details = [], []
     for path in sidecars:
         meta = read_json(path)
