@@ -6,7 +6,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from spec2vol_bids.errors import DataError, Spec2VolError, UsageError
+from spec2vol_bids.errors import DataError, OutputError, Spec2VolError, UsageError
 from spec2vol_bids.naming import (TARGET_SUFFIX, build_name, parse_name, run_dir, run_key, run_label,
                                   source_uri)
 from spec2vol_bids.participant.result import RunResult
@@ -21,10 +21,11 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
 
     The EEG comes first: its alignment to the volumes is where a run is most often refused, and
     it needs only the BOLD series' volume count (from its header). A run that fails leaves none
-    of the outputs it wrote behind. A run whose inputs are refused (a :class:`Spec2VolError`
-    before synthesis) leaves none of its earlier ones either: they were made from inputs or
-    options that no longer hold, and the group level would train on them. A model refused at
-    synthesis leaves the run's derivatives as they were.
+    of the outputs it wrote behind. A run whose inputs or options are refused (a
+    :class:`Spec2VolError` before synthesis, other than a failed write) leaves none of its
+    earlier ones either: they were made from inputs or options that no longer hold, and the
+    group level would train on them. A model refused at synthesis leaves the run's derivatives
+    as they were.
     """
     from spec2vol_bids.bids.metadata import repetition_time
 
@@ -49,7 +50,9 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
             synthesising = True
             _synthesize(pair, config, tr, result)
     except BaseException as error:
-        refused = isinstance(error, Spec2VolError) and not synthesising
+        # refused for its inputs or options, not for a failed write (a full disk)
+        refused = (isinstance(error, Spec2VolError) and not isinstance(error, OutputError)
+                   and not synthesising)
         stale = [path for path, stamp in _own_outputs(pair, config.inputs.output_dir).items()
                  if refused or before.get(path) != stamp]
         for path in stale:
