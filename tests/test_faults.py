@@ -243,6 +243,19 @@ def test_full_disk_during_participant(simulated_bids, tmp_path):
     assert proc.returncode in (73, 74), proc.stderr
     assert_clean_failure(proc, proc.returncode, "sub-01_task-rest_desc-target_bold.nii.gz", out_dir=out)
     assert not (out / "sub-01" / "func" / "sub-01_task-rest_desc-target_bold.nii.gz").exists()
+    # a failed write is not a refusal of the run: its up-to-date spectrogram of an earlier
+    # call stays (another --target-grid remakes only the target, which no longer fits)
+    earlier = tmp_path / "earlier"
+    assert run_spec2vol(simulated_bids, earlier, "participant", "--participant-label", "01",
+                        *PARTICIPANT_OPTIONS).returncode == 0
+    spectrogram = next((earlier / "sub-01" / "eeg").glob("*_spectrogram.npy"))
+    made = spectrogram.stat().st_mtime_ns
+    options = [*PARTICIPANT_OPTIONS[:PARTICIPANT_OPTIONS.index("--target-grid")], "--target-grid",
+               "32", "32", "16", *PARTICIPANT_OPTIONS[PARTICIPANT_OPTIONS.index("--target-grid") + 4:]]
+    proc = run_spec2vol(simulated_bids, earlier, "participant", "--participant-label", "01",
+                        *options, preexec_fn=_file_size_limit(200_000))
+    assert proc.returncode in (73, 74), proc.stderr
+    assert spectrogram.stat().st_mtime_ns == made
 
 
 def test_full_disk_during_group(simulated_bids_source, participant_outputs, tmp_path):
