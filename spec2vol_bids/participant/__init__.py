@@ -44,9 +44,15 @@ def run_participant(config) -> int:
         eeg_derivatives=inputs.eeg_derivatives, bold_derivatives=inputs.bold_derivatives,
         bold_space=inputs.bold_space)
     model_tr, model_bins, model_context, model_grid = _read_model(config.participant.model_path)
-    config = _at_model_grid(_at_model_context(config, model_context), model_grid)
+    # the model reads its own context and bins and synthesises its own grid
+    config = _at_model(config, "context", model_context,
+                       f"reads {model_context} TR windows of EEG before each volume")
+    config = _at_model(config, "target_grid", model_grid,
+                       f"synthesises volumes on a {'x'.join(map(str, model_grid or ()))} grid")
     check_spectrogram_inputs(pairs, config, model_bins)
-    config = _at_model_bins(config, model_bins)
+    if config.participant.fmax is None:  # --fmax decides the bins (checked at synthesis)
+        config = _at_model(config, "freq_bins", model_bins,
+                           f"was trained on {model_bins} frequency bins")
     if config.participant.model_path:
         check_no_group_synthesis(pairs, inputs.output_dir)
     check_no_other_half(pairs, inputs.output_dir)
@@ -134,43 +140,21 @@ def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None
             int(meta["config"]["context"]), grid)
 
 
-def _at_model_context(config, context: int | None):
-    """The model's context unless ``--context`` says otherwise; another ``--context`` is refused:
-    the model reads exactly its own number of TR windows."""
-    settings = config.participant
-    if context is None:
+def _at_model(config, name: str, value, has: str):
+    """``config`` with the model's ``value`` of the participant setting ``name`` unless its
+    option was given; another value is refused, as the model ``has`` its own (the message's
+    words)."""
+    if value is None:
         return config
-    if settings.context is not None and settings.context != context:
-        raise DataError(f"the model reads {context} TR windows of EEG before each volume but "
-                        f"--context {settings.context} was given; leave --context out to use "
+    settings = config.participant
+    given = getattr(settings, name)
+    given = tuple(given) if isinstance(given, list) else given
+    if given is not None and given != value:
+        option = "--" + name.replace("_", "-")
+        shown = " ".join(map(str, given)) if isinstance(given, tuple) else given
+        raise DataError(f"the model {has} but {option} {shown} was given; leave {option} out to use "
                         "the model's", path=settings.model_path)
-    return dataclasses.replace(config, participant=dataclasses.replace(settings, context=context))
-
-
-def _at_model_grid(config, grid: tuple | None):
-    """BOLD targets on the model's grid, which its synthesised volumes have; another
-    ``--target-grid`` is refused."""
-    settings = config.participant
-    if grid is None:
-        return config
-    if settings.target_grid is not None and tuple(settings.target_grid) != grid:
-        raise DataError(f"the model synthesises volumes on a {'x'.join(map(str, grid))} grid but "
-                        f"--target-grid {' '.join(map(str, settings.target_grid))} was given; leave "
-                        "--target-grid out to use the model's", path=settings.model_path)
-    return dataclasses.replace(config, participant=dataclasses.replace(settings, target_grid=grid))
-
-
-def _at_model_bins(config, bins: int | None):
-    """Spectrograms at the model's bins unless ``--freq-bins``/``--fmax`` say otherwise; a
-    ``--freq-bins`` other than the model's is refused."""
-    settings = config.participant
-    if bins is None or settings.fmax is not None:
-        return config
-    if settings.freq_bins is not None and settings.freq_bins != bins:
-        raise DataError(f"the model was trained on {bins} frequency bins but --freq-bins "
-                        f"{settings.freq_bins} was given; leave --freq-bins out to use the "
-                        "model's", path=settings.model_path)
-    return dataclasses.replace(config, participant=dataclasses.replace(settings, freq_bins=bins))
+    return dataclasses.replace(config, participant=dataclasses.replace(settings, **{name: value}))
 
 
 def _inventory(out_dir: Path, subject: str, results: list[RunResult], failed: list[tuple],
