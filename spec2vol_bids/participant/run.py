@@ -57,9 +57,10 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
                  if refused or before.get(path) != stamp]
         for path in stale:
             path.unlink(missing_ok=True)
-        if refused and set(stale) & set(before):
+        earlier = [path for path in stale if path in before]
+        if refused and earlier:
             LOGGER.warning("%s: refused; its earlier derivatives are removed (%d files)", pair.label,
-                           len(set(stale) & set(before)))
+                           len(earlier))
         raise
     return result
 
