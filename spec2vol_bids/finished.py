@@ -61,14 +61,18 @@ def locked_once(folder: Path, record: dict, job) -> None:
         train.barrier()
 
 
+def input_digests(runs: Sequence[Run]) -> dict[str, str]:
+    """Each run's :func:`~spec2vol_bids.data.run_digest`, by run name."""
+    return {run.name: run_digest(run) for run in runs}
+
+
 def folder_record(training: Training, models: Sequence[str], channels: Sequence[str],
-                  test: Sequence[str], runs: Sequence[Run]) -> dict:
+                  test: Sequence[str], inputs: dict[str, str]) -> dict:
     """What a folder of trained models is made from: the group's model, each model's protocol
-    (:func:`protocol`), the channels, the test subjects and a digest of every run's
-    participant-level derivatives."""
+    (:func:`protocol`), the channels, the test subjects and the digests of every run's
+    participant-level derivatives (:func:`input_digests`)."""
     return {"Model": training.model, "Protocols": {name: protocol(training, name) for name in models},
-            "Channels": list(channels), "TestSubjects": list(test),
-            "Inputs": {run.name: run_digest(run) for run in runs}}
+            "Channels": list(channels), "TestSubjects": list(test), "Inputs": dict(inputs)}
 
 
 def check_finished(records: dict[Path, dict], outputs: dict[Path, list[Path]]) -> None:

@@ -28,8 +28,8 @@ from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_pre
                                 resolve_channels, subjects_of)
 from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
-from spec2vol_bids.finished import (check_finished, folder_record, is_done, lock_path, locked_once,
-                                    protocol)
+from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
+                                    locked_once, protocol)
 from spec2vol_bids.models import save_checkpoint
 from spec2vol_bids.naming import MASK_SUFFIX, TARGET_SUFFIX, build_name, parse_name, run_dir, source_uri
 
@@ -107,12 +107,13 @@ def run_group(config: Config) -> int:
     chosen = _chosen_folds(folds, training.folds)
     models = list(dict.fromkeys([training.model, *training.compare]))
     final = not training.no_final and not training.folds
+    digests = input_digests(paired)
     records = {_fold_dir(out_dir, fold.label): folder_record(training, models, channels, fold.test,
-                                                             paired)
+                                                             digests)
                for fold in folds}
     if final:
         records[out_dir / "models" / "final"] = folder_record(training, [training.model], channels,
-                                                              [], paired)
+                                                              [], digests)
     check_finished(records, {folder: _outputs(folder, record, paired, out_dir)
                              for folder, record in records.items()})
     started = datetime.now(timezone.utc)
