@@ -377,6 +377,33 @@ def test_repetition_time_missing_from_sidecar_and_header(simulated_bids, tmp_pat
     assert not target(out).exists()
 
 
+def test_header_and_sidecar_repetition_times_disagree(simulated_bids, tmp_path):
+    """The sidecar says 2 s, pixdim[4] 2.5 s: the volume markers confirm the sidecar's TR; without
+    them nothing tells which is right, and every window after the first depends on it."""
+    bold = bold_file(simulated_bids)
+    img = nib.load(bold)
+    header = img.header.copy()
+    header["pixdim"][4] = 2.5
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header), bold)
+    with_markers = tmp_path / "with-markers"
+    proc = participant(simulated_bids, with_markers, "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "the NIfTI header says TR 2.5 s, the sidecar 2 s" in proc.stderr
+    assert json.loads(target(with_markers).with_name(
+        target(with_markers).name.replace(".nii.gz", ".json")).read_text())["RepetitionTime"] == 2.0
+    assert nib.load(target(with_markers)).header.get_zooms()[3] == 2.0
+
+    vmrk = eeg_file(simulated_bids, ext=".vmrk")
+    vmrk.write_text("".join(line for line in vmrk.read_text().splitlines(keepends=True)
+                            if "R128" not in line))
+    eeg_file(simulated_bids, ext=".vmrk").with_name("sub-01_task-rest_events.tsv").unlink()
+    without = tmp_path / "without-markers"
+    proc = participant(simulated_bids, without, "--eeg-offset", "2")
+    assert_clean_failure(proc, 65, bold.name, "RepetitionTime is 2 s but the NIfTI header says "
+                         "2.5 s", out_dir=without)
+    assert not list(without.glob("sub-01/**/*_desc-*"))
+
+
 def test_target_grid_the_network_cannot_produce(simulated_bids_source, tmp_path):
     """Targets of 16x16 in-plane are fine for the participant level, not for Spec2VolCAMU-Net."""
     out = tmp_path / "out"

@@ -80,7 +80,7 @@ def repetition_time(pair) -> float:
     if pair.bold is None:
         raise DataError("this run has no BOLD series and no *_bold.json with RepetitionTime "
                         "applies to it", path=pair.eeg)
-    tr = _header_tr(pair.bold)
+    tr = header_repetition_time(pair)
     if tr is None:
         where = pair.bold_json.name if pair.bold_json else pair.bold.name.replace(
             "".join(pair.bold.suffixes), ".json")
@@ -113,20 +113,26 @@ def _sidecar_tr(sidecars: tuple[Path, ...]) -> float | None:
     return float(value)
 
 
-def _header_tr(path: Path) -> float | None:
-    import nibabel as nib
+def header_repetition_time(pair) -> float | None:
+    """The repetition time (s) the NIfTI header of a run's BOLD series gives, or None.
 
-    if not path.is_file():
-        raise MissingInputError("BOLD file not found", path=path)
-    try:
-        header = nib.load(path).header
-        zooms = header.get_zooms()
-        unit = header.get_xyzt_units()[1]
-    except Exception as exc:  # nibabel raises several types for corrupt or empty files
-        raise DataError(f"cannot read the NIfTI header ({one_line(exc)})", path=path) from exc
-    if len(zooms) < 4 or not zooms[3] > 0:
+    ``pixdim[4]``, converted from ms or µs by its time unit (unknown units are taken as seconds,
+    as nibabel does); None for a run without BOLD or a header with no positive value.
+
+    Raises
+    ------
+    DataError (65)
+        The NIfTI file cannot be read.
+    MissingInputError (66)
+        The BOLD file does not exist.
+    """
+    from spec2vol_bids import bold
+
+    if pair.bold is None:
         return None
-    return float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+    if not pair.bold.is_file():
+        raise MissingInputError("BOLD file not found", path=pair.bold)
+    return bold.header_tr(bold.load_bold(pair.bold))
 
 
 def merged_json(paths: Iterable[Path]) -> dict:

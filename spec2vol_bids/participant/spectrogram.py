@@ -84,6 +84,7 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
         raw, tr, n_volumes=n_volumes, events_tsv=pair.events_tsv, marker=settings.volume_marker,
         offset=settings.eeg_offset, first_trigger=settings.first_volume_trigger,
         discard=settings.discard_volumes, context=settings.context, source=pair.eeg)
+    _check_header_tr(pair, tr, confirmed=timing.train is not None)
     spec, freqs = spectra.tr_spectrogram(raw, channels, starts=timing.starts, tr=tr,
                                          freq_bins=freq_bins, fmax=settings.fmax)
     spec, channels, flat = eeg.drop_flat_channels(spec, channels, source=pair.eeg)
@@ -106,6 +107,25 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
     _remember(result, npy, meta)
     LOGGER.info("%s: %d windows x %d channels x %d bins (t0 %.3f s, marker %s)", pair.label,
                 *spec.shape, timing.t0, timing.marker or "none")
+
+
+def _check_header_tr(pair, tr: float, *, confirmed: bool) -> None:
+    """A NIfTI header that gives another TR than the sidecar is refused unless the volume
+    markers have ``confirmed`` the sidecar's (their period, see :mod:`spec2vol_bids.triggers`):
+    without them nothing in the EEG tells which is right, and every window after the first
+    depends on it."""
+    from spec2vol_bids.bids.metadata import header_repetition_time
+
+    header = header_repetition_time(pair)
+    if header is None or np.isclose(header, tr, rtol=1e-3):
+        return
+    if confirmed:
+        LOGGER.info("%s: the NIfTI header says TR %g s, the sidecar %g s; the volume markers "
+                    "confirm the sidecar's", pair.label, header, tr)
+    else:
+        raise DataError(f"the BOLD sidecar's RepetitionTime is {tr:g} s but the NIfTI header says "
+                        f"{header:g} s (pixdim[4]), and without volume markers nothing in the EEG "
+                        "tells which is right; correct the wrong one", path=pair.bold)
 
 
 def _qc_figures(pair, output_dir: Path, timing, spec, freqs, channels) -> None:
