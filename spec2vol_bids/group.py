@@ -26,7 +26,7 @@ from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
                                 resolve_channels, subjects_of)
-from spec2vol_bids.derivatives import init_output_dataset, write_json, write_text
+from spec2vol_bids.derivatives import init_output_dataset, read_json, write_json, write_text
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
                                     locked_once, protocol)
@@ -116,6 +116,8 @@ def run_group(config: Config) -> int:
                                                               [], digests)
     check_finished(records, {folder: _outputs(folder, record, paired, out_dir)
                              for folder, record in records.items()})
+    _check_no_applied_synthesis([r for r in paired if r.subject in
+                                 {s for fold in chosen for s in fold.test}], out_dir)
     started = datetime.now(timezone.utc)
     if train.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)
@@ -147,6 +149,25 @@ def run_group(config: Config) -> int:
         _finish_reports(config, subjects, started)
     train.barrier()
     return 0
+
+
+def _check_no_applied_synthesis(held_out: Sequence[Run], out_dir: Path) -> None:
+    """The held-out synthesis of a run never replaces the series ``participant --model`` wrote
+    for it (a sidecar without the fold's metrics): that came from another model, which the
+    user may still need, and nothing would say it was gone.
+
+    Raises
+    ------
+    UsageError (64)
+        Naming the series.
+    """
+    for run in held_out:
+        synth = held_out_paths(run, out_dir)[0]
+        sidecar = synth.with_name(synth.name.replace(".nii.gz", ".json"))
+        if synth.exists() and "Metrics" not in (read_json(sidecar) if sidecar.is_file() else {}):
+            raise UsageError("OUTPUT_DIR holds a series synthesised for this run by participant "
+                             "--model, where the group level writes its held-out synthesis; move "
+                             "it out of OUTPUT_DIR first", path=synth)
 
 
 def _chosen_folds(folds: list[Fold], wanted: Sequence[str] | None) -> list[Fold]:

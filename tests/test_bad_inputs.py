@@ -535,6 +535,23 @@ def test_model_decides_the_target_grid(simulated_bids, model_channels, tmp_path)
     assert nib.load(target(out)).shape[:3] == nib.load(synth(out)).shape[:3] == (32, 32, 8)
 
 
+def test_the_group_level_never_replaces_a_series_participant_model_wrote(simulated_bids, model_channels,
+                                                                        tmp_path):
+    """sub-01's series came from another model (participant --model): the group level, which
+    would write sub-01's held-out synthesis in its place, refuses before training."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels)
+    out = tmp_path / "out"
+    assert participant(simulated_bids, out, "--model", model).returncode == 0
+    assert participant(simulated_bids, out, label="02").returncode == 0
+    before = synth(out).read_bytes()
+    proc = run_spec2vol(simulated_bids, out, "group", "--model-config", "tiny", "--epochs", "1",
+                        "--omp-nthreads", "1", "--no-final")
+    assert_clean_failure(proc, 64, str(synth(out)), "synthesised for this run by participant --model",
+                         "move it out of OUTPUT_DIR", out_dir=out)
+    assert synth(out).read_bytes() == before
+    assert not (out / "models").exists()
+
+
 class _Payload:
     """Unpickling this object runs ``open(marker, "w")``, creating the marker file."""
 
