@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from spec2vol_bids import __version__
-from spec2vol_bids.errors import DataError, MissingInputError, OutputError, one_line, output_error
+from spec2vol_bids.errors import DataError, MissingInputError, OutputError, UsageError, one_line, output_error
 
 PIPELINE_NAME = "spec2vol"
 
@@ -243,6 +243,9 @@ def container_info() -> dict | None:
     return info
 
 
+_NAME_PREFIX = "spec2vol derivatives of "
+
+
 def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> dict:
     """The ``dataset_description.json`` content of a spec2vol derivative dataset."""
     generated = {
@@ -256,7 +259,7 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
     if container:
         generated["Container"] = container
     desc = {
-        "Name": f"spec2vol derivatives of {bids_name or Path(bids_dir).name}",
+        "Name": _NAME_PREFIX + (bids_name or Path(bids_dir).name),
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
@@ -265,6 +268,32 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
         "DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()},
     }
     return desc
+
+
+def check_same_source(out_dir: str | Path, bids_dir: str | Path) -> None:
+    """OUTPUT_DIR holds derivatives of BIDS_DIR's dataset, or none yet.
+
+    Another dataset's runs of the same names would replace its derivatives (its sub-01 is not
+    this one's sub-01) and the group level would train on both. The datasets are told apart by
+    their ``Name``, which the derivatives' own name carries: a copy of the dataset at another
+    path (or the same one mounted at ``/data`` in a container) passes. Without a ``Name`` in
+    BIDS_DIR nothing is checked.
+
+    Raises
+    ------
+    UsageError (64)
+        Naming both datasets.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        name = read_json(Path(bids_dir) / "dataset_description.json").get("Name")
+        ours = read_json(Path(out_dir) / "dataset_description.json").get("Name")
+        if (isinstance(name, str) and name and isinstance(ours, str)
+                and ours.startswith(_NAME_PREFIX) and ours != _NAME_PREFIX + name):
+            raise UsageError(f"OUTPUT_DIR holds the derivatives of the dataset "
+                             f"\"{ours[len(_NAME_PREFIX):]}\", BIDS_DIR is \"{name}\": give each "
+                             "dataset its own OUTPUT_DIR (if it is the same dataset, renamed, set "
+                             "its new Name in OUTPUT_DIR's dataset_description.json)",
+                             path=Path(out_dir) / "dataset_description.json")
 
 
 def init_output_dataset(out_dir: str | Path, bids_dir: str | Path) -> Path:

@@ -129,6 +129,26 @@ def test_an_eeg_only_run_is_not_written_beside_a_bold_target_of_its_name(simulat
     assert proc.returncode == 0, proc.stderr
 
 
+def test_another_datasets_runs_are_not_written_into_an_output_dir(simulated_bids, participant_outputs,
+                                                                 tmp_path):
+    """OUTPUT_DIR holds the derivatives of the simulated dataset. A copy of that dataset at
+    another path goes on (nothing to redo); a dataset of another Name, whose sub-01 would replace
+    this one's, is refused before anything is written."""
+    copy = shutil.copytree(simulated_bids, tmp_path / "elsewhere" / "bids")
+    proc = participant(copy, participant_outputs, "--skip-bids-validation")
+    assert proc.returncode == 0, proc.stderr
+    assert "spectrogram up to date, skipped" in proc.stderr
+    description = simulated_bids / "dataset_description.json"
+    meta = json.loads(description.read_text())
+    own = meta["Name"]
+    description.write_text(json.dumps({**meta, "Name": "Another EEG-fMRI study"}))
+    before = snapshot(participant_outputs)
+    proc = participant(simulated_bids, participant_outputs, "--skip-bids-validation")
+    assert_clean_failure(proc, 64, f'the dataset "{own}", BIDS_DIR is "Another EEG-fMRI study"',
+                         "give each dataset its own OUTPUT_DIR")
+    assert snapshot(participant_outputs) == before
+
+
 def test_output_dir_not_writable(simulated_bids, tmp_path):
     # root ignores permissions, so use a path that nobody can create: one below a regular file
     (tmp_path / "plain-file").write_text("not a folder")

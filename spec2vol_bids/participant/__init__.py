@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spec2vol_bids import __version__
 from spec2vol_bids.config import MODELS
-from spec2vol_bids.derivatives import init_output_dataset, write_text
+from spec2vol_bids.derivatives import check_same_source, init_output_dataset, write_text
 from spec2vol_bids.errors import DataError, MissingInputError, Spec2VolError
 from spec2vol_bids.participant.result import RunResult
 from spec2vol_bids.participant.run import check_no_group_synthesis, check_no_other_half, process_run
@@ -55,6 +55,7 @@ def run_participant(config) -> int:
                            f"was trained on {model_bins} frequency bins")
     if config.participant.model_path:
         check_no_group_synthesis(pairs, inputs.output_dir)
+    check_same_source(inputs.output_dir, inputs.bids_dir)
     check_no_other_half(pairs, inputs.output_dir)
     fetch_templates(pairs)
     init_output_dataset(inputs.output_dir, inputs.bids_dir)
