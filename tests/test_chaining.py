@@ -104,8 +104,14 @@ def test_chained_run_synthesises_without_raw_data(emptied_bids, participant_outp
         assert str(model) in meta["Sources"]
         assert "paired" in (out2 / f"sub-{sub}" / f"sub-{sub}_runs.tsv").read_text()
 
-    proc = run_spec2vol(emptied_bids, out2, "group", *GROUP_OPTIONS, "--epochs", "1",
-                        "--no-final", "--folds", "02", "--skip-bids-validation")
+    group = ("group", *GROUP_OPTIONS, "--epochs", "1", "--no-final", "--folds", "02",
+             "--skip-bids-validation")
+    # the group level would write sub-02's held-out series over the one --model made
+    proc = run_spec2vol(emptied_bids, out2, *group)
+    assert proc.returncode == 64 and "synthesised for this run by participant --model" in proc.stderr
+    for path in (_func(out2, "02", "synth"), _func(out2, "02", "synth").with_suffix("").with_suffix(".json")):
+        path.rename(tmp_path / path.name)
+    proc = run_spec2vol(emptied_bids, out2, *group)
     assert proc.returncode == 0, proc.stderr
     assert nib.load(_func(out2, "02", "synth")).shape == (32, 32, 8, 14)
     assert "sub-02" in (out2 / "models" / "fold-02" / "metrics.tsv").read_text()
