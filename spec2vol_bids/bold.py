@@ -77,6 +77,23 @@ def header_tr(img) -> float | None:
     return float(zooms[3]) * scale
 
 
+def spatial_code(header) -> int:
+    """The NIfTI code of the space a header's affine maps into (1 scanner, 2 aligned, 3
+    Talairach, 4 MNI, 5 template): its sform's, else its qform's; 0 when neither is set to
+    one of these."""
+    codes = [int(header[field]) for field in ("sform_code", "qform_code")]
+    return next((code for code in codes if 1 <= code <= 5), 0)
+
+
+def with_spatial_code(img, code: int):
+    """``img`` with both its sform and qform set to its affine and ``code`` (kept as nibabel
+    makes it when ``code`` is 0), so that every reader places it in the source's space."""
+    if code:
+        img.set_sform(img.affine, code)
+        img.set_qform(img.affine, code)
+    return img
+
+
 def default_target_grid(shape) -> tuple[int, int, int]:
     """The model's grid for a series of spatial ``shape``: native if 64×64 with ≤ 40 slices.
 

@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 
 from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
+from spec2vol_bids.bold import spatial_code
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
                                 resolve_channels, subjects_of)
@@ -257,6 +258,7 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
         "DiscardVolumes": _discarded([*train_runs, *val_runs]),
         "TargetShape": list(target_img.shape[:3]),
         "TargetAffine": target_img.affine.tolist(),
+        "TargetSpatialCode": spatial_code(target_img.header),
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "model.pt", result.model, model_name=model_name, channels=list(channels),
@@ -368,12 +370,12 @@ def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str,
                "SSIM3D": float(result["ssim3d"].mean()), "Dynamics": result["dynamics"]}
     synthesize.write_synth(result["pred"], synth,
                            affine=img.affine, tr=float(run.meta["RepetitionTime"]),
-                           first_volume=int(run.sample_volumes[0]),
+                           first_volume=int(run.sample_volumes[0]), spatial_code=spatial_code(img.header),
                            sidecar={"Model": model_name, "Fold": fold, "Sources": sources,
                                     "Metrics": metrics})
     synthesize.write_statmap(
         result["dynamics_map"], statmap,
-        affine=img.affine,
+        affine=img.affine, spatial_code=spatial_code(img.header),
         sidecar={"Description": "Voxel-wise Pearson correlation of the synthesised and measured BOLD "
                                 "time series (each voxel's mean removed); 0 outside the brain mask "
                                 "computed from the measured mean volume and where a series is constant.",

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from spec2vol_bids.bold import spatial_code, with_spatial_code
 from spec2vol_bids.config import Participant
 from spec2vol_bids.data import apply_norm, window_stats
 from spec2vol_bids.derivatives import read_spectrogram, write_json, write_nifti
@@ -52,18 +53,19 @@ def predict(model: torch.nn.Module, batches: Iterable, device: str | torch.devic
 
 
 def write_synth(pred: np.ndarray, path: str | Path, *, affine: np.ndarray, tr: float,
-                first_volume: int, sidecar: dict) -> Path:
+                first_volume: int, sidecar: dict, spatial_code: int = 0) -> Path:
     """Write ``(N, D, H, W)`` predictions as a 4-D NIfTI ``(X, Y, Z, N)`` with its sidecar.
 
     ``first_volume`` is the source volume index of the first prediction; the series covers
-    source volumes ``first_volume`` … ``first_volume + N − 1``.
+    source volumes ``first_volume`` … ``first_volume + N − 1``. ``spatial_code`` is the
+    target's (:func:`~spec2vol_bids.bold.spatial_code`; 4 for MNI space, say).
     """
     data = np.ascontiguousarray(np.asarray(pred, dtype=np.float32).transpose(2, 3, 1, 0))
     if not np.isfinite(data).all():
         raise DataError(f"model {sidecar.get('Model')} (fold {sidecar.get('Fold')}) produced NaN or "
                         "infinite values; nothing was written (check the model file and the run's "
                         "spectrogram)", path=path)
-    img = nib.Nifti1Image(data, affine)
+    img = with_spatial_code(nib.Nifti1Image(data, affine), spatial_code)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms(img.header.get_zooms()[:3] + (float(tr),))
     img.header.set_data_dtype(np.float32)
@@ -75,9 +77,11 @@ def write_synth(pred: np.ndarray, path: str | Path, *, affine: np.ndarray, tr: f
     return Path(path)
 
 
-def write_statmap(rmap: np.ndarray, path: str | Path, *, affine: np.ndarray, sidecar: dict) -> Path:
+def write_statmap(rmap: np.ndarray, path: str | Path, *, affine: np.ndarray, sidecar: dict,
+                  spatial_code: int = 0) -> Path:
     """Write a ``(D, H, W)`` map as a 3-D float32 NIfTI ``(X, Y, Z)`` with its sidecar."""
-    img = nib.Nifti1Image(np.ascontiguousarray(rmap.astype(np.float32).transpose(1, 2, 0)), affine)
+    img = with_spatial_code(nib.Nifti1Image(np.ascontiguousarray(rmap.astype(np.float32).transpose(1, 2, 0)),
+                                            affine), spatial_code)
     img.header.set_xyzt_units("mm")
     write_nifti(path, img)
     write_json(_sidecar_path(path), sidecar)
@@ -256,6 +260,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     if target is not None:
         ref = nib.load(target)
         affine, n_volumes = ref.affine, min(n_volumes, ref.shape[3])
+        code = spatial_code(ref.header)
         grid = extra.get("TargetShape")
         if grid and list(ref.shape[:3]) != list(grid):  # its affine would misplace the volumes
             raise DataError(f"the model synthesises volumes on a {'x'.join(map(str, grid))} grid "
@@ -264,6 +269,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
                             path=target)
     elif "TargetAffine" in extra:
         affine = np.asarray(extra["TargetAffine"], dtype=float)
+        code = int(extra.get("TargetSpatialCode", 0))
     else:
         raise DataError("the model stores no target grid; give the run's target", path=model_path)
     volumes = np.arange(first, n_volumes)
@@ -276,7 +282,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     pred = predict(model, context_batches(spec, volumes, context, norm, batch_size), device)
     return write_synth(pred, out_path, affine=affine,
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
-                       first_volume=first, sidecar={
+                       first_volume=first, spatial_code=code, sidecar={
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
                            "InterpolatedChannels": [name for name in meta["channels"]
                                                     if name not in found],

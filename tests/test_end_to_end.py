@@ -93,6 +93,12 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
     side = json.loads((out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.json").read_text())
     assert side["RepetitionTime"] == pytest.approx(2.0)
+    # in the space of the training targets, as their scanner-space code (1) says
+    target = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-target_bold.nii.gz")
+    for image in (synth, target):
+        assert (int(image.header["sform_code"]), int(image.header["qform_code"])) == (1, 1)
+        np.testing.assert_allclose(image.get_qform(), image.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(synth.affine, target.affine, atol=1e-6)
     # its report says which model made it and does not send the user to the group level
     report = (out / "sub-03.html").read_text()
     model = out / "models" / "final" / "model.pt"

@@ -65,6 +65,8 @@ def _fmriprep(bids: Path, root: Path, *, masks: bool = True, extra_space: bool =
         bold = (anatomy[..., None] + 1.0) * (data / data.mean())
         prefix = func / f"{stem}_space-{SPACE}_res-2"
         img = nib.Nifti1Image(bold.astype(np.float32), affine)
+        img.set_sform(affine, 4)  # MNI, as fMRIPrep writes its template-space series
+        img.set_qform(affine, 4)
         img.header.set_xyzt_units("mm", "sec")
         nib.save(img, f"{prefix}_desc-preproc_bold.nii.gz")
         Path(f"{prefix}_desc-preproc_bold.json").write_text(json.dumps(
@@ -147,6 +149,11 @@ def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_p
                       .dataobj)
     outside = np.asarray(mask.dataobj)[CROP] == 0
     assert outside.any() and np.all(stat[outside] == 0) and np.any(stat[~outside] != 0)
+    # every image keeps the template space's code (4, MNI) in both its sform and qform
+    for image in [synth, *(nib.load(func / f"sub-01_task-rest_space-{SPACE}_res-2_desc-{d}.nii.gz")
+                           for d in ("target_bold", "brain_mask", "dynamics_statmap"))]:
+        assert (int(image.header["sform_code"]), int(image.header["qform_code"])) == (4, 4)
+        np.testing.assert_allclose(image.get_qform(), image.get_sform(), atol=1e-4)
 
     # the report says what it drew on instead, and how to get the template's own T1w ...
     text = (out / "group.html").read_text(encoding="utf-8")

@@ -44,7 +44,7 @@ def process_bold(pair, config, tr: float, result: RunResult) -> None:
     native = img.shape[:3] if pair.bold.name.endswith(TARGET_SUFFIX) else None
     grid = tuple(config.participant.target_grid or native or bold.default_target_grid(img.shape[:3]))
     data, affine = bold.bold_targets(img, grid)
-    target = nib.Nifti1Image(data, affine)
+    target = bold.with_spatial_code(nib.Nifti1Image(data, affine), bold.spatial_code(img.header))
     target.header.set_xyzt_units("mm", "sec")
     target.header["pixdim"][4] = tr
     # float32 targets hardly compress: stored (level 0) they write in a fifth of the time
@@ -107,6 +107,9 @@ def _write_mask(source: Path, target_img, path: Path) -> None:
                             target_shape=target_img.shape[:3], interpolation="nearest",
                             force_resample=True, copy_header=True)
     data = np.asarray(mask.dataobj)[..., 0] if mask.ndim == 4 else np.asarray(mask.dataobj)
-    out = nib.Nifti1Image((data > 0).astype(np.uint8), target_img.affine)
+    from spec2vol_bids.bold import spatial_code, with_spatial_code
+
+    out = with_spatial_code(nib.Nifti1Image((data > 0).astype(np.uint8), target_img.affine),
+                            spatial_code(target_img.header))
     out.header.set_xyzt_units("mm")
     write_nifti(path, out)
