@@ -11,7 +11,8 @@ import pytest
 
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.markers import marker_series
-from spec2vol_bids.triggers import find_trains, volume_timing
+from spec2vol_bids.trains import find_trains
+from spec2vol_bids.triggers import volume_timing
 
 SFREQ = 500.0
 TR = 2.0
@@ -199,7 +200,10 @@ def test_mismatched_tr_is_refused_with_what_was_found():
                                         r"30 markers, every 2.000 s") as err:
         volume_timing(raw, 2.05, n_volumes=30, discard=2, context=4)
     assert err.value.code == 65
-    assert volume_timing(raw, 2.015, n_volumes=30, discard=2, context=4).starts[0] == 100  # within 1 %
+    # within 1 % the train is found, and the TR refused for what it is
+    with pytest.raises(DataError, match=r"come every 2\.000000 s but RepetitionTime says 2\.015 s "
+                                        r"\(-7444 ppm"):
+        volume_timing(raw, 2.015, n_volumes=30, discard=2, context=4)
 
 
 def test_coverage_truncates_then_refuses(caplog):
@@ -317,12 +321,16 @@ def test_stim_channel_codes_are_candidates(tmp_path):
     np.testing.assert_array_equal(timing.starts, volumes)
 
 
-def test_a_repetition_time_that_disagrees_with_the_triggers(caplog):
+def test_a_repetition_time_that_disagrees_with_the_triggers():
+    # 800 ppm: clock drift, within what a real EEG amplifier and scanner show; the windows
+    # follow the triggers
+    raw = raw_with_markers((100 + np.rint(np.arange(30) * 1000.8).astype(int), "Response/R128"))
+    assert timing_of(raw).drift_ppm == pytest.approx(800, abs=50)
+    # 0.5 % apart: not drift but a wrong TR, which would set the windows' length and bins
     raw = raw_with_markers((100 + np.rint(np.arange(30) * 1005.0).astype(int), "Response/R128"))
-    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.triggers"):
-        timing = timing_of(raw)  # 0.5 % apart: the windows follow the triggers, with a warning
-    assert timing.drift_ppm == pytest.approx(5000, abs=50)
-    assert "check the BOLD sidecar's RepetitionTime" in caplog.text
+    with pytest.raises(DataError, match=r"come every 2\.010000 s but RepetitionTime says 2 s "
+                                        r"\(\+5000 ppm.*correct the BOLD sidecar's RepetitionTime"):
+        timing_of(raw)
     raw = raw_with_markers((100 + np.arange(30) * 1020, "Response/R128"))
     with pytest.raises(DataError, match="the BOLD sidecar's RepetitionTime is wrong"):
         timing_of(raw)  # 2 % apart: refused, pointing at the TR

@@ -1,0 +1,152 @@
+"""Trigger trains: the regular chains of scanner triggers in a marker series.
+
+In each series the longest chain of markers whose spacings are whole numbers of the TR (within
+``max(2 samples, 0.5 %)``) is a trigger train; the longest chain among the markers left is
+another, and so on (a previous scan in the same recording). Markers off a train are its
+*strays* (a relay pulse, the last trigger of a previous scan, a duplicate); triggers missing
+inside it (a gap of k TRs) are *filled* by linear interpolation between their neighbours. A
+train has at least three triggers and observes at least half of its volumes. Its period is the
+least-squares slope of its triggers: the difference from the nominal TR is the EEG-scanner
+clock drift. Series faster than half a TR are slice markers and are grouped per volume first
+(the first slice of each volume; see :func:`_group_slices`). :mod:`spec2vol_bids.triggers`
+decides which train, if any, holds the BOLD volumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spec2vol_bids.markers import MarkerSeries
+
+# A regular train: spacing within this fraction of the nominal TR to estimate the period ...
+_PERIOD_TOLERANCE = 0.01
+# ... then every spacing within this fraction of the period (or 2 samples) of a whole number.
+CHAIN_TOLERANCE = 0.005
+# Markers looked back over for a train's previous trigger: at most this many strays between two.
+_LOOKBACK = 64
+MIN_TRIGGERS = 3
+
+
+@dataclass
+class Train:
+    """The trigger train found in a marker series (see the module docstring)."""
+
+    series: MarkerSeries
+    onsets: np.ndarray = field(repr=False)  # one sample per volume of the train
+    observed: np.ndarray = field(repr=False)  # whether volume i has its own trigger
+    strays: np.ndarray = field(repr=False)  # samples of the markers off the train
+    period: float  # fitted samples per volume
+    slices: bool  # grouped from slice markers
+
+    @property
+    def filled(self) -> np.ndarray:
+        return np.flatnonzero(~self.observed)
+
+    def describe(self, sfreq: float) -> str:
+        text = f"a regular train of {len(self.onsets)} triggers"
+        extra = [f"{len(self.filled)} filled" if len(self.filled) else "",
+                 f"{len(self.strays)} off the train" if len(self.strays) else "",
+                 "slice markers grouped per volume" if self.slices else ""]
+        extra = [e for e in extra if e]
+        return text + (f" ({', '.join(extra)})" if extra else "") + \
+            f" from {self.onsets[0] / sfreq:.3f} s"
+
+
+def find_trains(series: MarkerSeries, tr: float, sfreq: float) -> list[Train]:
+    """The trigger trains of a marker series at repetition time ``tr``, longest first.
+
+    A series may hold several: a recording of two scans, or a scan's train and the last
+    triggers of a previous one. The longest regular chain is taken, then the longest among the
+    remaining markers, and so on; each train's strays are all the series' markers off it.
+    """
+    nominal = tr * sfreq
+    samples, slices = series.samples, False
+    if len(samples) >= 2 and np.median(np.diff(samples)) < 0.5 * nominal:
+        samples, slices = _group_slices(samples, nominal), True
+    trains: list[Train] = []
+    remaining = samples
+    while len(remaining) >= MIN_TRIGGERS:
+        spacing = np.diff(remaining)
+        near = spacing[np.abs(spacing - nominal) <= _PERIOD_TOLERANCE * nominal]
+        if len(near) < MIN_TRIGGERS - 1:
+            break
+        chain = _longest_chain(remaining, float(np.median(near)))
+        if len(chain) < MIN_TRIGGERS:
+            break
+        on_chain = remaining[chain]
+        remaining = np.delete(remaining, chain)
+        steps = np.rint(np.diff(on_chain) / np.median(near)).astype(np.int64)
+        index = np.concatenate([[0], np.cumsum(steps)])
+        if len(chain) < 0.5 * (index[-1] + 1):
+            continue  # mostly filled: a sparse series that happens to fall on the TR grid
+        period, _ = np.polyfit(index.astype(float), on_chain.astype(float), 1)
+        volumes = np.arange(index[-1] + 1)
+        observed = np.zeros(len(volumes), dtype=bool)
+        observed[index] = True
+        onsets = np.floor(np.interp(volumes, index, on_chain) + 0.5).astype(np.int64)
+        trains.append(Train(series, onsets, observed, np.setdiff1d(samples, on_chain),
+                            float(period), slices))
+    return trains
+
+
+def _group_slices(samples: np.ndarray, nominal: float) -> np.ndarray:
+    """The first slice marker of each volume, from per-slice markers.
+
+    Volumes acquired with a pause after their slices show as regular gaps longer than 1.5
+    slice intervals, one per volume: each gap starts a volume, and a first group with fewer
+    slices than the others (a recording started mid-volume) is dropped. Back-to-back
+    acquisitions (NODDI) have none: slice ``j`` of the run is the marker ``j`` slice intervals
+    after the first one (a missing slice marker leaves a gap, not a shift), and volumes start
+    every round(TR / slice interval) slices. Where the first marker lies within a slice interval
+    of the recording's start, the recording may have started mid-volume and the grouping is
+    unknown: no volume starts are returned.
+    """
+    gaps = np.diff(samples)
+    step = float(np.median(gaps))
+    per_volume = max(1, int(round(nominal / step)))
+    breaks = np.flatnonzero(gaps > 1.5 * step)
+    expected_volumes = (samples[-1] - samples[0]) / nominal
+    if len(breaks) >= 0.5 * expected_volumes:  # a pause after every volume
+        starts = np.concatenate([[0], breaks + 1])
+        sizes = np.diff(np.concatenate([starts, [len(samples)]]))
+        if len(sizes) > 1 and sizes[0] < np.median(sizes[1:]):
+            starts = starts[1:]
+        return samples[starts]
+    if samples[0] < 1.5 * step:
+        return samples[:0]
+    # slices per gap, not slices since the first marker: a fractional slice interval (333.3
+    # samples at 5 kHz) must not accumulate into an off-by-one over a run
+    index = np.concatenate([[0], np.cumsum(np.maximum(np.rint(gaps / step), 1))]).astype(np.int64)
+    return samples[index % per_volume == 0]
+
+
+def _longest_chain(samples: np.ndarray, period: float) -> list[int]:
+    """Indices of the longest chain of markers spaced by whole numbers of ``period``.
+
+    Dynamic programming over the sorted markers: the chain ending at marker i extends the
+    longest chain ending at one of the previous markers that lies k >= 1 periods back (within
+    the tolerance); among equally long ones, the one closest to a whole number of periods.
+    """
+    tolerance = max(2.0, CHAIN_TOLERANCE * period)
+    n = len(samples)
+    length = np.ones(n, dtype=np.int64)
+    previous = np.full(n, -1, dtype=np.int64)
+    for i in range(1, n):
+        lo = max(0, i - _LOOKBACK)
+        back = samples[i] - samples[lo:i]
+        k = np.rint(back / period)
+        residual = np.abs(back - k * period)
+        fits = np.flatnonzero((k >= 1) & (residual <= tolerance))
+        if len(fits):
+            best = length[fits + lo].max()
+            ties = fits[length[fits + lo] == best]
+            # among equally long chains the one this marker continues most regularly
+            previous[i] = ties[np.argmin(residual[ties])] + lo
+            length[i] = best + 1
+    chain, i = [], int(np.argmax(length))
+    while i >= 0:
+        chain.append(i)
+        i = int(previous[i])
+    return chain[::-1]
