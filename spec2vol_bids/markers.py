@@ -37,11 +37,15 @@ class MarkerSeries:
         The EEG file's own markers, or the run's events.tsv.
     samples : ndarray of int
         Sample indices from the first sample, sorted, without duplicates.
+    doubt : str | None
+        Why its times may be wrong (an events.tsv whose onsets disagree with its ``sample``
+        column), or None.
     """
 
     name: str
     source: str
     samples: np.ndarray = field(repr=False)
+    doubt: str | None = None
 
     @property
     def label(self) -> str:
@@ -102,9 +106,9 @@ def _stim_series(raw) -> list[MarkerSeries]:
     return series
 
 
-def _series(name: str, source: str, samples, n_times: int) -> MarkerSeries:
+def _series(name: str, source: str, samples, n_times: int, doubt: str | None = None) -> MarkerSeries:
     samples = np.unique(np.asarray(samples, dtype=np.int64))
-    return MarkerSeries(name, source, samples[(samples >= 0) & (samples < n_times)])
+    return MarkerSeries(name, source, samples[(samples >= 0) & (samples < n_times)], doubt)
 
 
 def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]:
@@ -122,6 +126,7 @@ def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]
     onsets = np.array([_number(r["onset"]) for r in rows])
     valid = np.isfinite(onsets)
     samples = np.floor(onsets * sfreq + 0.5)
+    doubt = _sample_column_doubt(onsets, np.array([_number(r.get("sample", "n/a")) for r in rows]))
     series = []
     for column in rows[0]:
         if column in _NOT_LABELS:
@@ -131,8 +136,33 @@ def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]
             if value in ("", "n/a"):
                 continue
             hits = valid & (values == value)
-            series.append(_series(f"{column}={value}", "events", samples[hits], n_times))
+            series.append(_series(f"{column}={value}", "events", samples[hits], n_times, doubt))
     return series
+
+
+def _sample_column_doubt(onsets: np.ndarray, samples: np.ndarray) -> str | None:
+    """Whether an events.tsv's ``sample`` column contradicts its onsets.
+
+    BIDS counts both from the recording's first sample, so ``sample = onset · rate`` for one
+    rate (the recording's, which need not be the EEG read here: a derivative may be resampled).
+    Rows off that line by more than 2 samples or 2 ms (onsets are often rounded to the ms)
+    mean the onsets count from something else.
+    """
+    both = np.isfinite(onsets) & np.isfinite(samples)
+    order = np.argsort(onsets[both], kind="stable")
+    t, n = onsets[both][order], samples[both][order]
+    apart = np.diff(t) > 0
+    if not apart.any():
+        return None
+    # the rate from the rows' spacings, which a constant offset between the columns leaves alone
+    rate = float(np.median(np.diff(n)[apart] / np.diff(t)[apart]))
+    error = np.abs(samples[both] - rate * onsets[both])
+    worst = int(np.argmax(error))
+    if error[worst] <= max(2.0, 0.002 * rate):
+        return None
+    onset, sample = onsets[both][worst], samples[both][worst]
+    return (f"its onsets disagree with its sample column by up to {error[worst] / rate:.3f} s "
+            f"(onset {onset:g} s, sample {sample:.0f} = {sample / rate:.3f} s at {rate:g} Hz)")
 
 
 def _number(text: str) -> float:

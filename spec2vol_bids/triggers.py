@@ -254,6 +254,8 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
                 f"and {other.series.label} from {other.onsets[skip] / sfreq:.3f} s; choose one "
                 "with --volume-marker (eeg:NAME or events:NAME)", path=path)
     starts = chosen.onsets[skip:skip + wanted]
+    _check_events_train(chosen, [t for found in trains.values() for t in found
+                                          if not any(t is f for f in fitting)], starts, sfreq, path)
     if len(chosen.strays) or len(chosen.filled):
         logger.warning("%s: volume triggers %s: %s", path, chosen.series.label, chosen.describe(sfreq))
     timing = VolumeTiming(starts[starts + window <= raw.n_times], float(tr), sfreq, window,
@@ -290,8 +292,47 @@ def _fits(train: Train, n_volumes: int | None, first_trigger: int | None, n_time
     return train.onsets[-1] + train.period > n_times - 1 - tolerance
 
 
+def _check_events_train(chosen: Train, others: list[Train], starts: np.ndarray, sfreq: float,
+                        path) -> None:
+    """A train chosen from events.tsv must put its triggers where every trigger train of the
+    EEG file puts them, even one that does not fit (31 R128 for 30 volumes): events.tsv is a
+    copy of the scanner's record, and a copy shifted in time (onsets counted from another
+    marker, as in NATVIEW) would move every window. A chosen events.tsv whose onsets disagree
+    with its own ``sample`` column is refused as well. A train chosen from the EEG file is that
+    record; ``--volume-marker`` makes the choice the user's.
+
+    Raises
+    ------
+    DataError (65)
+        Naming both trains and where they start.
+    """
+    if chosen.series.source == "eeg":
+        return
+    if chosen.series.doubt:
+        raise DataError(f"the trigger train of {chosen.series.label} fits the volumes, but "
+                        f"{chosen.series.doubt}; correct the events.tsv, or choose the EEG file's "
+                        "markers with --volume-marker eeg:NAME", path=path)
+    tolerance = max(2.0, _AGREEMENT * chosen.period)
+    for other in (t for t in others if t.series.source == "eeg"):
+        triggers = other.onsets[other.observed]
+        inside = triggers[(triggers >= starts[0] - tolerance) & (triggers <= starts[-1] + tolerance)]
+        nearest = np.abs(inside[:, None] - starts[None, :]).min(axis=1) if len(inside) else inside
+        if not len(inside) or np.any(nearest > tolerance):
+            raise DataError(
+                f"the trigger train of {chosen.series.label} fits the volumes from "
+                f"{starts[0] / sfreq:.3f} s, but {other.series.label} holds a train "
+                f"at the TR elsewhere ({len(other.onsets)} triggers from "
+                f"{other.onsets[0] / sfreq:.3f} s): one of them is wrong; choose with "
+                "--volume-marker (eeg:NAME or events:NAME) and, if the train holds extra "
+                "triggers, --first-volume-trigger K", path=path)
+
+
+def _marker_name(train: Train) -> str:
+    return re.sub(r"\s+", "", train.series.name.rsplit("/", 1)[-1].split("=", 1)[-1]).lower()
+
+
 def _preference(train: Train) -> tuple:
-    name = re.sub(r"\s+", "", train.series.name.rsplit("/", 1)[-1].split("=", 1)[-1]).lower()
+    name = _marker_name(train)
     known = [re.sub(r"\s+", "", m).lower() for m in VOLUME_MARKERS]
     rank = known.index(name) if name in known else len(known)
     return (train.series.source != "eeg", rank, -int(train.observed.sum()))

@@ -122,6 +122,25 @@ def test_natview_runs_follow_their_own_triggers(natview, tmp_path):
     assert meta["VolumeOnsetsSeconds"][:3] == [7.0412, 9.1414, 11.2412]
 
 
+def test_natview_events_tsv_is_not_taken_for_a_train_the_eeg_file_puts_elsewhere(natview):
+    """The real rest run, its first 45 s: 18 R128 in the .vmrk from 7.891 s. events.tsv's R128
+    rows (onsets counted from "S  1" and clipped at 0) make a train of 21 from 2.055 s, which
+    fits a BOLD series of 21 volumes where the EEG file's does not (as 288 and 287 do at full
+    length), 7.9 s early: its first trigger is the .vmrk's second. Its own sample column says
+    where the markers really are."""
+    eeg = natview / "sub-01" / "ses-01" / "eeg"
+    vhdr = eeg / "sub-01_ses-01_task-rest_eeg.vhdr"
+    raw = read_eeg(vhdr, work_dir=natview.parent / "work-287")
+    with pytest.raises(DataError, match=r"'marker_code=R128' \(events.tsv\) fits the volumes, but "
+                                        r"its onsets disagree with its sample column by up to 7\.9"):
+        volume_timing(raw, 2.1, n_volumes=21, events_tsv=eeg / "sub-01_ses-01_task-rest_events.tsv",
+                      discard=6, context=2, source=vhdr)
+    # told to use the EEG file's train and where the scan starts in it, the windows follow it
+    timing = volume_timing(raw, 2.1, n_volumes=21, marker="eeg:R128", first_trigger=1,
+                           discard=6, context=2, source=vhdr)
+    np.testing.assert_array_equal(timing.starts, 39455 + 10500 * np.arange(17))
+
+
 def test_natview_broken_and_missing_trains_are_refused(natview):
     eeg = natview / "sub-16" / "ses-01" / "eeg"
     vhdr = eeg / "sub-16_ses-01_task-checker_eeg.vhdr"

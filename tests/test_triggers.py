@@ -241,6 +241,52 @@ def test_events_tsv_labels_are_candidates(tmp_path):
     assert timing_of(raw, events_tsv=tsv, marker="events:10").starts[0] == 300
 
 
+def _events_tsv(path: Path, onsets_s, value: str = "R128", sample_rate: float | None = None) -> Path:
+    header = "onset\tduration\ttrial_type" + ("\tsample" if sample_rate else "")
+    rows = [f"{o:.4f}\t0.001\t{value}" + (f"\t{int(round(o * sample_rate))}" if sample_rate else "")
+            for o in onsets_s]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_an_events_tsv_train_elsewhere_than_the_eeg_files_is_refused(tmp_path):
+    """The EEG file's 31 R128 do not fit the 30 volumes; events.tsv's 30 do. Where they lie on the
+    EEG file's triggers they are those triggers (its last one is extra); 2.6 s earlier (onsets
+    counted from another marker, as in NATVIEW's events.tsv) nothing says which source is right,
+    whatever events.tsv calls them."""
+    eeg = 1300 + np.arange(31) * PERIOD
+    raw = raw_with_markers((eeg, "Response/R128"))
+    same = _events_tsv(tmp_path / "same_events.tsv", eeg[:30] / SFREQ)
+    np.testing.assert_array_equal(timing_of(raw, events_tsv=same).starts, eeg[:30])
+    for name in ("R128", "volume"):
+        shifted = _events_tsv(tmp_path / f"{name}_events.tsv", (eeg[:30] - 1300) / SFREQ, name)
+        with pytest.raises(DataError, match=rf"'trial_type={name}' \(events.tsv\) fits the volumes "
+                                            r"from 0\.000 s, but 'Response/R128' "
+                                            r"\(EEG file\) holds a train at the TR elsewhere \(31 "
+                                            r"triggers from 2\.600 s\)"):
+            timing_of(raw, events_tsv=shifted)
+    # told which, the EEG file's train is used from its first trigger
+    timing = timing_of(raw, events_tsv=shifted, marker="eeg:R128", first_trigger=1)
+    np.testing.assert_array_equal(timing.starts, eeg[:30])
+
+
+def test_events_tsv_onsets_that_disagree_with_its_sample_column(tmp_path):
+    """The onsets place the triggers, the sample column is another record of them. At another
+    rate than the EEG's (a resampled derivative, 1000 Hz here) they still agree; 0.5 s apart,
+    one of them is wrong."""
+    volumes = 400 + np.arange(30) * PERIOD
+    raw = raw_with_markers(n_times=40000)
+    consistent = _events_tsv(tmp_path / "a_events.tsv", volumes / SFREQ, sample_rate=1000.0)
+    np.testing.assert_array_equal(timing_of(raw, events_tsv=consistent).starts, volumes)
+    shifted = tmp_path / "b_events.tsv"
+    lines = consistent.read_text().splitlines()
+    shifted.write_text("\n".join([lines[0]] + [
+        "\t".join([*row.split("\t")[:3], str(int(row.split("\t")[3]) + 500)]) for row in lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"'trial_type=R128' \(events.tsv\) fits the volumes, but its "
+                                        r"onsets disagree with its sample column by up to 0\.500 s"):
+        timing_of(raw, events_tsv=shifted)
+
+
 def test_find_train_needs_a_regular_series():
     heart = np.cumsum(np.random.default_rng(0).normal(420, 40, 80)).astype(int)
     series = marker_series(raw_with_markers((heart, "Pulse Artifact/R"), n_times=40000))[0]
