@@ -424,6 +424,21 @@ def test_header_and_sidecar_repetition_times_disagree(simulated_bids, tmp_path):
     assert not list(without.glob("sub-01/**/*_desc-*"))
 
 
+def test_header_and_sidecar_sampling_frequencies_disagree(simulated_bids, tmp_path):
+    """The .vhdr's SamplingInterval says 250 Hz, the _eeg.json 500 Hz: every window's length in
+    samples and every bin rest on it, and nothing tells which is right."""
+    sidecar = eeg_file(simulated_bids, ext=".json")
+    meta = json.loads(sidecar.read_text())
+    sfreq = meta["SamplingFrequency"]
+    sidecar.write_text(json.dumps({**meta, "SamplingFrequency": 2 * sfreq}))
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, eeg_file(simulated_bids).name, f"the recording's header gives "
+                         f"{sfreq:g} Hz but {sidecar.name} says SamplingFrequency {2 * sfreq:g} Hz",
+                         out_dir=out)
+    assert not list(out.glob("sub-01/**/*_desc-*"))
+
+
 def test_target_grid_the_network_cannot_produce(simulated_bids_source, tmp_path):
     """Targets of 16x16 in-plane are fine for the participant level, not for Spec2VolCAMU-Net."""
     out = tmp_path / "out"

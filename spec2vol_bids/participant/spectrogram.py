@@ -79,6 +79,7 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
         LOGGER.info("%s: spectrogram up to date, skipped", pair.label)
         return
     raw = eeg.read_eeg(pair.eeg, work_dir=config.execution.work_dir / "eeg" / pair.label)
+    _check_sampling_frequency(pair, float(raw.info["sfreq"]))
     channels = eeg.canonical_channel_order(eeg.eeg_channels(raw, pair.channels_tsv))
     timing = triggers.volume_timing(
         raw, tr, n_volumes=n_volumes, events_tsv=pair.events_tsv, marker=settings.volume_marker,
@@ -107,6 +108,19 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
     _remember(result, npy, meta)
     LOGGER.info("%s: %d windows x %d channels x %d bins (t0 %.3f s, marker %s)", pair.label,
                 *spec.shape, timing.t0, timing.marker or "none")
+
+
+def _check_sampling_frequency(pair, sfreq: float) -> None:
+    """The recording's header and its ``_eeg.json`` must give one sampling rate: every window's
+    length in samples and every frequency bin rest on it, and nothing tells which is right."""
+    from spec2vol_bids.bids.metadata import merged_json
+
+    stated = merged_json(pair.eeg_sidecars).get("SamplingFrequency")
+    if (isinstance(stated, (int, float)) and not isinstance(stated, bool) and stated > 0
+            and not np.isclose(float(stated), sfreq, rtol=1e-3)):
+        sidecar = next(p for p in reversed(pair.eeg_sidecars) if "SamplingFrequency" in read_json(p))
+        raise DataError(f"the recording's header gives {sfreq:g} Hz but {sidecar.name} says "
+                        f"SamplingFrequency {stated:g} Hz; correct the wrong one", path=pair.eeg)
 
 
 def _check_header_tr(pair, tr: float, *, confirmed: bool) -> None:
