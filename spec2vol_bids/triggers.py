@@ -25,7 +25,8 @@ guessed:
    names (``R128``, ``Scan Start``, ``Volume``, ``V``, ``T``) to others.
 5. **Windows.** Volume ``v``'s window starts at its own trigger (observed or filled), so drift
    does not accumulate over a run. Only ``--eeg-offset S`` places the volumes every TR from
-   ``S`` seconds instead (``--eeg-offset 0``: the EEG starts with the first volume).
+   ``S`` seconds instead (``--eeg-offset 0``: the EEG starts with the first volume), and not
+   against a train that fits the volumes from another time.
 
 The choice and what it rests on (trigger series, per-volume onsets, strays, filled triggers,
 drift, the other candidates) go into the spectrogram's sidecar and the participant report.
@@ -195,6 +196,7 @@ def volume_timing(
             raise UsageError("--eeg-offset places the volumes itself: leave out --volume-marker "
                              "and --first-volume-trigger")
         timing = _offset_timing(raw, tr, offset, n_volumes, window, path)
+        _check_offset_against_triggers(timing, raw, events_tsv, n_volumes, path)
     else:
         timing = _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window, path)
     if timing.n_volumes < needed:
@@ -206,6 +208,26 @@ def volume_timing(
         logger.warning("%s: the EEG covers %d of %d volumes; the run is truncated to %d", path,
                        timing.n_volumes, n_volumes, timing.n_volumes)
     return timing
+
+
+def _check_offset_against_triggers(timing: VolumeTiming, raw, events_tsv, n_volumes, path) -> None:
+    """``--eeg-offset`` places the volumes itself, but not against a trigger train that fits
+    them and starts elsewhere: the scanner's record contradicts the user's, and one is wrong.
+
+    Raises
+    ------
+    UsageError (64)
+        Naming the train and where it starts.
+    """
+    try:
+        triggers = _train_timing(raw, timing.tr, n_volumes, events_tsv, None, None,
+                                 timing.window_samples, path)
+    except DataError:  # no train (or none to trust) to contradict the offset
+        return
+    if abs(triggers.starts[0] - timing.starts[0]) > max(2.0, _AGREEMENT * timing.tr * timing.sfreq):
+        raise UsageError(f"--eeg-offset {timing.t0:g} s differs from the volume triggers, "
+                         f"{triggers.train.series.label} from {triggers.t0:.3f} s, which fit the "
+                         f"volumes: leave out --eeg-offset to follow them: {path}")
 
 
 def _offset_timing(raw, tr, offset, n_volumes, window, path) -> VolumeTiming:

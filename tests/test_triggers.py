@@ -153,6 +153,18 @@ def test_no_markers_is_refused_unless_the_offset_is_given():
     assert timing.starts[0] == 250 and timing.sidecar()["VolumeTiming"]["Method"].startswith("--eeg-offset")
 
 
+def test_an_offset_that_contradicts_a_fitting_train_is_refused():
+    """R128 fit the 30 volumes from 1 s: --eeg-offset 0 says otherwise, and one of the two is
+    wrong. An offset on the train, or a train that does not fit, leaves the offset alone."""
+    volumes = 500 + np.arange(30) * PERIOD
+    raw = raw_with_markers((volumes, "Response/R128"))
+    with pytest.raises(UsageError, match=r"--eeg-offset 0 s differs from the volume triggers, "
+                                         r"'Response/R128' \(EEG file\) from 1\.000 s"):
+        timing_of(raw, offset=0.0)
+    np.testing.assert_array_equal(timing_of(raw, offset=1.0).starts, volumes)
+    assert timing_of(raw, offset=0.0, n_volumes=25).t0 == 0  # 30 triggers do not fit 25 volumes
+
+
 def test_two_fitting_trains_must_agree():
     volumes = 400 + np.arange(30) * PERIOD
     relay = volumes + 78  # 0.156 s later, as ds002725's relayed pulse
