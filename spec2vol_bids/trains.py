@@ -100,8 +100,9 @@ def _group_slices(samples: np.ndarray, nominal: float) -> np.ndarray:
     acquisitions (NODDI) have none: slice ``j`` of the run is the marker ``j`` slice intervals
     after the first one (a missing slice marker leaves a gap, not a shift), and volumes start
     every round(TR / slice interval) slices. Where the first marker lies within a slice interval
-    of the recording's start, the recording may have started mid-volume and the grouping is
-    unknown: no volume starts are returned.
+    of the recording's start, the recording may have started mid-volume, and where the markers
+    do not span whole volumes, slices were lost at the start or the end: in both cases the
+    grouping is unknown and no volume starts are returned.
     """
     gaps = np.diff(samples)
     step = float(np.median(gaps))
@@ -119,6 +120,10 @@ def _group_slices(samples: np.ndarray, nominal: float) -> np.ndarray:
     # slices per gap, not slices since the first marker: a fractional slice interval (333.3
     # samples at 5 kHz) must not accumulate into an off-by-one over a run
     index = np.concatenate([[0], np.cumsum(np.maximum(np.rint(gaps / step), 1))]).astype(np.int64)
+    if (index[-1] + 1) % per_volume:
+        # not whole volumes: slices lost at the start (or the end) shift every volume's first
+        # slice, and which cannot be told
+        return samples[:0]
     return samples[index % per_volume == 0]
 
 

@@ -352,6 +352,18 @@ def test_slice_markers_from_a_recording_started_mid_volume():
     np.testing.assert_array_equal(timing.starts, 500 + np.arange(1, 41) * PERIOD)
 
 
+def test_back_to_back_slice_markers_lost_at_the_start_are_refused():
+    """30 volumes of 20 slices, back to back, the first 3 slice markers lost although the EEG was
+    recording: grouping from the first marker would start every volume 3 slices late (0.3 s).
+    The markers span 597 slices, not whole volumes, so the grouping is unknown."""
+    slices = 1000 + np.arange(30 * 20) * 50
+    raw = raw_with_markers((slices[3:], "Scanner/s"))
+    with pytest.raises(DataError, match="no trigger train fits the 30 BOLD volumes"):
+        timing_of(raw)
+    np.testing.assert_array_equal(timing_of(raw_with_markers((slices, "Scanner/s"))).starts,
+                                  1000 + np.arange(30) * PERIOD)
+
+
 def test_a_missing_slice_marker_does_not_lose_the_train():
     slices = 333 + np.arange(40 * 20) * 50
     timing = timing_of(raw_with_markers((np.delete(slices, 417), "Scanner/s"), n_times=42000),
