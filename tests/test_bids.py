@@ -291,14 +291,18 @@ def test_several_eeg_formats_for_one_run(tmp_path):
     write_bold(root, "01", run="1")
     write_eeg(root, "02", run="1", fmt="set")
     write_eeg(root, "03", run="1", fmt="fif")
-    pairs, notes = pairing.find_run_pairs(root)
-    assert [p.eeg.suffix for p in pairs] == [".vhdr", ".set", ".fif"]
-    assert len(notes) == 1
-    assert "2 EEG files for this run" in notes[0] and "sub-01_task-rest_run-1_eeg.edf" in notes[0]
-    # the filter file can pick the other one
-    pairs, notes = pairing.find_run_pairs(root, participant_labels="01",
-                                         bids_filters={"eeg": {"extension": "edf"}})
-    assert pairs[0].eeg.name == "sub-01_task-rest_run-1_eeg.edf" and notes == []
+    # two recordings of one run may differ in channels, rate and markers: the user chooses
+    with pytest.raises(DataError, match=r"2 EEG recordings of one run \(sub-01_task-rest_run-1_eeg"
+                                        r"\.vhdr, sub-01_task-rest_run-1_eeg\.edf\); select one with "
+                                        r'--bids-filter-file \(e\.g\. \{"eeg": \{"extension": "edf"\}\}\)') as err:
+        pairing.find_run_pairs(root)
+    assert err.value.code == 65
+    pairs, notes = pairing.find_run_pairs(root, participant_labels=["02", "03"])
+    assert [p.eeg.suffix for p in pairs] == [".set", ".fif"] and notes == []
+    for extension in ("edf", "vhdr"):
+        pairs, notes = pairing.find_run_pairs(root, participant_labels="01",
+                                             bids_filters={"eeg": {"extension": extension}})
+        assert pairs[0].eeg.name == f"sub-01_task-rest_run-1_eeg.{extension}" and notes == []
 
 
 def test_split_fif_is_one_recording(tmp_path):

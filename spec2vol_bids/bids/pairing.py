@@ -277,7 +277,8 @@ def _prefer_derivatives(raw: list[_File], deriv: list[_File], notes: list[str]) 
 
 
 def _one_per_run(files: list[_File], kind: str, extensions, notes: list[str]) -> dict:
-    """Keep one file per run key; explain the choice when there were several."""
+    """Keep one file per run key; explain the choice when there were several (two EEG
+    recordings of one run are refused: 65)."""
     by_key: dict[tuple, list[_File]] = {}
     for f in files:
         by_key.setdefault(f.key, []).append(f)
@@ -287,6 +288,14 @@ def _one_per_run(files: list[_File], kind: str, extensions, notes: list[str]) ->
         # chain), so the later pieces are not rival recordings.
         group = [f for f in group if _split_index(f.path) in (None, 1)] or group[:1]
         group.sort(key=lambda f: (_extension_rank(f.path, extensions), str(f.path)))
+        recordings = [f for f in group if _extension_rank(f.path, extensions) < len(extensions)]
+        if kind == "EEG" and len(recordings) > 1:
+            # two recordings of one run (BIDS allows one): their channels, rates and markers may
+            # differ, and which one the user meant is theirs to say
+            names = ", ".join(f.path.name for f in recordings)
+            raise DataError(f"{len(recordings)} EEG recordings of one run ({names}); select one "
+                            'with --bids-filter-file (e.g. {"eeg": {"extension": '
+                            f'"{recordings[1].path.suffix.lstrip(".")}"}}}})', path=recordings[0].path)
         if len(group) > 1:
             others = ", ".join(f.path.name for f in group[1:])
             notes.append(f"{group[0].describe()}: {len(group)} {kind} files for this run; using "
