@@ -157,6 +157,19 @@ def test_output_dir_not_writable(simulated_bids, tmp_path):
     assert_clean_failure(proc, 73, "plain-file")
 
 
+def test_work_dir_that_cannot_be_made(simulated_bids, tmp_path):
+    """Below a file (a user mistake: 64) or where nothing can be created (/proc: 73), before any
+    work; nothing is left behind by the check."""
+    (tmp_path / "plain-file").write_text("not a folder")
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out, "-w", tmp_path / "plain-file" / "work")
+    assert_clean_failure(proc, 64, "-w/--work-dir names a file, or a folder below one", out_dir=out)
+    proc = participant(simulated_bids, out, "-w", "/proc/spec2vol-work")
+    assert_clean_failure(proc, 73, "/proc/spec2vol-work", "cannot create the work folder in /proc",
+                         out_dir=out)
+    assert not out.exists() and not list(tmp_path.rglob(".spec2vol-probe-*"))
+
+
 def test_participant_label_not_in_dataset(simulated_bids, tmp_path):
     proc = participant(simulated_bids, tmp_path / "out", label="09")
     assert_clean_failure(proc, 18, "09", out_dir=tmp_path / "out")
