@@ -125,8 +125,16 @@ def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]
         return []
     onsets = np.array([_number(r["onset"]) for r in rows])
     valid = np.isfinite(onsets)
+    if not valid.any():
+        logger.warning("%s: events.tsv has no onset that is a number of seconds (%r); set aside",
+                       path, rows[0]["onset"])
+        return []
     samples = np.floor(onsets * sfreq + 0.5)
-    doubt = _sample_column_doubt(onsets, np.array([_number(r.get("sample", "n/a")) for r in rows]))
+    garbled = [(i, r["onset"]) for i, r in enumerate(rows, start=2)
+               if not np.isfinite(onsets[i - 2]) and r["onset"].strip() != "n/a"]
+    doubt = (f"{len(garbled)} of its onsets are not numbers (line {garbled[0][0]}: "
+             f"{garbled[0][1]!r}), so triggers may be missing from it" if garbled else
+             _sample_column_doubt(onsets, np.array([_number(r.get("sample", "n/a")) for r in rows])))
     series = []
     for column in rows[0]:
         if column in _NOT_LABELS:

@@ -299,6 +299,24 @@ def test_events_tsv_onsets_that_disagree_with_its_sample_column(tmp_path):
         timing_of(raw, events_tsv=shifted)
 
 
+def test_events_tsv_onsets_that_are_not_numbers(tmp_path, caplog):
+    """Decimal commas in some rows: the train of the others fits, with the garbled ones filled
+    in as if lost; in every row, the file holds no onsets at all."""
+    volumes = 400 + np.arange(30) * PERIOD
+    raw = raw_with_markers(n_times=40000)
+    tsv = _events_tsv(tmp_path / "a_events.tsv", volumes / SFREQ)
+    lines = tsv.read_text().splitlines()
+    comma = [line.replace(".", ",", 1) for line in lines]
+    tsv.write_text("\n".join(lines[:5] + comma[5:8] + lines[8:]) + "\n")
+    with pytest.raises(DataError, match=r"fits the volumes, but 3 of its onsets are not numbers "
+                                        r"\(line 6: '8,8000'\)"):
+        timing_of(raw, events_tsv=tsv)
+    tsv.write_text("\n".join(comma[:1] + comma[1:]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids.markers"):
+        assert marker_series(raw, tsv) == []
+    assert "events.tsv has no onset that is a number of seconds ('0,8000'); set aside" in caplog.text
+
+
 def test_find_train_needs_a_regular_series():
     heart = np.cumsum(np.random.default_rng(0).normal(420, 40, 80)).astype(int)
     series = marker_series(raw_with_markers((heart, "Pulse Artifact/R"), n_times=40000))[0]
