@@ -174,6 +174,8 @@ def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
         raise DataError("BrainVision header has no DataFile= entry", path=path)
     data_file = path.parent / data_name
     fixes: dict[bytes, str] = {}
+    if data_file.is_symlink():  # a git-annex link without its content: say how to get it
+        require_content(data_file, "the BrainVision data file")
     if not data_file.is_file():
         candidates = sorted(
             p for p in path.parent.glob(f"{glob.escape(path.stem)}.*")
@@ -193,6 +195,9 @@ def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
     require_content(data_file, "the BrainVision data file")
     marker_name = common.get("markerfile")
     marker_file = path.parent / marker_name if marker_name else None
+    if marker_file is not None and (marker_file.is_file() or marker_file.is_symlink()):
+        # its volume markers would be lost without a word
+        require_content(marker_file, "the BrainVision marker file")
     if marker_file is not None and not marker_file.is_file():
         sibling = path.with_suffix(".vmrk")
         if sibling.is_file():

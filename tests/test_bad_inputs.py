@@ -360,6 +360,26 @@ def test_a_refused_run_does_not_stop_the_others(simulated_bids, tmp_path, nprocs
     assert "\trefused\t" in inventory and "5 volumes" in inventory
 
 
+def test_two_echoes_of_one_run_are_a_choice_for_the_user(simulated_bids, tmp_path):
+    """Two echoes of sub-01's BOLD: which one is paired changes the science, so the user says it
+    (a filter file)."""
+    bold = bold_file(simulated_bids)
+    for echo in ("1", "2"):
+        shutil.copyfile(bold, bold.with_name(f"sub-01_task-rest_echo-{echo}_bold.nii.gz"))
+    bold.unlink()
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, "2 BOLD files of one run (sub-01_task-rest_echo-1_bold.nii.gz, "
+                         "sub-01_task-rest_echo-2_bold.nii.gz)", '{"bold": {"echo": "2"}}', out_dir=out)
+    filters = tmp_path / "filters.json"
+    filters.write_text('{"bold": {"echo": "2"}}')
+    proc = participant(simulated_bids, out, "--bids-filter-file", filters)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in (out / "sub-01" / "sub-01_runs.tsv").read_text().splitlines()]
+    assert len(rows) == 2 and rows[1][3] == "paired"
+    assert rows[1][2].endswith("sub-01_task-rest_echo-2_bold.nii.gz")
+
+
 def test_zero_byte_nifti(simulated_bids, tmp_path):
     bold_file(simulated_bids).write_bytes(b"")
     out = tmp_path / "out"

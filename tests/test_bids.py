@@ -292,7 +292,7 @@ def test_several_eeg_formats_for_one_run(tmp_path):
     write_eeg(root, "02", run="1", fmt="set")
     write_eeg(root, "03", run="1", fmt="fif")
     # two recordings of one run may differ in channels, rate and markers: the user chooses
-    with pytest.raises(DataError, match=r"2 EEG recordings of one run \(sub-01_task-rest_run-1_eeg"
+    with pytest.raises(DataError, match=r"2 EEG files of one run \(sub-01_task-rest_run-1_eeg"
                                         r"\.vhdr, sub-01_task-rest_run-1_eeg\.edf\); select one with "
                                         r'--bids-filter-file \(e\.g\. \{"eeg": \{"extension": "edf"\}\}\)') as err:
         pairing.find_run_pairs(root)

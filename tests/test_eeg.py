@@ -224,6 +224,20 @@ def test_annex_pointers_are_named_as_such(tmp_path):
     link.symlink_to("../.git/annex/objects/Xy/Zw/MD5E-s11812--a2fa.vhdr/MD5E-s11812--a2fa.vhdr")
     with pytest.raises(MissingInputError, match="git-annex link"):
         read_eeg(link, work_dir=tmp_path / "work")
+    # a real header whose data and marker files were not fetched: named as such, not as a
+    # missing data file, nor read without its volume markers
+    vhdr = write_bv(tmp_path / "clone")
+    data = vhdr.with_suffix(".eeg")
+    data.rename(tmp_path / "fetched.eeg")
+    data.symlink_to("../.git/annex/objects/Ab/Cd/MD5E-s4000--ab.eeg/MD5E-s4000--ab.eeg")
+    with pytest.raises(MissingInputError, match="the BrainVision data file is a git-annex link"):
+        read_eeg(vhdr, work_dir=tmp_path / "work")
+    data.unlink()
+    (tmp_path / "fetched.eeg").rename(data)
+    vhdr.with_suffix(".vmrk").write_text(
+        "/annex/objects/MD5E-s1722--0123456789abcdef0123456789abcdef.vmrk\n")
+    with pytest.raises(MissingInputError, match="the BrainVision marker file is a git-annex pointer"):
+        read_eeg(vhdr, work_dir=tmp_path / "work")
 
 
 # ---- channels ------------------------------------------------------------------------------

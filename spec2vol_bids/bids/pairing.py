@@ -12,6 +12,7 @@ paired is explained in the notes :func:`find_run_pairs` returns, one line each.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -277,8 +278,8 @@ def _prefer_derivatives(raw: list[_File], deriv: list[_File], notes: list[str]) 
 
 
 def _one_per_run(files: list[_File], kind: str, extensions, notes: list[str]) -> dict:
-    """Keep one file per run key; explain the choice when there were several (two EEG
-    recordings of one run are refused: 65)."""
+    """Keep one file per run key; explain the choice when there were several (two recordings
+    of one run are refused: 65)."""
     by_key: dict[tuple, list[_File]] = {}
     for f in files:
         by_key.setdefault(f.key, []).append(f)
@@ -289,13 +290,14 @@ def _one_per_run(files: list[_File], kind: str, extensions, notes: list[str]) ->
         group = [f for f in group if _split_index(f.path) in (None, 1)] or group[:1]
         group.sort(key=lambda f: (_extension_rank(f.path, extensions), str(f.path)))
         recordings = [f for f in group if _extension_rank(f.path, extensions) < len(extensions)]
-        if kind == "EEG" and len(recordings) > 1:
-            # two recordings of one run (BIDS allows one): their channels, rates and markers may
-            # differ, and which one the user meant is theirs to say
-            names = ", ".join(f.path.name for f in recordings)
-            raise DataError(f"{len(recordings)} EEG recordings of one run ({names}); select one "
-                            'with --bids-filter-file (e.g. {"eeg": {"extension": '
-                            f'"{recordings[1].path.suffix.lstrip(".")}"}}}})', path=recordings[0].path)
+        if len(recordings) > 1:
+            # two recordings of one run (EEG in two formats, BOLD of several echoes): their
+            # channels, rates, markers or contrast differ, and which one is meant is the user's
+            # to say
+            raise DataError(f"{len(recordings)} {kind} files of one run "
+                            f"({', '.join(f.path.name for f in recordings)}); select one with "
+                            f"--bids-filter-file (e.g. {_filter_example(kind, recordings)})",
+                            path=recordings[0].path)
         if len(group) > 1:
             others = ", ".join(f.path.name for f in group[1:])
             notes.append(f"{group[0].describe()}: {len(group)} {kind} files for this run; using "
@@ -415,6 +417,16 @@ def _nothing_selected(subjects, sessions, tasks, filters, notes) -> str:
 def _split_index(path: Path) -> int | None:
     match = _SPLIT_RE.search(path.name)
     return int(match.group(1)) if match else None
+
+
+def _filter_example(kind: str, files: list[_File]) -> str:
+    """A ``--bids-filter-file`` content that selects the second of ``files``."""
+    query = "eeg" if kind == "EEG" else "bold"
+    first, second = files[0].entities, files[1].entities
+    differing = [k for k in second if k not in ("suffix", "extension") and second[k] != first.get(k)]
+    if differing:
+        return json.dumps({query: {differing[0]: second[differing[0]]}})
+    return json.dumps({query: {"extension": files[1].path.name.split(".", 1)[1]}})
 
 
 def _extension_rank(path: Path, extensions) -> int:

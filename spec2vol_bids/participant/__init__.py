@@ -174,5 +174,5 @@ def _inventory(out_dir: Path, subject: str, results: list[RunResult], failed: li
                                 str(error).replace("\t", " ")]))
     for text in notes:
         if f"sub-{subject}" in text:
-            lines.append("\t".join(["n/a", "n/a", "n/a", "not paired", text.replace("\t", " ")]))
+            lines.append("\t".join(["n/a", "n/a", "n/a", "note", text.replace("\t", " ")]))
     return write_text(out_dir / f"sub-{subject}" / f"sub-{subject}_runs.tsv", "\n".join(lines) + "\n")
