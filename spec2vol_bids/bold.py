@@ -74,7 +74,8 @@ def header_tr(img) -> float | None:
         return None
     unit = img.header.get_xyzt_units()[1]
     scale = {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
-    return float(zooms[3]) * scale
+    # pixdim is float32: 2.16 is stored as 2.1600000858..., which is not what the scanner ran
+    return round(float(zooms[3]) * scale, 6)
 
 
 def spatial_code(header) -> int:
@@ -181,7 +182,7 @@ def normalise_volumes(data: np.ndarray) -> np.ndarray:
     return out
 
 
-def bold_targets(img, grid, *, chunk: int = 32):
+def bold_targets(img, grid, *, chunk: int = 32, discard: int = 0):
     """Resampled, normalised BOLD volumes: the model's targets.
 
     Parameters
@@ -192,6 +193,8 @@ def bold_targets(img, grid, *, chunk: int = 32):
         The target grid (X, Y, Z), e.g. from :func:`default_target_grid`.
     chunk : int
         Volumes read and resampled at once; bounds memory for long or large series.
+    discard : int
+        Volumes at the start that no sample uses (``--discard-volumes``); they may be constant.
 
     Returns
     -------
@@ -199,6 +202,12 @@ def bold_targets(img, grid, *, chunk: int = 32):
         Each volume DCT-resampled to ``grid`` and min–max scaled to [0, 1].
     affine : ndarray, shape (4, 4)
         The affine of the resampled grid, covering the original field of view.
+
+    Raises
+    ------
+    DataError (65)
+        A volume cannot be read, holds NaN or infinite values, or is constant (from ``discard``
+        on).
     """
     grid = tuple(int(n) for n in grid)
     if len(grid) != 3 or min(grid) < 1:
@@ -214,6 +223,12 @@ def bold_targets(img, grid, *, chunk: int = 32):
         except _READ_ERRORS as exc:
             raise DataError(f"cannot read BOLD volumes {a}-{b - 1} ({one_line(exc)})",
                             path=path) from exc
+        flat = [v for v in np.flatnonzero(np.ptp(block.reshape(-1, b - a), axis=0) == 0)
+                if a + v >= discard]
+        if flat:  # a lost or padded volume: its target would be a blank the model learns
+            raise DataError(f"BOLD volume {a + flat[0]} is constant (every voxel "
+                            f"{block[..., flat[0]].flat[0]:g}); remove it from the series, or "
+                            "discard it with --discard-volumes if it comes first", path=path)
         try:
             out[..., a:b] = normalise_volumes(dct_resample(block, grid))
         except DataError as exc:

@@ -116,7 +116,11 @@ def test_bold_targets_from_file(tmp_path):
     path = tmp_path / "sub-01_task-rest_bold.nii.gz"
     nib.save(img, path)
     loaded = load_bold(path)
-    assert header_tr(loaded) == pytest.approx(2.16)
+    assert header_tr(loaded) == 2.16
+    seconds = nib.Nifti1Image(np.zeros((2, 2, 2, 2), np.int16), np.eye(4))
+    seconds.header.set_xyzt_units("mm", "sec")
+    seconds.header.set_zooms((2.0, 2.0, 2.5, 2.16))
+    assert float(seconds.header.get_zooms()[3]) != 2.16 and header_tr(seconds) == 2.16  # float32's 2.1600000858
     targets, affine = bold_targets(loaded, (20, 18, 10), chunk=3)
     assert targets.shape == (20, 18, 10, n_vol) and targets.dtype == np.float32
     expected = normalise_volumes(dct_resample(np.asarray(loaded.dataobj, np.float32), (20, 18, 10)))
@@ -156,6 +160,21 @@ def test_bad_bold_files(tmp_path):
     with pytest.raises(DataError, match="cut_bold.nii.gz") as err:
         bold_targets(load_bold(cut), (8, 8, 4), chunk=5)
     assert err.value.code == 65
+
+    # A constant volume (lost, or padded with zeros) would be a blank target; among the
+    # discarded first volumes it is no sample's target.
+    data = rng.standard_normal((16, 16, 8, 20)).astype(np.float32)
+    data[..., 0] = 0
+    data[..., 13] = 7
+    blank = tmp_path / "blank_bold.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), blank)
+    with pytest.raises(DataError, match=r"BOLD volume 0 is constant \(every voxel 0\)"):
+        bold_targets(load_bold(blank), (8, 8, 4), chunk=5)
+    with pytest.raises(DataError, match=r"BOLD volume 13 is constant \(every voxel 7\)"):
+        bold_targets(load_bold(blank), (8, 8, 4), chunk=5, discard=1)
+    data[..., 13] = rng.standard_normal((16, 16, 8))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), blank)
+    assert not bold_targets(load_bold(blank), (8, 8, 4), discard=1)[0][..., 0].any()
 
     # A gzip header followed by garbage: inflating fails when the NIfTI header is read.
     garbled = tmp_path / "garbled_bold.nii.gz"

@@ -43,7 +43,7 @@ def process_bold(pair, config, tr: float, result: RunResult) -> None:
     # a target a previous spec2vol run wrote is on its model grid already
     native = img.shape[:3] if pair.bold.name.endswith(TARGET_SUFFIX) else None
     grid = tuple(config.participant.target_grid or native or bold.default_target_grid(img.shape[:3]))
-    data, affine = bold.bold_targets(img, grid)
+    data, affine = bold.bold_targets(img, grid, discard=config.participant.discard_volumes)
     target = bold.with_spatial_code(nib.Nifti1Image(data, affine), bold.spatial_code(img.header))
     target.header.set_xyzt_units("mm", "sec")
     target.header["pixdim"][4] = tr
