@@ -22,7 +22,8 @@ guessed:
 4. **Choice.** Exactly the fitting trains count. None: refused, naming what was found. Several:
    they must agree within ``max(2 samples, 1 % of the TR)`` on every volume, or the run is
    refused; the EEG file's own markers are preferred to events.tsv, and known volume-marker
-   names (``R128``, ``Scan Start``, ``Volume``, ``V``, ``T``) to others.
+   names (``R128``, ``Scan Start``, ``Volume``, ``V``, ``T``) to others. BrainVision stimulus
+   markers (``Stimulus/S  5``) count only when ``--volume-marker`` names them.
 5. **Windows.** Volume ``v``'s window starts at its own trigger (observed or filled), so drift
    does not accumulate over a run. Only ``--eeg-offset S`` places the volumes every TR from
    ``S`` seconds instead (``--eeg-offset 0``: the EEG starts with the first volume), and not
@@ -255,9 +256,16 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     skip = (first_trigger or 1) - 1
     fitting = [t for found in trains.values() for t in found
                if _fits(t, n_volumes, first_trigger, raw.n_times)]
+    # a stimulus locked to the volumes (shown 0.3 s after each) fits as well as the scanner's
+    # triggers, but only the user can say that it marks them
+    stimuli = [t for t in fitting if marker is None and _is_stimulus(t.series)]
+    fitting = [t for t in fitting if not any(t is s for s in stimuli)]
     candidates = [_candidate(s, found, sfreq, fitting) for s, found in trains.items()]
     if not fitting:
-        raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger), path=path)
+        stimulus_hint = (f"; {stimuli[0].series.label} would fit, but stimulus markers mark the "
+                         "volumes only when --volume-marker names them" if stimuli else "")
+        raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger)
+                        + stimulus_hint, path=path)
     fitting.sort(key=_preference)
     chosen = fitting[0]
     wanted = n_volumes if n_volumes is not None else len(chosen.onsets) - skip
@@ -347,6 +355,12 @@ def _check_events_train(chosen: Train, others: list[Train], starts: np.ndarray, 
                 f"{other.onsets[0] / sfreq:.3f} s): one of them is wrong; choose with "
                 "--volume-marker (eeg:NAME or events:NAME) and, if the train holds extra "
                 "triggers, --first-volume-trigger K", path=path)
+
+
+def _is_stimulus(series: MarkerSeries) -> bool:
+    """BrainVision's stimulus port ("Stimulus/S  5"), where presentation software writes; the
+    scanner's triggers come on the response port (R128) or as scanner markers."""
+    return series.source == "eeg" and series.name.lower().startswith("stimulus/")
 
 
 def _marker_name(train: Train) -> str:

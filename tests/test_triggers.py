@@ -41,7 +41,7 @@ def timing_of(raw, n_volumes=30, **kwargs):
 
 
 @pytest.mark.parametrize("description", ["Response/R128", "Scanner/Scan Start", "Volume",
-                                         "Stimulus/V", "T"])
+                                         "Response/V", "T"])
 def test_a_clean_train_gives_one_window_per_trigger(description):
     onsets = 1237 + np.arange(30) * PERIOD
     timing = timing_of(raw_with_markers((onsets, description)))
@@ -168,16 +168,31 @@ def test_an_offset_that_contradicts_a_fitting_train_is_refused():
 def test_two_fitting_trains_must_agree():
     volumes = 400 + np.arange(30) * PERIOD
     relay = volumes + 78  # 0.156 s later, as ds002725's relayed pulse
-    raw = raw_with_markers((volumes, "Response/R128"), (relay, "Stimulus/S 47"))
+    raw = raw_with_markers((volumes, "Response/R128"), (relay, "Response/R 47"))
     with pytest.raises(DataError, match="two trigger trains fit the 30 volumes but disagree by up to "
                                         "0.156 s") as err:
         timing_of(raw)
     assert "--volume-marker" in str(err.value)
-    assert timing_of(raw, marker="S 47").starts[0] == 478
+    assert timing_of(raw, marker="R 47").starts[0] == 478
     # trains that agree (a copy of the markers, a marker one sample later) are one train
     raw = raw_with_markers((volumes, "Response/R128"), (volumes + 1, "Scanner/Volume"))
     timing = timing_of(raw)
     assert timing.marker == "Response/R128" and timing.starts[0] == 400
+
+
+def test_a_stimulus_locked_to_the_volumes_is_not_taken_for_them():
+    """BrainVision stimulus markers (presentation software) every TR, 0.3 s after each volume:
+    alone they would fit, and every window would start 0.3 s late. Beside the scanner's R128
+    they are not a second train to disagree with; alone they count only when named."""
+    volumes = 400 + np.arange(30) * PERIOD
+    stimulus = (volumes + 150, "Stimulus/S  5")
+    timing = timing_of(raw_with_markers((volumes, "Response/R128"), stimulus))
+    assert timing.marker == "Response/R128" and timing.starts[0] == 400
+    raw = raw_with_markers(stimulus)
+    with pytest.raises(DataError, match=r"'Stimulus/S 5' \(EEG file\) would fit, but stimulus "
+                                        r"markers mark the volumes only when --volume-marker names them$"):
+        timing_of(raw)
+    np.testing.assert_array_equal(timing_of(raw, marker="S 5").starts, volumes + 150)
 
 
 def test_trains_of_different_lengths_are_refused_without_bold():
