@@ -270,14 +270,16 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
     return desc
 
 
-def check_same_source(out_dir: str | Path, bids_dir: str | Path) -> None:
-    """OUTPUT_DIR holds derivatives of BIDS_DIR's dataset, or none yet.
+def check_same_source(out_dir: str | Path, bids_dir: str | Path, what: str = "OUTPUT_DIR") -> None:
+    """``out_dir`` (OUTPUT_DIR, or an earlier spec2vol OUTPUT_DIR given as ``what``, e.g.
+    ``--eeg-derivatives``) holds derivatives of BIDS_DIR's dataset, or none yet.
 
-    Another dataset's runs of the same names would replace its derivatives (its sub-01 is not
-    this one's sub-01) and the group level would train on both. The datasets are told apart by
-    their ``Name``, which the derivatives' own name carries: a copy of the dataset at another
-    path (or the same one mounted at ``/data`` in a container) passes. Without a ``Name`` in
-    BIDS_DIR nothing is checked.
+    Another dataset's runs of the same names would replace its derivatives, or be taken for
+    this one's (its sub-01 is not this one's sub-01), and the group level would train on both.
+    The datasets are told apart by their ``Name``, which the derivatives' own name carries: a
+    copy of the dataset at another path (or the same one mounted at ``/data`` in a container)
+    passes. Without a ``Name`` in BIDS_DIR, or for derivatives spec2vol did not write, nothing
+    is checked.
 
     Raises
     ------
@@ -289,10 +291,12 @@ def check_same_source(out_dir: str | Path, bids_dir: str | Path) -> None:
         ours = read_json(Path(out_dir) / "dataset_description.json").get("Name")
         if (isinstance(name, str) and name and isinstance(ours, str)
                 and ours.startswith(_NAME_PREFIX) and ours != _NAME_PREFIX + name):
-            raise UsageError(f"OUTPUT_DIR holds the derivatives of the dataset "
-                             f"\"{ours[len(_NAME_PREFIX):]}\", BIDS_DIR is \"{name}\": give each "
-                             "dataset its own OUTPUT_DIR (if it is the same dataset, renamed, set "
-                             "its new Name in OUTPUT_DIR's dataset_description.json)",
+            advice = ("give each dataset its own OUTPUT_DIR" if what == "OUTPUT_DIR" else
+                      f"give {what} the spec2vol outputs of this dataset")
+            raise UsageError(f"{what} holds the derivatives of the dataset "
+                             f"\"{ours[len(_NAME_PREFIX):]}\", BIDS_DIR is \"{name}\": {advice} "
+                             f"(if it is the same dataset, renamed, set its new Name in {what}'s "
+                             "dataset_description.json)",
                              path=Path(out_dir) / "dataset_description.json")
 
 

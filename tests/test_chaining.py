@@ -187,3 +187,20 @@ def test_spectrograms_of_another_tr_or_into_themselves(emptied_bids, participant
     proc = run_spec2vol(emptied_bids, participant_outputs, "participant", *PARTICIPANT_OPTIONS,
                         "--eeg-derivatives", participant_outputs)
     assert_clean_failure(proc, 64, "--eeg-derivatives is OUTPUT_DIR itself")
+
+
+@pytest.mark.parametrize("option", ["--eeg-derivatives", "--bold-derivatives"])
+def test_spec2vol_outputs_of_another_dataset_are_refused(emptied_bids, participant_outputs_source,
+                                                        tmp_path, option):
+    """Outputs of the simulated dataset given as derivatives of a dataset of another Name: its
+    sub-01 is not theirs. Nothing is written."""
+    description = emptied_bids / "dataset_description.json"
+    description.write_text(json.dumps({**json.loads(description.read_text()), "Name": "Another study"}))
+    out2 = tmp_path / "out2"
+    proc = run_spec2vol(emptied_bids, out2, "participant", *PARTICIPANT_OPTIONS,
+                        option, participant_outputs_source)
+    own = json.loads((participant_outputs_source / "dataset_description.json").read_text())["Name"]
+    assert_clean_failure(proc, 64, f'{option} holds the derivatives of the dataset '
+                         f'"{own.removeprefix("spec2vol derivatives of ")}", BIDS_DIR is "Another study"',
+                         f"give {option} the spec2vol outputs of this dataset")
+    assert not out2.exists()

@@ -56,6 +56,10 @@ def run_participant(config) -> int:
     if config.participant.model_path:
         check_no_group_synthesis(pairs, inputs.output_dir)
     check_same_source(inputs.output_dir, inputs.bids_dir)
+    for option, folders in (("--eeg-derivatives", [inputs.eeg_derivatives]),
+                            ("--bold-derivatives", inputs.bold_derivatives or [])):
+        for folder in (f for f in folders if f is not None):
+            check_same_source(folder, inputs.bids_dir, option)
     check_no_other_half(pairs, inputs.output_dir)
     fetch_templates(pairs)
     init_output_dataset(inputs.output_dir, inputs.bids_dir)
