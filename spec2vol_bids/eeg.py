@@ -322,7 +322,8 @@ def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:
     if dropped:
         logger.info("%s: not used as EEG: %s", path, ", ".join(dropped))
     if not names:
-        raise DataError("the recording has no EEG channels", path=path)
+        why = (f" left: channels.tsv marks all {len(bad)} bad" if bad else "")
+        raise DataError(f"the recording has no EEG channels{why}", path=path)
     if len(names) < 2:
         raise DataError(f"the recording has a single EEG channel ({names[0]}); the spectrogram is "
                         "z-scored across channels and needs at least two", path=path)

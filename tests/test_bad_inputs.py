@@ -472,6 +472,31 @@ def test_header_and_sidecar_sampling_frequencies_disagree(simulated_bids, tmp_pa
     assert not list(out.glob("sub-01/**/*_desc-*"))
 
 
+def test_every_channel_marked_bad(simulated_bids, tmp_path):
+    tsv = eeg_file(simulated_bids, ext=".vhdr").with_name("sub-01_task-rest_channels.tsv")
+    lines = tsv.read_text().splitlines()
+    column = lines[0].split("\t").index("status")
+    rows = [line.split("\t") for line in lines[1:]]
+    for row in rows:
+        row[column] = "bad"
+    tsv.write_text("\n".join([lines[0], *("\t".join(row) for row in rows)]) + "\n")
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    eeg_rows = sum(row[lines[0].split("\t").index("type")] == "EEG" for row in rows)
+    assert 2 <= eeg_rows < len(rows)  # the ECG is no EEG channel, bad or not
+    assert_clean_failure(proc, 65, f"no EEG channels left: channels.tsv marks all {eeg_rows} bad",
+                         out_dir=out)
+
+
+def test_more_bins_than_the_recording_holds_names_it(simulated_bids, tmp_path):
+    options = list(PARTICIPANT_OPTIONS)
+    options[options.index("--freq-bins") + 1] = "4000"
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options)
+    assert_clean_failure(proc, 65, eeg_file(simulated_bids).name, "4000 frequency bins asked for",
+                         "lower --freq-bins or --fmax", out_dir=out)
+
+
 def test_target_grid_the_network_cannot_produce(simulated_bids_source, tmp_path):
     """Targets of 16x16 in-plane are fine for the participant level, not for Spec2VolCAMU-Net."""
     out = tmp_path / "out"

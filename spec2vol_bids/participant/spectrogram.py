@@ -86,8 +86,13 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
         offset=settings.eeg_offset, first_trigger=settings.first_volume_trigger,
         discard=settings.discard_volumes, context=settings.context, source=pair.eeg)
     _check_header_tr(pair, tr, confirmed=timing.train is not None)
-    spec, freqs = spectra.tr_spectrogram(raw, channels, starts=timing.starts, tr=tr,
-                                         freq_bins=freq_bins, fmax=settings.fmax)
+    try:
+        spec, freqs = spectra.tr_spectrogram(raw, channels, starts=timing.starts, tr=tr,
+                                             freq_bins=freq_bins, fmax=settings.fmax)
+    except DataError as exc:  # the bins this recording's rate cannot give: name the recording
+        if exc.path is not None:
+            raise
+        raise DataError(str(exc), path=pair.eeg) from exc
     spec, channels, flat = eeg.drop_flat_channels(spec, channels, source=pair.eeg)
     fs = float(raw.info["sfreq"])
     # Figures and array first, sidecar last: the sidecar's hash marks the run as done.
