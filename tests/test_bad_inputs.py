@@ -158,14 +158,16 @@ def test_output_dir_not_writable(simulated_bids, tmp_path):
 
 
 def test_work_dir_that_cannot_be_made(simulated_bids, tmp_path):
-    """Below a file (a user mistake: 64) or where nothing can be created (/proc: 73), before any
-    work; nothing is left behind by the check."""
+    """Below a file or where nothing can be created (/proc), before any work (73, as for
+    OUTPUT_DIR); nothing is left behind by the check."""
     (tmp_path / "plain-file").write_text("not a folder")
     out = tmp_path / "out"
     proc = participant(simulated_bids, out, "-w", tmp_path / "plain-file" / "work")
-    assert_clean_failure(proc, 64, "-w/--work-dir names a file, or a folder below one", out_dir=out)
-    proc = participant(simulated_bids, out, "-w", "/proc/spec2vol-work")
-    assert_clean_failure(proc, 73, "/proc/spec2vol-work", "cannot create the work folder in /proc",
+    assert_clean_failure(proc, 73, "cannot create the work folder in", "plain-file (it is a file)",
+                         out_dir=out)
+    proc_dir = Path("/", "proc", "spec2vol-work")  # where nothing can be created, even by root
+    proc = participant(simulated_bids, out, "-w", proc_dir)
+    assert_clean_failure(proc, 73, str(proc_dir), f"cannot create the work folder in {proc_dir.parent}",
                          out_dir=out)
     assert not out.exists() and not list(tmp_path.rglob(".spec2vol-probe-*"))
 

@@ -234,8 +234,7 @@ def test_annex_pointers_are_named_as_such(tmp_path):
         read_eeg(vhdr, work_dir=tmp_path / "work")
     data.unlink()
     (tmp_path / "fetched.eeg").rename(data)
-    vhdr.with_suffix(".vmrk").write_text(
-        "/annex/objects/MD5E-s1722--0123456789abcdef0123456789abcdef.vmrk\n")
+    shutil.copyfile(real, vhdr.with_suffix(".vmrk"))  # a pointer file, as ds002338's
     with pytest.raises(MissingInputError, match="the BrainVision marker file is a git-annex pointer"):
         read_eeg(vhdr, work_dir=tmp_path / "work")
 

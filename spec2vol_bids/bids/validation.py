@@ -174,11 +174,13 @@ def check_work_dir(bids_dir: str | Path, work_dir: str | Path) -> Path:
     """Refuse a ``-w/--work-dir`` that would write into the raw dataset, as for OUTPUT_DIR, or
     that names a file; return it resolved."""
     work = _outside_the_raw_tree(bids_dir, work_dir, "-w/--work-dir", "spec2vol_work")
+    if work.exists() and not work.is_dir():
+        raise UsageError("-w/--work-dir names a file, not a folder; give a folder for the "
+                         "intermediate files", path=work_dir)
     existing = next(p for p in (work, *work.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError("-w/--work-dir names a file, or a folder below one; give a folder for "
-                         "the intermediate files", path=work_dir)
     try:  # a probe, removed at once: the folder itself is made when it is first needed
+        if not existing.is_dir():
+            raise NotADirectoryError(0, "it is a file")
         os.rmdir(tempfile.mkdtemp(prefix=".spec2vol-probe-", dir=existing))
     except OSError as exc:
         raise OutputError(f"cannot create the work folder in {existing} ({exc.strerror}); "
