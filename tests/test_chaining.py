@@ -204,3 +204,29 @@ def test_spec2vol_outputs_of_another_dataset_are_refused(emptied_bids, participa
                          f'"{own.removeprefix("spec2vol derivatives of ")}", BIDS_DIR is "Another study"',
                          f"give {option} the spec2vol outputs of this dataset")
     assert not out2.exists()
+
+
+def test_spectrograms_of_another_recording_are_refused(simulated_bids_source, participant_outputs_source,
+                                                      tmp_path):
+    """The raw EEG of sub-02 is here and is not what the spectrograms were made from (another
+    simulation of the same name, or its data since changed): its spectrogram would be paired
+    with this BOLD. The other runs' recordings are the ones the spectrograms came from."""
+    bids = Path(shutil.copytree(simulated_bids_source, tmp_path / "bids"))
+    data = bids / "sub-02" / "eeg" / "sub-02_task-rest_eeg.eeg"
+    samples = bytearray(data.read_bytes())
+    samples[:4] = bytes(b ^ 0xFF for b in samples[:4])
+    data.write_bytes(bytes(samples))
+    out2 = tmp_path / "out2"
+    proc = run_spec2vol(bids, out2, "participant", *PARTICIPANT_OPTIONS, "--participant-label", "02",
+                        "--eeg-derivatives", participant_outputs_source)
+    assert_clean_failure(proc, 65, str(_spectrogram(participant_outputs_source, "02")),
+                         f"this spectrogram was made from another recording than {bids.resolve() / 'sub-02' / 'eeg'}",
+                         "rerun the participant level without --eeg-derivatives")
+    assert not list(out2.glob("sub-02/**/*_desc-*"))
+    proc = run_spec2vol(bids, out2, "participant", *PARTICIPANT_OPTIONS, "--participant-label", "01",
+                        "--eeg-derivatives", participant_outputs_source)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(_spectrogram(out2, "01", ".json").read_text())
+    assert meta["Recording"] == "bids:raw:sub-01/eeg/sub-01_task-rest_eeg.vhdr"
+    assert meta["RecordingFingerprint"] == json.loads(
+        _spectrogram(participant_outputs_source, "01", ".json").read_text())["RecordingFingerprint"]

@@ -32,6 +32,32 @@ def input_hash(paths: list[Path], options: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def recording_fingerprint(recording: Path) -> str | None:
+    """A fingerprint of a recording's content: its header and the data and marker files it
+    leads to (BrainVision), or its ``.fdt`` (EEGLAB), each by name, size and its first and last
+    MiB. None when one of them is missing or empty (a dataset whose raw data were left out), so
+    that nothing is compared."""
+    from spec2vol_bids.eeg import brainvision_files
+
+    recording = Path(recording)
+    files = [recording]
+    if recording.suffix.lower() == ".vhdr":
+        files += brainvision_files(recording)
+    elif recording.suffix.lower() == ".set" and recording.with_suffix(".fdt").is_file():
+        files.append(recording.with_suffix(".fdt"))
+    h = hashlib.sha256()
+    for path in sorted(set(files)):
+        if not path.is_file() or path.stat().st_size == 0:
+            return None
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 20)
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+        h.update(f"{path.suffix.lower()}:{size}:".encode() + head + tail)
+    return h.hexdigest()[:16]
+
+
 def related_files(path: Path) -> list[Path]:
     """The data file and its sidecars: every file beside it sharing the run's entity prefix."""
     prefix = "_".join(path.name.split("_")[:-1])

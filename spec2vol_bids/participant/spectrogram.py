@@ -18,7 +18,7 @@ import numpy as np
 from spec2vol_bids.derivatives import atomic_path, read_json, read_spectrogram, write_json
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.naming import build_name, run_dir, source_uri
-from spec2vol_bids.participant.freshness import input_hash, is_done, related_files
+from spec2vol_bids.participant.freshness import input_hash, is_done, recording_fingerprint, related_files
 from spec2vol_bids.participant.result import RunResult
 
 LOGGER = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
         **timing.sidecar(), "NumberOfWindows": int(spec.shape[0]),
         "DiscardVolumes": settings.discard_volumes, "Context": settings.context,
         "Sources": [source_uri(p, config.inputs.bids_dir) for p in _sources(pair)],
+        # kept by every spectrogram reused from this one, to tell its recording from another
+        "Recording": source_uri(pair.eeg, config.inputs.bids_dir),
+        "RecordingFingerprint": recording_fingerprint(pair.eeg),
         "InputHash": digest,
     }
     write_json(sidecar, meta)
@@ -172,6 +175,7 @@ def reuse_spectrogram(pair, config, result: RunResult) -> None:
     npy = spectrogram_path(pair, output_dir)
     sidecar = npy.with_suffix(".json")
     spec, meta = read_spectrogram(pair.eeg)
+    _check_same_recording(pair, meta, config.inputs.bids_dir)
     options = {"discard_volumes": settings.discard_volumes, "context": settings.context,
                "tr": float(meta["RepetitionTime"])}
     digest = input_hash(related_files(pair.eeg), options)
@@ -199,6 +203,30 @@ def reuse_spectrogram(pair, config, result: RunResult) -> None:
         "Sources": [source_uri(pair.eeg, config.inputs.bids_dir)], "InputHash": digest})
     LOGGER.info("%s: spectrogram reused from %s (%d windows x %d channels x %d bins)",
                 pair.label, pair.eeg, *spec.shape)
+
+
+def _check_same_recording(pair, meta: dict, bids_dir: Path) -> None:
+    """A spectrogram reused from an earlier OUTPUT_DIR was made from this run's recording as it
+    is now, where that recording is here to compare: a spectrogram of another dataset's run of
+    the same name, or of the recording before its markers were corrected, would be paired with
+    this run's BOLD.
+
+    Raises
+    ------
+    DataError (65)
+        Naming the spectrogram and the recording.
+    """
+    recorded, source = meta.get("RecordingFingerprint"), meta.get("Recording")
+    if not (recorded and isinstance(source, str)):
+        return
+    recording = (Path(bids_dir) / source.removeprefix("bids:raw:") if source.startswith("bids:raw:")
+                 else Path(source))
+    current = recording_fingerprint(recording) if recording.is_file() else None
+    if current is not None and current != recorded:
+        raise DataError(f"this spectrogram was made from another recording than {recording} as it "
+                        "is now (another dataset's run of the same name, or the recording since "
+                        "changed): rerun the participant level without --eeg-derivatives, or give "
+                        "the spec2vol outputs of this recording", path=pair.eeg)
 
 
 def check_spectrogram_inputs(pairs, config, model_freq_bins: int | None = None) -> None:
