@@ -401,7 +401,8 @@ def check_same_preprocessing(runs: Sequence[Run], out_dir: Path) -> None:
                               for value, subjects in found.items())
             raise DataError(f"the runs' derivatives differ in their {aspect} ({shown}); one model "
                             "learns from one preprocessing: rerun the participant level for these "
-                            "subjects with the same options, or select the subjects that agree "
+                            "subjects with the same options (runs of another dataset go to an "
+                            "OUTPUT_DIR of their own), or select the subjects that agree "
                             "(--participant-label)", path=out_dir)
 
 

@@ -205,9 +205,10 @@ def _fold_dir(out_dir: Path, label: str) -> Path:
 
 def _outputs(folder: Path, record: dict, runs: Sequence[Run], out_dir: Path) -> list[Path]:
     """What a finished ``folder`` wrote (its :func:`~spec2vol_bids.finished.folder_record` is
-    ``record``): each model, and for a fold its table and its test runs' held-out series."""
-    models = [folder / "model.pt"] + [folder / name / "model.pt" for name in record["Protocols"]
-                                      if name != record["Model"]]
+    ``record``): each model with its record and history, and for a fold its table and its test
+    runs' held-out series."""
+    folders = [folder] + [folder / name for name in record["Protocols"] if name != record["Model"]]
+    models = [model / file for model in folders for file in ("model.pt", "model.json", "history.tsv")]
     if not record["TestSubjects"]:
         return models
     held_out = [path for run in runs if run.subject in record["TestSubjects"]

@@ -325,11 +325,13 @@ def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivati
         group.run_group(configured(out, **settings, channels=["Fp1", "Fp2", "F7"]))
     # a finished fold that lost files it wrote: the table and the reports would describe them
     lost = [next((out / "sub-01").rglob("*_desc-synth_bold.nii.gz")),
-            out / "models" / "fold-01" / "spec2vol" / "model.pt"]
+            out / "models" / "fold-01" / "spec2vol" / "model.pt",
+            out / "models" / "fold-01" / "spec2vol" / "history.tsv"]
     for path in lost:
         path.rename(tmp_path / path.name)
-    with pytest.raises(DataError, match=r"fold-01: finished, but 2 of the files it wrote are missing "
+    with pytest.raises(DataError, match=r"fold-01: finished, but 3 of the files it wrote are missing "
                                         r"\(models/fold-01/spec2vol/model\.pt "
+                                        r"models/fold-01/spec2vol/history\.tsv "
                                         r"sub-01/func/sub-01_task-rest_desc-synth_bold\.nii\.gz\)"):
         group.run_group(configured(out, **settings))
     for path in lost:
