@@ -181,13 +181,15 @@ def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
             p for p in path.parent.glob(f"{glob.escape(path.stem)}.*")
             if p.suffix.lower() in _BV_DATA_SUFFIXES and p.is_file()
         )
-        if len(candidates) != 1:
-            found = ", ".join(p.name for p in candidates) or "none"
+        if not candidates:
+            raise MissingInputError(f"header names DataFile={data_name}, which does not exist, "
+                                    "and no data file with the header's name lies beside it; put "
+                                    "the recording's data file there", path=path)
+        if len(candidates) > 1:
             raise DataError(
-                f"header names DataFile={data_name}, which does not exist, and no single data "
-                f"file with the header's name was found (candidates: {found})",
-                path=path,
-            )
+                f"header names DataFile={data_name}, which does not exist, and several data "
+                f"files have the header's name ({', '.join(p.name for p in candidates)}); name "
+                "the right one in DataFile=", path=path)
         data_file = candidates[0]
         logger.warning("%s: DataFile=%s does not exist; reading %s instead", path, data_name,
                        data_file.name)

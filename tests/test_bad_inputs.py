@@ -199,7 +199,7 @@ def test_brainvision_data_file_missing(simulated_bids, tmp_path):
     eeg_file(simulated_bids, ext=".eeg").unlink()
     out = tmp_path / "out"
     proc = participant(simulated_bids, out)
-    assert_clean_failure(proc, 65, eeg_file(simulated_bids).name, "DataFile", out_dir=out)
+    assert_clean_failure(proc, 66, eeg_file(simulated_bids).name, "DataFile", out_dir=out)
     assert not spectrogram(out).exists()
 
 

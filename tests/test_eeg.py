@@ -136,8 +136,10 @@ def test_broken_datafile_entry_unrecoverable(tmp_path):
     assert err.value.code == 65 and vhdr.name in str(err.value)
     vhdr.with_suffix(".eeg").unlink()
     vhdr.with_suffix(".dat").unlink()  # no candidate at all
-    with pytest.raises(DataError, match="candidates: none"):
+    with pytest.raises(MissingInputError, match="no data file with the header's name lies beside "
+                                                "it; put the recording's data file there") as err:
         read_eeg(vhdr, work_dir=tmp_path / "work")
+    assert err.value.code == 66
 
 
 def test_reads_a_dataset_mne_bids_wrote_without_touching_it(tmp_path):

@@ -241,6 +241,12 @@ def test_checkpoint_refuses_code_and_mismatches(tmp_path):
     with pytest.raises(DataError, match="plain.pkl: not a readable .* safe loader"):
         load_checkpoint(plain)
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")  # safe, but not ours
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tmp_path / "other.pt").read_bytes()[:300])
+    with pytest.raises(DataError, match=r"cut.pt: not a readable spec2vol model checkpoint \(refused "
+                                        r"by the safe loader: the file is damaged or truncated\); use an "
+                                        r"intact model.pt written by spec2vol$"):
+        load_checkpoint(cut)
     with pytest.raises(DataError, match="other.pt: not a spec2vol model checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
 

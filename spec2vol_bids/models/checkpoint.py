@@ -92,6 +92,8 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str, channels, norm_s
 def _unpickler_reason(error: BaseException) -> str:
     """What torch's safe loader objected to, without its advice to load the file unsafely."""
     text = str(error)
+    if "PytorchStreamReader" in text:  # torch's zip reader: the archive ends early or is garbled
+        return "the file is damaged or truncated"
     if "WeightsUnpickler error:" in text:
         reason = text.split("WeightsUnpickler error:", 1)[1]
         reason = reason.split(" Please use", 1)[0].split("Check the documentation", 1)[0]
@@ -146,7 +148,8 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means "not a safe checkpoint"
         raise DataError(f"not a readable spec2vol model checkpoint (refused by the safe "
-                        f"loader: {_unpickler_reason(error)}); use a model.pt written by spec2vol",
+                        f"loader: {_unpickler_reason(error)}); use an intact model.pt written by "
+                        "spec2vol",
                         path=path) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError("not a spec2vol model checkpoint (no 'spec2vol-model' format tag); "
