@@ -30,7 +30,7 @@ from spec2vol_bids.derivatives import read_spectrogram, write_json, write_nifti
 from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
-from spec2vol_bids.naming import dataset_root, source_uri
+from spec2vol_bids.naming import dataset_root, parse_name, source_uri
 from spec2vol_bids.spectra import select_channels
 
 logger = logging.getLogger(__name__)
@@ -280,10 +280,17 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     if norm.get("kind") == "run":  # this run's own statistics, over the windows its samples use
         norm = window_stats(spec[first - context:n_volumes - 1])
     pred = predict(model, context_batches(spec, volumes, context, norm, batch_size), device)
+    fitted_on = sorted({*extra.get("TrainSubjects", []), *extra.get("ValSubjects", [])})
+    subject = parse_name(Path(spectrogram).name).get("subject")
+    if subject in fitted_on:
+        logger.warning("%s: sub-%s is one of the subjects the model was fitted on; if this is the "
+                       "dataset it was trained on, the series is no prediction for unseen EEG",
+                       spectrogram, subject)
     return write_synth(pred, out_path, affine=affine,
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
                        first_volume=first, spatial_code=code, sidecar={
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
+                           "ModelFittedOnSubjects": fitted_on,
                            "InterpolatedChannels": [name for name in meta["channels"]
                                                     if name not in found],
                            "ChannelsFoundAs": renamed,

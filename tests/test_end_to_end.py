@@ -93,6 +93,8 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert synth.shape == (32, 32, 16, 30 - 2 - 4)
     side = json.loads((out / "sub-03" / "func" / "sub-03_task-rest_desc-synth_bold.json").read_text())
     assert side["RepetitionTime"] == pytest.approx(2.0)
+    assert side["ModelFittedOnSubjects"] == ["01", "02"]  # sub-03 is unseen: no warning
+    assert "is one of the subjects the model was fitted on" not in proc.stderr
     # in the space of the training targets, as their scanner-space code (1) says
     target = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-target_bold.nii.gz")
     for image in (synth, target):
