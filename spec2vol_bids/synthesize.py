@@ -140,9 +140,10 @@ def match_channels(spec: np.ndarray, channels: Sequence[str], model_channels: Se
     if not missing:
         return select_channels(spec, [found[name] for name in model_channels])
     if len(missing) > MAX_MISSING * len(model_channels):
+        hint = _naming_hint(channels, missing) or "; apply a model trained on this recording's channels"
         raise DataError(f"{len(missing)} of the model's {len(model_channels)} EEG channels are missing "
                         f"({', '.join(missing)}); at most {MAX_MISSING:.0%} can be interpolated"
-                        f"{_naming_hint(channels, missing)}", path=path)
+                        f"{hint}", path=path)
     montage = standard_montage()
     on_montage = {name.lower() for name in montage.ch_names}
     off = [name for name in missing if name.lower() not in on_montage]

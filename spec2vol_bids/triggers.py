@@ -264,7 +264,7 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     if not fitting:
         stimulus_hint = (f"; {stimuli[0].series.label} would fit, but stimulus markers mark the "
                          "volumes only when --volume-marker names them" if stimuli else "")
-        raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger)
+        raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger, marker)
                         + stimulus_hint, path=path)
     fitting.sort(key=_preference)
     chosen = fitting[0]
@@ -390,7 +390,8 @@ def _candidate(series: MarkerSeries, trains: list[Train], sfreq: float, fitting:
     return entry
 
 
-def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trigger) -> str:
+def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trigger,
+                    marker: str | None) -> str:
     volumes = f"the {n_volumes} BOLD volumes" if n_volumes is not None else "the recording"
     if first_trigger is not None:
         volumes += f" from trigger {first_trigger}"
@@ -409,6 +410,9 @@ def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trig
             text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
             if found_trains:
                 text += ": " + " and ".join(t.describe(sfreq) for t in found_trains)
+            elif len(spacing) and median < 0.5 * tr * sfreq:
+                text += (": slice markers that cannot be grouped into volumes (the recording "
+                         "starts mid-volume, or slices are lost at its start or end)")
             elif len(spacing) and 0.01 < abs(median / (tr * sfreq) - 1) < 0.2:
                 off_tr = True
             parts.append(text)
@@ -416,8 +420,9 @@ def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trig
         found = "found " + "; ".join(parts) + more
     tr_hint = ("; if a series above marks the volumes at another interval, the BOLD sidecar's "
                "RepetitionTime is wrong" if off_tr else "")
+    marker_advice = "" if marker else "--volume-marker NAME, "
     return (f"no trigger train fits {volumes} at RepetitionTime {tr:g} s ({found}){tr_hint}; give "
-            "--volume-marker NAME, --first-volume-trigger K when the train holds dummy or extra "
+            f"{marker_advice}--first-volume-trigger K when the train holds dummy or extra "
             "triggers or the recording stopped before the scan, or --eeg-offset SECONDS (0 when "
             "the EEG starts with the first volume)")
 

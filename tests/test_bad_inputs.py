@@ -547,10 +547,18 @@ def test_too_many_model_channels_missing(simulated_bids, participant_outputs, mo
     assert not set(extra) & set(model_channels)
     model = save_tiny_model(tmp_path / "model.pt", model_channels + extra)
     proc = participant(simulated_bids, participant_outputs, "--model", model)
-    assert_clean_failure(proc, 65, "missing", "Fz", out_dir=participant_outputs)
+    assert_clean_failure(proc, 65, f"{eeg_file(simulated_bids)}: 5 of the model's 21 EEG channels "
+                         "are missing (Fz, Pz, Oz, FC1, FC2)", "apply a model trained on this "
+                         "recording's channels", out_dir=participant_outputs)
     assert not synth(participant_outputs).exists()
     # a model refused at synthesis leaves the run's derivatives as they were
     assert spectrogram(participant_outputs).is_file() and target(participant_outputs).is_file()
+    # into a new OUTPUT_DIR the run's new files go with it: the message names the recording,
+    # not the spectrogram it removed
+    fresh = tmp_path / "fresh"
+    proc = participant(simulated_bids, fresh, "--model", model)
+    assert_clean_failure(proc, 65, f"{eeg_file(simulated_bids)}: 5 of the model's 21", out_dir=fresh)
+    assert not spectrogram(fresh).exists()
 
 
 def test_model_weights_do_not_fit_its_configuration(simulated_bids, tmp_path, model_channels):

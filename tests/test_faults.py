@@ -140,7 +140,8 @@ def test_sigint_during_group_saves_a_checkpoint_and_exits_130(simulated_bids_sou
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "spec2vol: interrupted"
+    assert err.strip().splitlines()[-1] == ("spec2vol: interrupted; the same command skips what is "
+                                            "finished and resumes training from its last checkpoint")
 
     import torch
 

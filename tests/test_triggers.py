@@ -393,6 +393,9 @@ def test_back_to_back_slice_markers_lost_at_the_start_are_refused():
     raw = raw_with_markers((slices[3:], "Scanner/s"))
     with pytest.raises(DataError, match="no trigger train fits the 30 BOLD volumes"):
         timing_of(raw)
+    with pytest.raises(DataError, match="slice markers that cannot be grouped into volumes") as err:
+        timing_of(raw, marker="Scanner/s")  # named: the advice is not to name it again
+    assert "--volume-marker NAME" not in str(err.value) and "--eeg-offset SECONDS" in str(err.value)
     np.testing.assert_array_equal(timing_of(raw_with_markers((slices, "Scanner/s"))).starts,
                                   1000 + np.arange(30) * PERIOD)
 

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spec2vol: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        print("spec2vol: interrupted", file=sys.stderr)
+        print("spec2vol: interrupted; the same command skips what is finished and resumes "
+              "training from its last checkpoint", file=sys.stderr)
         return EX_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence: log it, exit 1
         LOGGER.debug("internal error", exc_info=True)

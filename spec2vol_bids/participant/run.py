@@ -163,9 +163,16 @@ def _synthesize(pair, config, tr: float, result: RunResult) -> None:
     from spec2vol_bids import synthesize
 
     nii = synth_path(pair, config.inputs.output_dir)
-    synthesize.synthesize_from_checkpoint(
-        config.participant.model_path, Path(result.spectrogram), nii,
-        target=Path(result.target) if result.target else None, tr=tr,
-        sources=[source_uri(pair.eeg, config.inputs.bids_dir)])
+    spectrogram = Path(result.spectrogram)
+    try:
+        synthesize.synthesize_from_checkpoint(
+            config.participant.model_path, spectrogram, nii,
+            target=Path(result.target) if result.target else None, tr=tr,
+            sources=[source_uri(pair.eeg, config.inputs.bids_dir)])
+    except DataError as error:
+        if error.path != str(spectrogram):
+            raise
+        # the spectrogram may be removed with the run's other new files: name the recording
+        raise DataError(str(error).removeprefix(f"{error.path}: "), path=pair.eeg) from error
     result.synth = str(nii)
     LOGGER.info("%s: synthesised BOLD written to %s", pair.label, nii)
