@@ -200,6 +200,12 @@ def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
     if marker_file is not None and (marker_file.is_file() or marker_file.is_symlink()):
         # its volume markers would be lost without a word
         require_content(marker_file, "the BrainVision marker file")
+        with open(marker_file, "rb") as fh:
+            head = fh.read(64).lstrip(b"\xef\xbb\xbf").replace(b"BrainVision", b"Brain Vision")
+        if not head.startswith(b"Brain Vision Data Exchange Marker File"):
+            raise DataError("not a BrainVision marker file (it does not begin with \"Brain Vision "
+                            "Data Exchange Marker File\"); restore the recording's .vmrk",
+                            path=marker_file)
     if marker_file is not None and not marker_file.is_file():
         sibling = path.with_suffix(".vmrk")
         if sibling.is_file():

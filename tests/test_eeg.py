@@ -239,6 +239,11 @@ def test_annex_pointers_are_named_as_such(tmp_path):
     shutil.copyfile(real, vhdr.with_suffix(".vmrk"))  # a pointer file, as ds002338's
     with pytest.raises(MissingInputError, match="the BrainVision marker file is a git-annex pointer"):
         read_eeg(vhdr, work_dir=tmp_path / "work")
+    # random bytes where the markers should be: the marker file is named, not a decode error
+    vhdr.with_suffix(".vmrk").write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(DataError, match=r"_eeg.vmrk: not a BrainVision marker file") as err:
+        read_eeg(vhdr, work_dir=tmp_path / "work")
+    assert err.value.code == 65
 
 
 # ---- channels ------------------------------------------------------------------------------
