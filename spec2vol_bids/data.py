@@ -24,7 +24,8 @@ import torch
 from spec2vol_bids.config import CONTEXT, NORMALISATIONS, Participant
 from spec2vol_bids.derivatives import atomic_path, read_spectrogram
 from spec2vol_bids.errors import DataError, NothingSelectedError
-from spec2vol_bids.naming import RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key
+from spec2vol_bids.naming import (RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key,
+                                  sidecar_path)
 from spec2vol_bids.spectra import select_channels
 
 logger = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ def run_digest(run: Run) -> str:
     ``InputHash`` changes with the raw inputs and the options they were made with."""
     h = hashlib.sha256(f"{run.spectrogram.name}\n{json.dumps(run.meta, sort_keys=True)}\n".encode())
     if run.target is not None:
-        sidecar = run.target.with_name(run.target.name.replace(".nii.gz", ".json"))
+        sidecar = sidecar_path(run.target)
         h.update(f"{run.target.name}\n".encode())
         h.update(sidecar.read_bytes() if sidecar.is_file() else b"")
     return h.hexdigest()[:16]

@@ -32,7 +32,8 @@ from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
                                     locked_once, protocol)
 from spec2vol_bids.models import save_checkpoint
-from spec2vol_bids.naming import MASK_SUFFIX, TARGET_SUFFIX, build_name, parse_name, run_dir, source_uri
+from spec2vol_bids.naming import (MASK_SUFFIX, TARGET_SUFFIX, build_name, parse_name, run_dir,
+                                  sidecar_path, source_uri)
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _check_no_applied_synthesis(held_out: Sequence[Run], out_dir: Path) -> None:
     """
     for run in held_out:
         synth = held_out_paths(run, out_dir)[0]
-        sidecar = synth.with_name(synth.name.replace(".nii.gz", ".json"))
+        sidecar = sidecar_path(synth)
         if synth.exists() and "Metrics" not in (read_json(sidecar) if sidecar.is_file() else {}):
             raise UsageError("OUTPUT_DIR holds a series synthesised for this run by participant "
                              "--model, where the group level writes its held-out synthesis; move "
@@ -213,7 +214,7 @@ def _outputs(folder: Path, record: dict, runs: Sequence[Run], out_dir: Path) -> 
         return models
     held_out = [path for run in runs if run.subject in record["TestSubjects"]
                 for image in held_out_paths(run, out_dir)
-                for path in (image, image.with_name(image.name.replace(".nii.gz", ".json")))]
+                for path in (image, sidecar_path(image))]
     return [*models, folder / "metrics.tsv", *held_out]
 
 

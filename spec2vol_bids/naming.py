@@ -140,6 +140,19 @@ def source_uri(path: str | Path, root: str | Path, dataset: str = "raw") -> str:
     return relative if relative.startswith("/") else f"bids:{dataset}:{relative}"
 
 
+def source_path(uri: str, root: str | Path, dataset: str = "raw") -> Path:
+    """The file a :func:`source_uri` names: ``bids:<dataset>:<relative path>`` under ``root``,
+    else the absolute path it is."""
+    prefix = f"bids:{dataset}:"
+    return Path(root) / uri.removeprefix(prefix) if uri.startswith(prefix) else Path(uri)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar of a data file: its name with ``.json`` for every extension."""
+    path = Path(path)
+    return path.with_name(path.name.split(".")[0] + ".json")
+
+
 def is_label(text: str) -> bool:
     """Whether ``text`` is a BIDS label: letters and digits only."""
     return bool(_LABEL.match(text))

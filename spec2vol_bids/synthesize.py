@@ -30,7 +30,7 @@ from spec2vol_bids.derivatives import read_spectrogram, write_json, write_nifti
 from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
-from spec2vol_bids.naming import dataset_root, parse_name, source_uri
+from spec2vol_bids.naming import dataset_root, parse_name, sidecar_path, source_uri
 from spec2vol_bids.spectra import select_channels
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def write_synth(pred: np.ndarray, path: str | Path, *, affine: np.ndarray, tr: f
     img.header.set_zooms(img.header.get_zooms()[:3] + (float(tr),))
     img.header.set_data_dtype(np.float32)
     write_nifti(path, img)
-    write_json(_sidecar_path(path), {
+    write_json(sidecar_path(path), {
         "RepetitionTime": float(tr), "SkullStripped": False,
         "SourceVolumes": [int(first_volume), int(first_volume + len(pred) - 1)],
         **sidecar})
@@ -84,13 +84,8 @@ def write_statmap(rmap: np.ndarray, path: str | Path, *, affine: np.ndarray, sid
                                             affine), spatial_code)
     img.header.set_xyzt_units("mm")
     write_nifti(path, img)
-    write_json(_sidecar_path(path), sidecar)
+    write_json(sidecar_path(path), sidecar)
     return Path(path)
-
-
-def _sidecar_path(path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name.split(".")[0] + ".json")
 
 
 #: Electrode sites the 10-10 system renamed (their positions on the standard montage are the

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spec2vol_bids.errors import DataError, OutputError, Spec2VolError, UsageError
 from spec2vol_bids.naming import (TARGET_SUFFIX, build_name, parse_name, run_dir, run_key, run_label,
-                                  source_uri)
+                                  sidecar_path, source_uri)
 from spec2vol_bids.participant.result import RunResult
 from spec2vol_bids.participant.spectrogram import eeg_entities, process_eeg, reuse_spectrogram
 from spec2vol_bids.participant.target import process_bold
@@ -130,7 +130,7 @@ def check_no_group_synthesis(pairs, output_dir: Path) -> None:
     for pair in (p for p in pairs if p.eeg is not None):
         nii = synth_path(pair, output_dir)
         try:
-            meta = json.loads(nii.with_name(nii.name.replace(".nii.gz", ".json")).read_text())
+            meta = json.loads(sidecar_path(nii).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict) and "Metrics" in meta:

@@ -17,7 +17,7 @@ import numpy as np
 
 from spec2vol_bids.derivatives import atomic_path, read_json, read_spectrogram, write_json
 from spec2vol_bids.errors import DataError, UsageError
-from spec2vol_bids.naming import build_name, run_dir, source_uri
+from spec2vol_bids.naming import build_name, run_dir, source_path, source_uri
 from spec2vol_bids.participant.freshness import input_hash, is_done, recording_fingerprint, related_files
 from spec2vol_bids.participant.result import RunResult
 
@@ -219,8 +219,7 @@ def _check_same_recording(pair, meta: dict, bids_dir: Path) -> None:
     recorded, source = meta.get("RecordingFingerprint"), meta.get("Recording")
     if not (recorded and isinstance(source, str)):
         return
-    recording = (Path(bids_dir) / source.removeprefix("bids:raw:") if source.startswith("bids:raw:")
-                 else Path(source))
+    recording = source_path(source, bids_dir)
     current = recording_fingerprint(recording) if recording.is_file() else None
     if current is not None and current != recorded:
         raise DataError(f"this spectrogram was made from another recording than {recording} as it "

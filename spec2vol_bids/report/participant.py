@@ -9,7 +9,7 @@ import numpy as np
 
 from spec2vol_bids.derivatives import read_json, write_text
 from spec2vol_bids.naming import (SPECTROGRAM_SUFFIX, STATMAP_SUFFIX, SYNTH_SUFFIX, TARGET_SUFFIX,
-                                  parse_name, run_key)
+                                  parse_name, run_key, sidecar_path)
 from spec2vol_bids.report import figures, html
 from spec2vol_bids.report.outputs import (METRICS, read_metrics, read_tsv, run_name, same_runs,
                                           subject_id)
@@ -137,7 +137,7 @@ def _run_slices(target: Path, synth: Path | None) -> str:
     """One run's slices figure, under its heading."""
     run = run_name(target)
     meta = {}
-    sidecar = None if synth is None else synth.with_name(synth.name.replace(".nii.gz", ".json"))
+    sidecar = None if synth is None else sidecar_path(synth)
     if sidecar is not None and sidecar.is_file():
         meta = read_json(sidecar)
     png, volumes = _slices_png(target, synth, meta)
@@ -169,7 +169,7 @@ def _slices_section(func_files: list[Path]) -> str:
 def _synthesised_by(synth: Path) -> str:
     """Which model made a synthesised series, from which file, for which volumes."""
     try:
-        meta = read_json(synth.with_name(synth.name.replace(".nii.gz", ".json")))
+        meta = read_json(sidecar_path(synth))
     except (OSError, ValueError):
         return "synthesised (its sidecar is unreadable)"
     model = next((s for s in meta.get("Sources", []) if str(s).endswith(".pt")), None)

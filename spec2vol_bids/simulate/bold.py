@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from spec2vol_bids.derivatives import write_json
+from spec2vol_bids.naming import sidecar_path
 from spec2vol_bids.simulate.latent import source_maps
 
 _BOLD_NOISE = 0.01  # thermal noise sd, relative to the subject's intensity scale
@@ -132,7 +133,7 @@ def write_bold_run(path: Path, rng, anatomy: Anatomy, regressors, tr, task):
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
     write_json(
-        path.with_name(path.name.replace(".nii.gz", ".json")),
+        sidecar_path(path),
         {
             "TaskName": task,
             "RepetitionTime": float(tr),
