@@ -101,12 +101,19 @@ def eeg_repetition_time(pair) -> float | None:
     return tr if tr is not None else _sidecar_tr(pair.eeg_sidecars)
 
 
+def stated(sidecars: Iterable[Path], key: str) -> tuple[object, Path] | None:
+    """The value of ``key`` after inheritance, and the sidecar it comes from; None if unset.
+
+    Every sidecar is read, so one that is not a JSON object is refused (65) wherever it lies."""
+    metas = [(read_sidecar(path), path) for path in sidecars]
+    return next(((meta[key], path) for meta, path in reversed(metas) if key in meta), None)
+
+
 def _sidecar_tr(sidecars: tuple[Path, ...]) -> float | None:
-    meta = merged_json(sidecars)
-    if "RepetitionTime" not in meta:
+    found = stated(sidecars, "RepetitionTime")
+    if found is None:
         return None
-    value = meta["RepetitionTime"]
-    source = next(p for p in reversed(sidecars) if "RepetitionTime" in read_sidecar(p))
+    value, source = found
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise DataError(f"RepetitionTime must be a positive number of seconds, not {value!r}",
                         path=source)

@@ -121,14 +121,13 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
 def _check_sampling_frequency(pair, sfreq: float) -> None:
     """The recording's header and its ``_eeg.json`` must give one sampling rate: every window's
     length in samples and every frequency bin rest on it, and nothing tells which is right."""
-    from spec2vol_bids.bids.metadata import merged_json
+    from spec2vol_bids.bids.metadata import stated
 
-    stated = merged_json(pair.eeg_sidecars).get("SamplingFrequency")
-    if (isinstance(stated, (int, float)) and not isinstance(stated, bool) and stated > 0
-            and not np.isclose(float(stated), sfreq, rtol=1e-3)):
-        sidecar = next(p for p in reversed(pair.eeg_sidecars) if "SamplingFrequency" in read_json(p))
+    value, sidecar = stated(pair.eeg_sidecars, "SamplingFrequency") or (None, None)
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            and not np.isclose(float(value), sfreq, rtol=1e-3)):
         raise DataError(f"the recording's header gives {sfreq:g} Hz but {sidecar.name} says "
-                        f"SamplingFrequency {stated:g} Hz; correct the wrong one", path=pair.eeg)
+                        f"SamplingFrequency {value:g} Hz; correct the wrong one", path=pair.eeg)
 
 
 def _check_header_tr(pair, tr: float, *, confirmed: bool) -> None:
