@@ -130,8 +130,8 @@ def _events_series(path: Path, sfreq: float, n_times: int) -> list[MarkerSeries]
                        path, rows[0]["onset"])
         return []
     samples = np.floor(onsets * sfreq + 0.5)
-    garbled = [(i, r["onset"]) for i, r in enumerate(rows, start=2)
-               if not np.isfinite(onsets[i - 2]) and r["onset"].strip() != "n/a"]
+    garbled = [(line, row["onset"]) for line, (row, ok) in enumerate(zip(rows, valid), start=2)
+               if not ok and row["onset"].strip() != "n/a"]
     doubt = (f"{len(garbled)} of its onsets are not numbers (line {garbled[0][0]}: "
              f"{garbled[0][1]!r}), so triggers may be missing from it" if garbled else
              _sample_column_doubt(onsets, np.array([_number(r.get("sample", "n/a")) for r in rows])))

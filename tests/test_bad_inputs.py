@@ -416,16 +416,22 @@ def test_three_dimensional_bold(simulated_bids, tmp_path):
     assert not target(out).exists()
 
 
+def set_header_tr(bids: Path, tr: float) -> Path:
+    """sub-01's BOLD series with ``tr`` in its NIfTI header's pixdim[4]; returns its path."""
+    bold = bold_file(bids)
+    img = nib.load(bold)
+    header = img.header.copy()
+    header["pixdim"][4] = tr
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header), bold)
+    return bold
+
+
 def test_repetition_time_missing_from_sidecar_and_header(simulated_bids, tmp_path):
     sidecar = bold_file(simulated_bids, ext=".json")
     meta = json.loads(sidecar.read_text())
     del meta["RepetitionTime"]
     sidecar.write_text(json.dumps(meta))
-    bold = bold_file(simulated_bids)
-    img = nib.load(bold)
-    header = img.header.copy()
-    header["pixdim"][4] = 0
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header), bold)
+    bold = set_header_tr(simulated_bids, 0)
     out = tmp_path / "out"
     proc = participant(simulated_bids, out)
     assert_clean_failure(proc, 65, bold.name, "RepetitionTime", out_dir=out)
@@ -435,11 +441,7 @@ def test_repetition_time_missing_from_sidecar_and_header(simulated_bids, tmp_pat
 def test_header_and_sidecar_repetition_times_disagree(simulated_bids, tmp_path):
     """The sidecar says 2 s, pixdim[4] 2.5 s: the volume markers confirm the sidecar's TR; without
     them nothing tells which is right, and every window after the first depends on it."""
-    bold = bold_file(simulated_bids)
-    img = nib.load(bold)
-    header = img.header.copy()
-    header["pixdim"][4] = 2.5
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, header), bold)
+    bold = set_header_tr(simulated_bids, 2.5)
     with_markers = tmp_path / "with-markers"
     proc = participant(simulated_bids, with_markers, "-v")
     assert proc.returncode == 0, proc.stderr

@@ -47,9 +47,9 @@ def recording_fingerprint(recording: Path) -> str | None:
         files.append(recording.with_suffix(".fdt"))
     h = hashlib.sha256()
     for path in sorted(set(files)):
-        if not path.is_file() or path.stat().st_size == 0:
+        size = path.stat().st_size if path.is_file() else 0
+        if size == 0:
             return None
-        size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(1 << 20)
             fh.seek(max(0, size - (1 << 20)))
