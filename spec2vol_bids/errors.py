@@ -34,11 +34,17 @@ class Spec2VolError(Exception):
         The exit code (one of the ``EX_*`` constants of this module).
     path : str | Path | None
         The file or directory at fault; it is prefixed to the message.
+
+    Attributes
+    ----------
+    reason : str
+        The message without the path, to raise again naming another file.
     """
 
     code = EX_FAILURE
 
     def __init__(self, message: str, *, code: int | None = None, path: str | Path | None = None):
+        self.reason = " ".join(str(message).split())  # the message without the path
         if path is not None:
             message = f"{path}: {message}"
         super().__init__(" ".join(str(message).split()))

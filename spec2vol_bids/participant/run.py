@@ -173,6 +173,6 @@ def _synthesize(pair, config, tr: float, result: RunResult) -> None:
         if error.path != str(spectrogram):
             raise
         # the spectrogram may be removed with the run's other new files: name the recording
-        raise DataError(str(error).removeprefix(f"{error.path}: "), path=pair.eeg) from error
+        raise DataError(error.reason, path=pair.eeg) from error
     result.synth = str(nii)
     LOGGER.info("%s: synthesised BOLD written to %s", pair.label, nii)

@@ -92,7 +92,7 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
     except DataError as exc:  # the bins this recording's rate cannot give: name the recording
         if exc.path is not None:
             raise
-        raise DataError(str(exc), path=pair.eeg) from exc
+        raise DataError(exc.reason, path=pair.eeg) from exc
     spec, channels, flat = eeg.drop_flat_channels(spec, channels, source=pair.eeg)
     fs = float(raw.info["sfreq"])
     # Figures and array first, sidecar last: the sidecar's hash marks the run as done.
