@@ -393,6 +393,24 @@ def test_work_dir_inside_the_raw_dataset_or_a_file_is_refused(simulated_bids, tm
     assert checksums(simulated_bids) == before and not (tmp_path / "out").exists()
 
 
+
+def test_the_work_folder_check_writes_nothing_into_the_dataset(simulated_bids, tmp_path):
+    """-w under BIDS_DIR/derivatives, in a folder that does not exist yet: the check that it can
+    be made must not probe by writing into the dataset (the folder's mtime would change)."""
+    from spec2vol_bids.bids.validation import check_work_dir
+
+    derivatives = simulated_bids / "derivatives"
+    derivatives.mkdir(exist_ok=True)
+    stamp = derivatives.stat().st_mtime_ns
+    check_work_dir(simulated_bids, derivatives / "spec2vol" / "work")
+    assert derivatives.stat().st_mtime_ns == stamp and not (derivatives / "spec2vol").exists()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    stamp = outside.stat().st_mtime_ns
+    check_work_dir(simulated_bids, outside / "work")
+    assert outside.stat().st_mtime_ns != stamp and list(outside.iterdir()) == []  # probed, cleaned
+
+
 def test_up_to_date_means_verified(simulated_bids, tmp_path):
     """A rerun skips a run only when every file it reads is unchanged and its outputs are
     intact: a truncated spectrogram or target, or a changed data file that the BrainVision

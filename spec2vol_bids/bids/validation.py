@@ -178,10 +178,14 @@ def check_work_dir(bids_dir: str | Path, work_dir: str | Path) -> Path:
         raise UsageError("-w/--work-dir names a file, not a folder; give a folder for the "
                          "intermediate files", path=work_dir)
     existing = next(p for p in (work, *work.parents) if p.exists())
+    # never a probe inside the input dataset (a work folder under BIDS_DIR/derivatives whose
+    # parents do not exist yet): only whether a file is in the way is checked there
+    inside_input = existing.is_relative_to(Path(bids_dir).expanduser().resolve())
     try:  # a probe, removed at once: the folder itself is made when it is first needed
         if not existing.is_dir():
             raise NotADirectoryError(0, "it is a file")
-        os.rmdir(tempfile.mkdtemp(prefix=".spec2vol-probe-", dir=existing))
+        if not inside_input:
+            os.rmdir(tempfile.mkdtemp(prefix=".spec2vol-probe-", dir=existing))
     except OSError as exc:
         raise OutputError(f"cannot create the work folder in {existing} ({exc.strerror}); "
                           "choose another -w/--work-dir", path=work_dir) from exc
