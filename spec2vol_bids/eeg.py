@@ -400,6 +400,63 @@ def standard_montage() -> mne.channels.DigMontage:
             return mne.channels.make_standard_montage("standard_1005")
 
 
+def check_native_rates(path, channels, top_hz: float, sfreq: float) -> None:
+    """Refuse a spectrogram whose bins reach above what a channel was recorded with.
+
+    EDF and BDF store every channel at its own rate, and mne upsamples the slower ones to the
+    fastest without a word; above its own Nyquist frequency such a channel holds nothing, so its
+    upper bins would be zeros z-scored against the other channels'.
+
+    Parameters
+    ----------
+    path : str | Path
+        The recording; only ``.edf`` and ``.bdf`` files are checked.
+    channels : list of str
+        The channels the spectrogram keeps.
+    top_hz : float
+        Its highest frequency bin.
+    sfreq : float
+        The rate the reader gives every channel (the file's fastest).
+
+    Raises
+    ------
+    DataError
+        A kept channel's own Nyquist frequency lies below ``top_hz``.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".edf", ".bdf"):
+        return
+    rates = _edf_channel_rates(path)
+    slow = {name: rates[name] for name in channels if rates.get(name, sfreq) / 2 < top_hz}
+    if slow:
+        lowest = min(slow.values())
+        listed = ", ".join(f"{name} ({rate:g} Hz)" for name, rate in list(slow.items())[:5])
+        several = len(slow) > 1
+        raise DataError(
+            f"channel{'s' if several else ''} {listed}, recorded below the file's {sfreq:g} Hz, "
+            f"hold{'' if several else 's'} nothing above {lowest / 2:g} Hz, but the spectrogram "
+            f"reaches {top_hz:g} Hz; give --fmax {lowest / 2:g} or lower, or mark "
+            f"{'them' if several else 'it'} bad in channels.tsv", path=path)
+
+
+def _edf_channel_rates(path: Path) -> dict[str, float]:
+    """Each signal's own sampling rate from an EDF/BDF header: its samples per data record over
+    the record's duration (the header layout of the EDF specification, shared by BDF)."""
+    with open(path, "rb") as fh:
+        fixed = fh.read(256)
+        n_signals = int(fixed[252:256].decode("ascii", "replace").strip() or 0)
+        duration = float(fixed[244:252].decode("ascii", "replace").strip() or 0)
+        signals = fh.read(256 * n_signals)
+    if n_signals <= 0 or duration <= 0 or len(signals) < 256 * n_signals:
+        return {}
+    labels = [signals[16 * i:16 * (i + 1)].decode("latin-1").strip() for i in range(n_signals)]
+    counts_at = 216 * n_signals  # label 16, transducer 80, unit 8, 4 x range 8, prefilter 80
+    counts = [signals[counts_at + 8 * i:counts_at + 8 * (i + 1)].decode("ascii", "replace").strip()
+              for i in range(n_signals)]
+    return {label: int(count) / duration for label, count in zip(labels, counts)
+            if count.isdigit()}
+
+
 def drop_flat_channels(spec, channels, *, source=None):
     """Remove the channels :func:`~spec2vol_bids.spectra.tr_spectrogram` found flat.
 

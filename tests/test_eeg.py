@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import pybv
 import pytest
 
-from spec2vol_bids.eeg import canonical_channel_order, eeg_channels, read_eeg
+from conftest import PARTICIPANT_OPTIONS, assert_clean_failure, run_spec2vol
+
+from spec2vol_bids.eeg import _edf_channel_rates, canonical_channel_order, eeg_channels, read_eeg
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.triggers import volume_timing
 
@@ -303,3 +306,56 @@ def test_channels_tsv_with_an_extra_row_still_decides(tmp_path, caplog):
     # a channel without a row: the file's types decide, the bad mark still holds
     tsv.write_text("name\ttype\tstatus\nFp1\tEEG\tgood\nC3\tEEG\tbad\nCz\tEEG\tgood\n")
     assert eeg_channels(raw, tsv) == ["Fp1", "Cz", "CW1"]
+
+
+# ---- channels stored at their own rate (EDF/BDF) -----------------------------------------------
+
+def _as_edf_with_a_slow_channel(bids: Path, slow: str) -> Path:
+    """Replace sub-01's BrainVision run by an EDF of the same signals and markers in which
+    channel ``slow`` is stored at half the rate, as EDF allows (mne upsamples it on reading)."""
+    import edfio
+
+    vhdr = bids / "sub-01" / "eeg" / "sub-01_task-rest_eeg.vhdr"
+    raw = mne.io.read_raw_brainvision(vhdr, preload=True, verbose=False)
+    fs = raw.info["sfreq"]
+    raw.crop(0, (raw.n_times // int(fs)) - 1 / fs)  # whole one-second data records
+    signals = []
+    for name, values in zip(raw.ch_names, raw.get_data() * 1e6):
+        step = 2 if name == slow else 1
+        signals.append(edfio.EdfSignal(values[::step], sampling_frequency=fs / step, label=name,
+                                       physical_dimension="uV"))
+    markers = [edfio.EdfAnnotation(onset, None, text) for onset, text
+               in zip(raw.annotations.onset, raw.annotations.description)]
+    edf = vhdr.with_suffix(".edf")
+    edfio.Edf(signals, annotations=markers).write(edf)
+    for suffix in (".vhdr", ".vmrk", ".eeg"):
+        vhdr.with_suffix(suffix).unlink()
+    return edf
+
+
+def test_edf_channel_rates_agree_with_mne(simulated_bids):
+    edf = _as_edf_with_a_slow_channel(simulated_bids, "C3")
+    raw = mne.io.read_raw_edf(edf, verbose=False)
+    seconds = raw._raw_extras[0]["record_length"][0]
+    expected = {name: n / seconds for name, n in zip(raw.ch_names, raw._raw_extras[0]["n_samps"])}
+    rates = _edf_channel_rates(edf)
+    assert {name: rates[name] for name in raw.ch_names} == expected
+    assert expected["C3"] == raw.info["sfreq"] / 2 and expected["C4"] == raw.info["sfreq"]
+
+
+def test_bins_above_a_slow_channels_nyquist_are_refused(simulated_bids, tmp_path):
+    """Above half its own rate an upsampled channel holds nothing: bins there are refused, and
+    an --fmax below it is accepted with the channel kept."""
+    edf = _as_edf_with_a_slow_channel(simulated_bids, "C3")
+    fs = mne.io.read_raw_edf(edf, verbose=False).info["sfreq"]
+    options = list(PARTICIPANT_OPTIONS)
+    options[options.index("--freq-bins"):options.index("--freq-bins") + 2] = ["--fmax", f"{fs / 2 - 5:g}"]
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options)
+    assert_clean_failure(proc, 65, edf.name, f"C3 ({fs / 2:g} Hz), recorded below the file's {fs:g} Hz, holds",
+                         f"give --fmax {fs / 4:g} or lower", out_dir=out)
+    options[options.index("--fmax") + 1] = f"{fs / 4:g}"
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options)
+    assert proc.returncode == 0, proc.stderr
+    sidecar = next(out.glob("sub-01/eeg/*_spectrogram.json"))
+    assert "C3" in json.loads(sidecar.read_text())["Channels"]

@@ -93,6 +93,7 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
         if exc.path is not None:
             raise
         raise DataError(exc.reason, path=pair.eeg) from exc
+    eeg.check_native_rates(pair.eeg, channels, float(freqs[-1]), float(raw.info["sfreq"]))
     spec, channels, flat = eeg.drop_flat_channels(spec, channels, source=pair.eeg)
     fs = float(raw.info["sfreq"])
     # Figures and array first, sidecar last: the sidecar's hash marks the run as done.
