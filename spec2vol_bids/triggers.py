@@ -23,7 +23,8 @@ guessed:
    they must agree within ``max(2 samples, 1 % of the TR)`` on every volume, or the run is
    refused; the EEG file's own markers are preferred to events.tsv, and known volume-marker
    names (``R128``, ``Scan Start``, ``Volume``, ``V``, ``T``) to others. BrainVision stimulus
-   markers (``Stimulus/S  5``) count only when ``--volume-marker`` names them.
+   markers (``Stimulus/S  5``, or ``S  5`` in EEGLAB and EDF conversions) count only when
+   ``--volume-marker`` names them.
 5. **Windows.** Volume ``v``'s window starts at its own trigger (observed or filled), so drift
    does not accumulate over a run. Only ``--eeg-offset S`` places the volumes every TR from
    ``S`` seconds instead (``--eeg-offset 0``: the EEG starts with the first volume), and not
@@ -359,8 +360,11 @@ def _check_events_train(chosen: Train, others: list[Train], starts: np.ndarray, 
 
 def _is_stimulus(series: MarkerSeries) -> bool:
     """BrainVision's stimulus port ("Stimulus/S  5"), where presentation software writes; the
-    scanner's triggers come on the response port (R128) or as scanner markers."""
-    return series.source == "eeg" and series.name.lower().startswith("stimulus/")
+    scanner's triggers come on the response port (R128) or as scanner markers. Converted to
+    EEGLAB or EDF the port's name is lost but its codes keep their form ("S  5")."""
+    name = series.name.strip().lower()
+    return series.source == "eeg" and (name.startswith("stimulus/")
+                                       or re.fullmatch(r"s\s*\d{1,3}", name) is not None)
 
 
 def _marker_name(train: Train) -> str:

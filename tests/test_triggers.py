@@ -193,6 +193,11 @@ def test_a_stimulus_locked_to_the_volumes_is_not_taken_for_them():
                                         r"markers mark the volumes only when --volume-marker names them$"):
         timing_of(raw)
     np.testing.assert_array_equal(timing_of(raw, marker="S 5").starts, volumes + 150)
+    converted = raw_with_markers((volumes + 150, "S  5"))  # EEGLAB/EDF: the port's name is lost
+    with pytest.raises(DataError, match=r"'S 5' \(EEG file\) would fit, but stimulus markers"):
+        timing_of(converted)
+    assert timing_of(converted, marker="S 5").starts[0] == volumes[0] + 150
+    assert timing_of(raw_with_markers((volumes, "R128"), (volumes + 150, "S  5"))).marker == "R128"
 
 
 def test_trains_of_different_lengths_are_refused_without_bold():
