@@ -5,8 +5,7 @@ Two concerns of the participant level live here (docs/design.md, "Preprocessing"
 * :func:`read_eeg` opens a recording lazily (``preload=False``) with mne's readers and turns
   every way a file can be broken into a one-line :class:`~spec2vol_bids.errors.DataError` (65)
   or :class:`~spec2vol_bids.errors.MissingInputError` (66) naming the file. BrainVision headers
-  whose ``DataFile=``/``MarkerFile=`` name a missing file are read through a corrected copy of
-  the header written to the work directory; the input is never modified. The BIDS sidecars are
+  are checked first (:mod:`spec2vol_bids.brainvision`). The BIDS sidecars are
   read by spec2vol itself (:mod:`spec2vol_bids.bids.tsv`), not by mne-bids, which takes lock
   files inside the dataset while it reads.
 * :func:`eeg_channels` keeps EEG channels only and :func:`canonical_channel_order` puts them in
@@ -18,7 +17,6 @@ Where the volumes lie in the recording is :mod:`spec2vol_bids.triggers`' job.
 from __future__ import annotations
 
 import functools
-import glob
 import logging
 import re
 import warnings
@@ -27,6 +25,7 @@ from pathlib import Path
 import mne
 
 from spec2vol_bids.bids.annex import require_content
+from spec2vol_bids.brainvision import checked_header
 from spec2vol_bids.errors import DataError, MissingInputError, one_line
 from spec2vol_bids.spectra import flat_channels
 
@@ -40,10 +39,6 @@ READERS = {
     ".fif": mne.io.read_raw_fif,
 }
 
-# Extensions a BrainVision binary data file is given in the wild (Recorder: .eeg, Analyzer
-# exports: .dat, segmented/averaged exports: .seg/.avg).
-_BV_DATA_SUFFIXES = (".eeg", ".dat", ".seg", ".avg")
-_BV_BYTES = {"INT_16": 2, "INT_32": 4, "IEEE_FLOAT_32": 4}
 
 # Names of non-EEG channels, used when no channels.tsv says what a channel is: the NODDI
 # recordings carry their ECG as channel 32, typed EEG in the header.
@@ -93,7 +88,7 @@ def read_eeg(path, *, work_dir, verbose=False) -> mne.io.BaseRaw:
         )
     read_path = path
     if suffix == ".vhdr":
-        read_path = _checked_brainvision_header(path, Path(work_dir))
+        read_path = checked_header(path, Path(work_dir))
     kwargs = {"preload": False, "verbose": verbose}
     if suffix == ".fif":
         kwargs["allow_maxshield"] = False
@@ -125,160 +120,6 @@ def _refuse_duplicate_names(caught, path: Path) -> None:
         names = duplicates[0].split("duplicates for:", 1)[-1].split(". ", 1)[0].strip(" {}'.")
         raise DataError(f"the recording has duplicate channel names ({names}); each channel needs "
                         "a name of its own to be matched across subjects", path=path)
-
-
-def _parse_vhdr(text: str) -> dict[str, dict[str, str]]:
-    """The ``key=value`` entries of a BrainVision header, by (lower-case) section."""
-    sections: dict[str, dict[str, str]] = {}
-    current = sections.setdefault("", {})
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(";"):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1].strip().lower(), {})
-        elif "=" in line:
-            key, value = line.split("=", 1)
-            current[key.strip().lower()] = value.strip()
-    return sections
-
-
-def brainvision_files(vhdr: str | Path) -> list[Path]:
-    """The files a BrainVision header leads the reader to: its ``DataFile=`` and
-    ``MarkerFile=`` (which may lie outside the header's folder) and the same-stem data and
-    marker files the recovery of a broken header falls back on. Only existing files."""
-    vhdr = Path(vhdr)
-    try:
-        common = _parse_vhdr(vhdr.read_bytes().decode("utf-8", errors="replace")).get("common infos", {})
-    except OSError:
-        return []
-    named = [vhdr.parent / common[k] for k in ("datafile", "markerfile") if common.get(k)]
-    stem = [p for p in vhdr.parent.glob(f"{glob.escape(vhdr.stem)}.*")
-            if p.suffix.lower() in (*_BV_DATA_SUFFIXES, ".vmrk")]
-    return sorted({p for p in named + stem if p.is_file()})
-
-
-def _checked_brainvision_header(path: Path, work_dir: Path) -> Path:
-    """Check a BrainVision header against its data file; return the header to read.
-
-    Returns ``path`` itself when the header is sound, or a corrected copy in ``work_dir`` when
-    it names a data or marker file that does not exist but the intended one can be found
-    unambiguously by the header's stem.
-    """
-    raw_bytes = path.read_bytes()
-    text = raw_bytes.decode("utf-8", errors="replace")
-    hdr = _parse_vhdr(text)
-    common = hdr.get("common infos", {})
-    data_name = common.get("datafile")
-    if not data_name:
-        raise DataError("BrainVision header has no DataFile= entry", path=path)
-    data_file = path.parent / data_name
-    fixes: dict[bytes, str] = {}
-    if data_file.is_symlink():  # a git-annex link without its content: say how to get it
-        require_content(data_file, "the BrainVision data file")
-    if not data_file.is_file():
-        candidates = sorted(
-            p for p in path.parent.glob(f"{glob.escape(path.stem)}.*")
-            if p.suffix.lower() in _BV_DATA_SUFFIXES and p.is_file()
-        )
-        if not candidates:
-            raise MissingInputError(f"header names DataFile={data_name}, which does not exist, "
-                                    "and no data file with the header's name lies beside it; put "
-                                    "the recording's data file there", path=path)
-        if len(candidates) > 1:
-            raise DataError(
-                f"header names DataFile={data_name}, which does not exist, and several data "
-                f"files have the header's name ({', '.join(p.name for p in candidates)}); name "
-                "the right one in DataFile=", path=path)
-        data_file = candidates[0]
-        logger.warning("%s: DataFile=%s does not exist; reading %s instead", path, data_name,
-                       data_file.name)
-        fixes[b"DataFile"] = str(data_file.resolve())
-    require_content(data_file, "the BrainVision data file")
-    marker_name = common.get("markerfile")
-    marker_file = path.parent / marker_name if marker_name else None
-    if marker_file is not None and (marker_file.is_file() or marker_file.is_symlink()):
-        # its volume markers would be lost without a word
-        require_content(marker_file, "the BrainVision marker file")
-        with open(marker_file, "rb") as fh:
-            head = fh.read(64).lstrip(b"\xef\xbb\xbf").replace(b"BrainVision", b"Brain Vision")
-        if not head.startswith(b"Brain Vision Data Exchange Marker File"):
-            raise DataError("not a BrainVision marker file (it does not begin with \"Brain Vision "
-                            "Data Exchange Marker File\"); restore the recording's .vmrk",
-                            path=marker_file)
-    if marker_file is not None and not marker_file.is_file():
-        sibling = path.with_suffix(".vmrk")
-        if sibling.is_file():
-            logger.warning("%s: MarkerFile=%s does not exist; reading %s instead", path,
-                           marker_name, sibling.name)
-            marker_file = sibling
-            fixes[b"MarkerFile"] = str(sibling.resolve())
-        else:
-            logger.warning("%s: MarkerFile=%s does not exist; reading without markers", path,
-                           marker_name)
-            marker_file = None
-            fixes[b"MarkerFile"] = ""
-    _check_brainvision_size(path, hdr, data_file)
-    if not fixes:
-        return path
-    # The corrected header lives in work_dir, so it names both files by absolute path: a
-    # relative MarkerFile= would be looked for in work_dir and the volume markers lost.
-    fixes[b"DataFile"] = str(data_file.resolve())
-    if marker_file is not None:
-        fixes[b"MarkerFile"] = str(marker_file.resolve())
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fixed = work_dir / path.name
-    fixed.write_bytes(_replace_entries(raw_bytes, fixes))
-    return fixed
-
-
-def _replace_entries(raw_bytes: bytes, fixes: dict[bytes, str]) -> bytes:
-    """Replace (or, for an empty value, remove) ``Key=`` lines of a BrainVision header."""
-    lines = raw_bytes.splitlines(keepends=True)
-    out = []
-    for line in lines:
-        key = line.split(b"=", 1)[0].strip()
-        if b"=" in line and key in fixes:
-            if not fixes[key]:
-                continue
-            ending = line[len(line.rstrip(b"\r\n")):]
-            line = key + b"=" + fixes[key].encode("utf-8") + ending
-        out.append(line)
-    return b"".join(out)
-
-
-def _check_brainvision_size(path: Path, hdr: dict, data_file: Path) -> None:
-    """Refuse binary data files that are empty, truncated mid-sample or shorter than announced.
-
-    mne infers the number of samples from the file size and would silently read such files.
-    """
-    common = hdr.get("common infos", {})
-    if common.get("dataformat", "BINARY").upper() != "BINARY":
-        return
-    fmt = hdr.get("binary infos", {}).get("binaryformat", "INT_16").upper()
-    try:
-        n_channels = int(common["numberofchannels"])
-    except (KeyError, ValueError) as exc:
-        raise DataError("BrainVision header has no valid NumberOfChannels=", path=path) from exc
-    if fmt not in _BV_BYTES or n_channels < 1:
-        raise DataError(f"unsupported BinaryFormat={fmt} or NumberOfChannels={n_channels}", path=path)
-    frame = _BV_BYTES[fmt] * n_channels
-    size = data_file.stat().st_size
-    if size == 0:
-        raise DataError("the EEG data file is empty", path=data_file)
-    if size % frame:
-        raise DataError(
-            f"the EEG data file is truncated: {size} bytes is not a whole number of "
-            f"{n_channels}-channel {fmt} samples",
-            path=data_file,
-        )
-    announced = common.get("datapoints")
-    if announced and announced.isdigit() and size // frame < int(announced):
-        raise DataError(
-            f"the EEG data file holds {size // frame} samples but its header announces "
-            f"{announced}; the file is truncated",
-            path=data_file,
-        )
 
 
 def eeg_channels(raw: mne.io.BaseRaw, channels_tsv=None) -> list[str]:

@@ -225,6 +225,31 @@ def test_brainvision_wrong_file_names_are_recovered(simulated_bids, participant_
     assert vhdr.read_text(encoding="utf-8").count("recording-renamed.eeg") == 1  # input untouched
 
 
+@pytest.mark.parametrize("key", ["MarkerFile", "DataFile"])
+def test_a_header_naming_another_recordings_file_beside_its_own(simulated_bids,
+                                                                 participant_outputs_source,
+                                                                 tmp_path, key):
+    """sub-01's header names a file copied in from sub-02 (a header pasted from another run):
+    its volume markers or samples would be another recording's. A copy of the run's own file
+    under the other name is no such doubt."""
+    vhdr = eeg_file(simulated_bids)
+    ext = ".vmrk" if key == "MarkerFile" else ".eeg"
+    foreign = vhdr.with_name(f"recording-renamed{ext}")
+    shutil.copyfile(eeg_file(simulated_bids, "02", ext), foreign)
+    set_vhdr_entry(vhdr, key, foreign.name)
+    out = tmp_path / "out"
+    proc = participant(simulated_bids, out)
+    assert_clean_failure(proc, 65, vhdr.name, f"the header names {key}={foreign.name}, but "
+                         f"{eeg_file(simulated_bids, ext=ext).name}, with the header's own name",
+                         f"correct {key}= in the header", out_dir=out)
+    shutil.copyfile(eeg_file(simulated_bids, ext=ext), foreign)
+    proc = participant(simulated_bids, out)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(spectrogram(out)), np.load(spectrogram(participant_outputs_source)))
+    sources = json.loads(spectrogram(out).with_suffix(".json").read_text())["Sources"]
+    assert f"bids:raw:sub-01/eeg/{foreign.name}" in sources
+
+
 def test_eeg_truncated_mid_sample(simulated_bids, tmp_path):
     data = eeg_file(simulated_bids, ext=".eeg")
     with open(data, "r+b") as fh:

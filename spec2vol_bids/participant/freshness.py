@@ -37,16 +37,8 @@ def recording_fingerprint(recording: Path) -> str | None:
     leads to (BrainVision), or its ``.fdt`` (EEGLAB), each by name, size and its first and last
     MiB. None when one of them is missing or empty (a dataset whose raw data were left out), so
     that nothing is compared."""
-    from spec2vol_bids.eeg import brainvision_files
-
-    recording = Path(recording)
-    files = [recording]
-    if recording.suffix.lower() == ".vhdr":
-        files += brainvision_files(recording)
-    elif recording.suffix.lower() == ".set" and recording.with_suffix(".fdt").is_file():
-        files.append(recording.with_suffix(".fdt"))
     h = hashlib.sha256()
-    for path in sorted(set(files)):
+    for path in recording_files(recording):
         size = path.stat().st_size if path.is_file() else 0
         if size == 0:
             return None
@@ -56,6 +48,20 @@ def recording_fingerprint(recording: Path) -> str | None:
             tail = fh.read()
         h.update(f"{path.suffix.lower()}:{size}:".encode() + head + tail)
     return h.hexdigest()[:16]
+
+
+def recording_files(recording: Path) -> list[Path]:
+    """A recording's files as read: the file itself and, for BrainVision, the data and marker
+    files its header leads to; for EEGLAB, its ``.fdt``. Sorted, each once."""
+    from spec2vol_bids.brainvision import brainvision_files
+
+    recording = Path(recording)
+    files = [recording]
+    if recording.suffix.lower() == ".vhdr":
+        files += brainvision_files(recording)
+    elif recording.suffix.lower() == ".set" and recording.with_suffix(".fdt").is_file():
+        files.append(recording.with_suffix(".fdt"))
+    return sorted(set(files))
 
 
 def related_files(path: Path) -> list[Path]:

@@ -18,7 +18,8 @@ import numpy as np
 from spec2vol_bids.derivatives import atomic_path, read_json, read_spectrogram, write_json
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.naming import build_name, run_dir, source_path, source_uri
-from spec2vol_bids.participant.freshness import input_hash, is_done, recording_fingerprint, related_files
+from spec2vol_bids.participant.freshness import (input_hash, is_done, recording_files,
+                                                 recording_fingerprint, related_files)
 from spec2vol_bids.participant.result import RunResult
 
 LOGGER = logging.getLogger(__name__)
@@ -39,19 +40,16 @@ def spectrogram_path(pair, output_dir: Path) -> Path:
 
 
 def _sources(pair) -> list[Path]:
-    """The files a run's EEG is read from: the recording and the sidecars that apply to it."""
-    return [pair.eeg, *(p for p in (pair.channels_tsv, pair.events_tsv) if p is not None)]
+    """The files a run's EEG is read from: the recording's (for BrainVision the data and marker
+    files its header names, wherever they lie) and the sidecars that apply to it."""
+    return [*recording_files(pair.eeg),
+            *(p for p in (pair.channels_tsv, pair.events_tsv) if p is not None)]
 
 
 def _inputs(pair) -> list[Path]:
-    """Every file the EEG of a run is read from, for its input hash: the recording's own
-    files, the inherited sidecars and, for BrainVision, the data and marker files its header
-    names (wherever they lie)."""
-    from spec2vol_bids.eeg import brainvision_files
-
+    """Every file the EEG of a run is read from, for its input hash: its sources, the files
+    beside the recording with its entities, and the inherited sidecars."""
     files = related_files(pair.eeg) + list(pair.eeg_sidecars) + _sources(pair)
-    if pair.eeg.suffix.lower() == ".vhdr":
-        files += brainvision_files(pair.eeg)
     return [p for p in files if p.is_file()]
 
 
