@@ -256,6 +256,10 @@ def test_same_seed_same_bytes(tmp_path, fmt):
     assert [name for name in first if first[name] != second[name]] == []
     data = [name for name in first if name.endswith((".nii.gz", f".{fmt}"))]
     assert len(data) >= 3 and all(first[name] != other[name] for name in data)
+    names = {json.loads(tree["dataset_description.json"])["Name"] for tree in (first, second, other)}
+    assert len(names) == 2  # an OUTPUT_DIR tells datasets apart by Name: one per seed and settings
+    longer = simulate_dataset(tmp_path / "d", seed=5, **{**tiny, "volumes": 12})
+    assert json.loads((longer / "dataset_description.json").read_text())["Name"] not in names
 
 
 def _run_cli(*args):

@@ -302,7 +302,7 @@ def _write_dataset_files(root: Path, opts: Options) -> None:
     write_json(
         root / "dataset_description.json",
         {
-            "Name": "spec2vol simulated simultaneous EEG-fMRI",
+            "Name": _name(opts),
             "BIDSVersion": "1.9.0",
             "DatasetType": "raw",
             "License": "CC0",
@@ -311,6 +311,16 @@ def _write_dataset_files(root: Path, opts: Options) -> None:
         },
     )
     write_text(root / "README", _readme(opts))
+
+
+def _name(opts: Options) -> str:
+    """A Name of its own for every seed and settings: spec2vol tells datasets apart by Name (an
+    OUTPUT_DIR holds one dataset's derivatives), and two simulations are two datasets."""
+    import hashlib
+
+    settings = json.dumps(_parameters(opts), sort_keys=True, default=str)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return f"spec2vol simulated simultaneous EEG-fMRI (seed {opts.seed}, settings {digest})"
 
 
 def _readme(opts: Options) -> str:
