@@ -9,7 +9,8 @@ train has at least three triggers and observes at least half of its volumes. Its
 least-squares slope of its triggers: the difference from the nominal TR is the EEG-scanner
 clock drift. Series faster than half a TR are slice markers and are grouped per volume first
 (the first slice of each volume; see :func:`_group_slices`). :mod:`spec2vol_bids.triggers`
-decides which train, if any, holds the BOLD volumes.
+decides which train, if any, holds the BOLD volumes; the refusals that list the trains found
+are worded here.
 """
 
 from __future__ import annotations
@@ -155,3 +156,64 @@ def _longest_chain(samples: np.ndarray, period: float) -> list[int]:
         chain.append(i)
         i = int(previous[i])
     return chain[::-1]
+
+
+def no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trigger,
+                    marker: str | None) -> str:
+    """Why no train of ``trains`` (series -> its trains) fits, and the options that resolve it."""
+    volumes = f"the {n_volumes} BOLD volumes" if n_volumes is not None else "the recording"
+    if first_trigger is not None:
+        volumes += f" from trigger {first_trigger}"
+    off_tr = False
+    if not trains:
+        found = "the recording and its events.tsv hold no markers"
+    else:
+        ranked = sorted(trains.items(), key=lambda st: (not st[1], -len(st[0].samples)))
+        parts = []
+        for series, found_trains in ranked[:6]:
+            spacing = np.diff(series.samples)
+            median, spread = (float(np.median(spacing)), np.ptp(spacing)) if len(spacing) else (0, 0)
+            every = f", {'every' if found_trains or spread <= max(2, median / 100) else 'median interval'}"
+            every = f"{every} {median / sfreq:.3f} s" if len(spacing) else ""
+            count = len(series.samples)
+            text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
+            if found_trains:
+                text += ": " + " and ".join(t.describe(sfreq) for t in found_trains)
+            elif len(spacing) and median < 0.5 * tr * sfreq:
+                text += (": slice markers that cannot be grouped into volumes (the recording "
+                         "starts mid-volume, or slices are lost at its start or end)")
+            elif len(spacing) and 0.01 < abs(median / (tr * sfreq) - 1) < 0.2:
+                off_tr = True
+            parts.append(text)
+        more = f" and {len(trains) - 6} more" if len(trains) > 6 else ""
+        found = "found " + "; ".join(parts) + more
+    given = ("the BOLD sidecar's RepetitionTime" if n_volumes is not None else
+             "the RepetitionTime this run without BOLD was given (its _eeg.json's, else the model's)")
+    tr_hint = (f"; if a series above marks the volumes at another interval, {given} is wrong"
+               if off_tr else "")
+    marker_advice = "" if marker else "--volume-marker NAME, "
+    return (f"no trigger train fits {volumes} at RepetitionTime {tr:g} s ({found}){tr_hint}; give "
+            f"{marker_advice}--first-volume-trigger K when the train holds dummy or extra "
+            "triggers or the recording stopped before the scan, or --eeg-offset SECONDS (0 when "
+            "the EEG starts with the first volume)")
+
+
+def several_trains_message(chosen: Train, other: Train, skip: int, other_skip: int, trains: dict,
+                            sfreq: float) -> str:
+    """Two trains that fit a run without BOLD count different volumes: of two series, the user
+    names one; of one series (two scans in one recording), ``--first-volume-trigger`` picks."""
+    counts = (f"{chosen.series.label}: {len(chosen.onsets) - skip} from "
+              f"{chosen.onsets[skip] / sfreq:.3f} s, {other.series.label}: "
+              f"{len(other.onsets) - other_skip} from {other.onsets[other_skip] / sfreq:.3f} s")
+    if chosen.series is not other.series:
+        return (f"two trigger trains fit this run without BOLD but count different volumes "
+                f"({counts}); choose one with --volume-marker (eeg:NAME or events:NAME)")
+    # two scans (or a paused scan) in one recording: K picks the train that starts at trigger K
+    series_trains = sorted(trains[chosen.series], key=lambda t: t.onsets[0])
+    starts, k = [], 1
+    for t in series_trains:
+        starts.append(f"{k} for the one from {t.onsets[0] / sfreq:.3f} s")
+        k += len(t.onsets)
+    return (f"{chosen.series.label} holds {len(series_trains)} trigger trains (scans) and this run "
+            f"has no BOLD to tell which one is meant ({counts}); choose one with "
+            f"--first-volume-trigger K, counted along the series' trains: {'; '.join(starts)}")

@@ -16,15 +16,18 @@ guessed:
 3. **Fit.** A train fits the BOLD series when it holds exactly one trigger per volume. With
    ``--first-volume-trigger K`` trigger K onwards must hold the volumes (the K-1 before are
    dummy scans, triggers after the last volume are ignored) or run into the recording's end
-   (the EEG stopped before the scan did). Fewer triggers than volumes are never accepted
-   without it: an early stop, a late start, lost first triggers and a paused recording look
-   alike in the markers.
+   (the EEG stopped before the scan did); K counts the triggers of the series' trains in time
+   order, so in a recording of two scans K picks the second by its first trigger. Fewer
+   triggers than volumes are never accepted without it: an early stop, a late start, lost
+   first triggers and a paused recording look alike in the markers. Without BOLD any train
+   fits, and the rest of these rules decide.
 4. **Choice.** Exactly the fitting trains count. None: refused, naming what was found. Several:
    they must agree within ``max(2 samples, 1 % of the TR)`` on every volume, or the run is
    refused; the EEG file's own markers are preferred to events.tsv, and known volume-marker
    names (``R128``, ``Scan Start``, ``Volume``, ``V``, ``T``) to others. BrainVision stimulus
    markers (``Stimulus/S  5``, or ``S  5`` in EEGLAB and EDF conversions) count only when
-   ``--volume-marker`` names them.
+   ``--volume-marker`` names them; without BOLD, so does every series but ``R128``, ``Scan
+   Start`` and ``Volume`` (a tone every TR in one block would fit as well).
 5. **Windows.** Volume ``v``'s window starts at its own trigger (observed or filled), so drift
    does not accumulate over a run. Only ``--eeg-offset S`` places the volumes every TR from
    ``S`` seconds instead (``--eeg-offset 0``: the EEG starts with the first volume), and not
@@ -45,7 +48,8 @@ import numpy as np
 
 from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.markers import SOURCES, MarkerSeries, marker_series, matches
-from spec2vol_bids.trains import CHAIN_TOLERANCE, MIN_TRIGGERS, Train, find_trains
+from spec2vol_bids.trains import (CHAIN_TOLERANCE, MIN_TRIGGERS, Train, find_trains,
+                                  no_fit_message, several_trains_message)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ logger = logging.getLogger(__name__)
 #: with the last "/"-separated part of a description (mne writes the BrainVision marker
 #: "Response,R128" as "Response/R128"), without whitespace and case-insensitively.
 VOLUME_MARKERS = ("R128", "Scan Start", "Volume", "V", "T")
+#: The names that say "scanner volume" on their own. Without BOLD no volume count confirms a
+#: train, and "V" or "T" are as often a visual stimulus or a target: only these, or the series
+#: ``--volume-marker`` names, time an EEG-only run.
+SCANNER_MARKERS = VOLUME_MARKERS[:3]
 
 # Trains that fit must agree on every volume to within this fraction of the TR (or 2 samples).
 _AGREEMENT = 0.01
@@ -254,35 +262,37 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
                             f"(markers: {_names(series)})", path=path)
         series = chosen
     trains = {s: find_trains(s, tr, sfreq) for s in series}
-    skip = (first_trigger or 1) - 1
+    first = {id(t): _first_in_train(t, found, first_trigger)
+             for found in trains.values() for t in found}
     fitting = [t for found in trains.values() for t in found
-               if _fits(t, n_volumes, first_trigger, raw.n_times)]
+               if first[id(t)] is not None
+               and _fits(t, n_volumes, first_trigger and first[id(t)], raw.n_times)]
     # a stimulus locked to the volumes (shown 0.3 s after each) fits as well as the scanner's
-    # triggers, but only the user can say that it marks them
-    stimuli = [t for t in fitting if marker is None and _is_stimulus(t.series)]
+    # triggers, but only the user can say that it marks them; without BOLD any regular stimulus
+    # series would fit, so only names that mean a scanner volume count there
+    stimuli = [t for t in fitting if marker is None and (
+        _is_stimulus(t.series) or (n_volumes is None and not _is_scanner_marker(t)))]
     fitting = [t for t in fitting if not any(t is s for s in stimuli)]
     candidates = [_candidate(s, found, sfreq, fitting) for s, found in trains.items()]
     if not fitting:
-        stimulus_hint = (f"; {stimuli[0].series.label} would fit, but stimulus markers mark the "
-                         "volumes only when --volume-marker names them" if stimuli else "")
-        raise DataError(_no_fit_message(trains, tr, sfreq, n_volumes, first_trigger, marker)
-                        + stimulus_hint, path=path)
+        raise DataError(no_fit_message(trains, tr, sfreq, n_volumes, first_trigger, marker)
+                        + _unnamed_hint(stimuli, n_volumes), path=path)
     fitting.sort(key=_preference)
     chosen = fitting[0]
+    skip = first[id(chosen)] - 1
     wanted = n_volumes if n_volumes is not None else len(chosen.onsets) - skip
     for other in fitting[1:]:
-        if n_volumes is None and len(other.onsets) != len(chosen.onsets):
+        other_skip = first[id(other)] - 1
+        if n_volumes is None and len(other.onsets) - other_skip != len(chosen.onsets) - skip:
             # without BOLD nothing else counts the volumes: the shorter train may have stopped
-            raise DataError(f"two trigger trains fit this run without BOLD but count different "
-                            f"volumes ({chosen.series.label}: {len(chosen.onsets) - skip}, "
-                            f"{other.series.label}: {len(other.onsets) - skip}); choose one with "
-                            "--volume-marker (eeg:NAME or events:NAME)", path=path)
-        gap = _disagreement(chosen, other, skip, wanted)
+            raise DataError(several_trains_message(chosen, other, skip, other_skip, trains, sfreq),
+                            path=path)
+        gap = _disagreement(chosen, other, skip, other_skip, wanted)
         if gap > max(2.0, _AGREEMENT * tr * sfreq):
             raise DataError(
                 f"two trigger trains fit the {wanted} volumes but disagree by up to "
                 f"{gap / sfreq:.3f} s: {chosen.series.label} from {chosen.onsets[skip] / sfreq:.3f} s "
-                f"and {other.series.label} from {other.onsets[skip] / sfreq:.3f} s; choose one "
+                f"and {other.series.label} from {other.onsets[other_skip] / sfreq:.3f} s; choose one "
                 "with --volume-marker (eeg:NAME or events:NAME)", path=path)
     starts = chosen.onsets[skip:skip + wanted]
     _check_events_train(chosen, [t for found in trains.values() for t in found
@@ -367,6 +377,36 @@ def _is_stimulus(series: MarkerSeries) -> bool:
                                        or re.fullmatch(r"s\s*\d{1,3}", name) is not None)
 
 
+def _first_in_train(train: Train, series_trains: list[Train], first_trigger: int | None):
+    """``--first-volume-trigger K`` as the 1-based index into ``train``, or None when trigger K
+    lies in another train of the series. K counts the triggers of the series' trains in time
+    order (strays left out), so a recording of two scans is chosen by the first trigger of the
+    second (K = the first scan's count + 1) and a single train reads K as its own index."""
+    if first_trigger is None:
+        return 1
+    before = sum(len(t.onsets) for t in series_trains if t.onsets[0] < train.onsets[0])
+    k = first_trigger - before
+    return k if 1 <= k <= len(train.onsets) else None
+
+
+def _is_scanner_marker(train: Train) -> bool:
+    return _marker_name(train) in {re.sub(r"\s+", "", m).lower() for m in SCANNER_MARKERS}
+
+
+def _unnamed_hint(unnamed: list[Train], n_volumes) -> str:
+    """Why trains that would fit were not taken: stimulus markers, or without BOLD a name that
+    does not say "scanner volume"."""
+    if not unnamed:
+        return ""
+    label = unnamed[0].series.label
+    if n_volumes is None and not _is_stimulus(unnamed[0].series):
+        return (f"; {label} would fit, but without BOLD only scanner volume markers "
+                f"({', '.join(SCANNER_MARKERS)}) time the volumes unless --volume-marker names "
+                "another series")
+    return (f"; {label} would fit, but stimulus markers mark the volumes only when "
+            "--volume-marker names them")
+
+
 def _marker_name(train: Train) -> str:
     return re.sub(r"\s+", "", train.series.name.rsplit("/", 1)[-1].split("=", 1)[-1]).lower()
 
@@ -378,8 +418,8 @@ def _preference(train: Train) -> tuple:
     return (train.series.source != "eeg", rank, -int(train.observed.sum()))
 
 
-def _disagreement(a: Train, b: Train, skip: int, wanted: int) -> float:
-    x, y = a.onsets[skip:skip + wanted], b.onsets[skip:skip + wanted]
+def _disagreement(a: Train, b: Train, skip: int, other_skip: int, wanted: int) -> float:
+    x, y = a.onsets[skip:skip + wanted], b.onsets[other_skip:other_skip + wanted]
     n = min(len(x), len(y))
     return float(np.max(np.abs(x[:n] - y[:n]))) if n else 0.0
 
@@ -394,43 +434,6 @@ def _candidate(series: MarkerSeries, trains: list[Train], sfreq: float, fitting:
     return entry
 
 
-def _no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trigger,
-                    marker: str | None) -> str:
-    volumes = f"the {n_volumes} BOLD volumes" if n_volumes is not None else "the recording"
-    if first_trigger is not None:
-        volumes += f" from trigger {first_trigger}"
-    off_tr = False
-    if not trains:
-        found = "the recording and its events.tsv hold no markers"
-    else:
-        ranked = sorted(trains.items(), key=lambda st: (not st[1], -len(st[0].samples)))
-        parts = []
-        for series, found_trains in ranked[:6]:
-            spacing = np.diff(series.samples)
-            median, spread = (float(np.median(spacing)), np.ptp(spacing)) if len(spacing) else (0, 0)
-            every = f", {'every' if found_trains or spread <= max(2, median / 100) else 'median interval'}"
-            every = f"{every} {median / sfreq:.3f} s" if len(spacing) else ""
-            count = len(series.samples)
-            text = f"{series.label} {count} marker{'s' if count != 1 else ''}{every}"
-            if found_trains:
-                text += ": " + " and ".join(t.describe(sfreq) for t in found_trains)
-            elif len(spacing) and median < 0.5 * tr * sfreq:
-                text += (": slice markers that cannot be grouped into volumes (the recording "
-                         "starts mid-volume, or slices are lost at its start or end)")
-            elif len(spacing) and 0.01 < abs(median / (tr * sfreq) - 1) < 0.2:
-                off_tr = True
-            parts.append(text)
-        more = f" and {len(trains) - 6} more" if len(trains) > 6 else ""
-        found = "found " + "; ".join(parts) + more
-    tr_hint = ("; if a series above marks the volumes at another interval, the BOLD sidecar's "
-               "RepetitionTime is wrong" if off_tr else "")
-    marker_advice = "" if marker else "--volume-marker NAME, "
-    return (f"no trigger train fits {volumes} at RepetitionTime {tr:g} s ({found}){tr_hint}; give "
-            f"{marker_advice}--first-volume-trigger K when the train holds dummy or extra "
-            "triggers or the recording stopped before the scan, or --eeg-offset SECONDS (0 when "
-            "the EEG starts with the first volume)")
-
-
 def _names(series: list[MarkerSeries]) -> str:
     names = [s.label for s in series[:10]]
     return ", ".join(names) + (" ..." if len(series) > 10 else "") if names else "none"
@@ -441,12 +444,12 @@ def marker_repetition_time(raw, events_tsv=None, marker: str | None = None) -> f
 
     For EEG recorded without BOLD (or whose BOLD is not shared) the scanner's volume markers
     are the only record of the TR: the median spacing of the series named ``marker``, else of
-    the first known volume-marker name (:data:`VOLUME_MARKERS`) with at least three markers.
-    Slice markers are not used: grouping them needs the TR.
+    the first name that means a scanner volume on its own (:data:`SCANNER_MARKERS`) with at
+    least three markers. Slice markers are not used: grouping them needs the TR.
     """
     sfreq = float(raw.info["sfreq"])
     series = marker_series(raw, events_tsv)
-    for name in [marker] if marker else VOLUME_MARKERS:
+    for name in [marker] if marker else SCANNER_MARKERS:
         for s in series:
             if matches(s, name) and len(s.samples) >= MIN_TRIGGERS:
                 return float(np.median(np.diff(s.samples))) / sfreq

@@ -206,9 +206,48 @@ def test_trains_of_different_lengths_are_refused_without_bold():
     volumes = 400 + np.arange(30) * PERIOD
     raw = raw_with_markers((volumes[:15], "Response/R128"), (volumes, "Scanner/Volume"))
     with pytest.raises(DataError, match=r"count different volumes \('Response/R128' \(EEG file\): "
-                                        r"15, 'Scanner/Volume' \(EEG file\): 30\); choose one"):
+                                        r"15 from 0.800 s, 'Scanner/Volume' \(EEG file\): 30 from "
+                                        r"0.800 s\); choose one with --volume-marker"):
         timing_of(raw, n_volumes=None)
     assert timing_of(raw, n_volumes=None, marker="Volume").n_volumes == 30
+
+
+@pytest.mark.parametrize("name", ["beep", "V", "trial_type=V"])
+def test_without_bold_only_scanner_markers_time_the_volumes(name):
+    """EEG without BOLD: nothing counts the volumes, so any regular stimulus series would fit
+    (a tone every TR in one block; "V" for a visual stimulus). Only names that mean a scanner
+    volume count, unless --volume-marker names the series; --eeg-offset is then not
+    contradicted by it, and it gives no TR."""
+    from spec2vol_bids.triggers import marker_repetition_time
+
+    stimuli = 3000 + np.arange(20) * PERIOD
+    raw = raw_with_markers((stimuli, name))
+    with pytest.raises(DataError, match=rf"'{name}' \(EEG file\) would fit, but without BOLD only "
+                                        r"scanner volume markers \(R128, Scan Start, Volume\) time"):
+        timing_of(raw, n_volumes=None)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=None, marker=name).starts, stimuli)
+    assert timing_of(raw, n_volumes=None, offset=0.0).starts[0] == 0
+    assert marker_repetition_time(raw) is None
+    assert marker_repetition_time(raw_with_markers((stimuli, "Response/R128"))) == TR
+    scanner = raw_with_markers((stimuli, "Response/R128"), (stimuli + 150, name))
+    np.testing.assert_array_equal(timing_of(scanner, n_volumes=None).starts, stimuli)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=20).starts, stimuli)  # BOLD counts
+
+
+def test_two_scans_in_one_recording_without_bold():
+    """10 then 45 R128 (two scans) and no BOLD: which scan is meant is the user's to say, and
+    --first-volume-trigger counts along the series, so K = 11 is the second scan's first."""
+    first, second = 1000 + np.arange(10) * PERIOD, 15650 + np.arange(45) * PERIOD
+    raw = raw_with_markers((np.r_[first, second], "Response/R128"), n_times=70000)
+    with pytest.raises(DataError, match=r"'Response/R128' \(EEG file\) holds 2 trigger trains \(scans\)"
+                                        r".*--first-volume-trigger K, counted along the series' "
+                                        r"trains: 1 for the one from 2.000 s; 11 for the one from "
+                                        r"31.300 s$"):
+        timing_of(raw, n_volumes=None)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=None, first_trigger=11).starts, second)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=None, first_trigger=1).starts, first)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=None, first_trigger=13).starts, second[2:])
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=45).starts, second)  # BOLD counts
 
 
 def test_marker_and_offset_options():
