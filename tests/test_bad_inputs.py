@@ -588,6 +588,28 @@ def test_too_many_model_channels_missing(simulated_bids, participant_outputs, mo
     assert not spectrogram(fresh).exists()
 
 
+def test_a_series_from_a_recording_since_changed_goes_with_its_refusal(
+        simulated_bids, participant_outputs, model_channels, tmp_path):
+    """A series synthesised earlier, then the recording changes (5 channels marked bad) and the
+    model is refused for them: the run's spectrogram was rewritten from the changed recording,
+    so the earlier series, made from what is gone, goes with the run's other derivatives."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels)
+    proc = participant(simulated_bids, participant_outputs, "--model", model)
+    assert proc.returncode == 0 and synth(participant_outputs).is_file(), proc.stderr
+    tsv = eeg_file(simulated_bids, ext=".vhdr").with_name("sub-01_task-rest_channels.tsv")
+    lines = tsv.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [line.split("\t") for line in lines[1:]]
+    for row in rows[:5]:
+        row[header.index("status")] = "bad"
+    tsv.write_text("\n".join([lines[0], *("\t".join(row) for row in rows)]) + "\n")
+    proc = participant(simulated_bids, participant_outputs, "--model", model)
+    assert_clean_failure(proc, 65, "5 of the model's", out_dir=participant_outputs)
+    assert "refused; its earlier derivatives are removed" in proc.stderr
+    left = sorted(p.name for p in participant_outputs.glob("sub-01/*/sub-01_task-rest_*"))
+    assert left == [], left
+
+
 def test_model_weights_do_not_fit_its_configuration(simulated_bids, tmp_path, model_channels):
     import torch
 

@@ -25,7 +25,8 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
     :class:`Spec2VolError` before synthesis, other than a failed write) leaves none of its
     earlier ones either: they were made from inputs or options that no longer hold, and the
     group level would train on them. A model refused at synthesis leaves the run's derivatives
-    as they were.
+    as they were, unless this run had rewritten one of them (its recording changed): then the
+    earlier ones, a synthesised series among them, were made from what is gone, and go too.
     """
     from spec2vol_bids.bids.metadata import repetition_time
 
@@ -51,14 +52,15 @@ def process_run(pair, config, model_tr: float | None = None) -> RunResult:
             _synthesize(pair, config, tr, result)
     except BaseException as error:
         # refused for its inputs or options, not for a failed write (a full disk)
-        refused = (isinstance(error, Spec2VolError) and not isinstance(error, OutputError)
-                   and not synthesising)
-        stale = [path for path, stamp in _own_outputs(pair, config.inputs.output_dir).items()
-                 if refused or before.get(path) != stamp]
+        refused = isinstance(error, Spec2VolError) and not isinstance(error, OutputError)
+        now = _own_outputs(pair, config.inputs.output_dir)
+        rewritten = any(path in before and before[path] != stamp for path, stamp in now.items())
+        everything = refused and (not synthesising or rewritten)
+        stale = [path for path, stamp in now.items() if everything or before.get(path) != stamp]
         for path in stale:
             path.unlink(missing_ok=True)
         earlier = [path for path in stale if path in before]
-        if refused and earlier:
+        if everything and earlier:
             LOGGER.warning("%s: refused; its earlier derivatives are removed (%d files)", pair.label,
                            len(earlier))
         raise
