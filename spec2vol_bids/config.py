@@ -276,8 +276,8 @@ def check_training(training: Training) -> None:
 
 
 def _space(text: str) -> str:
-    """``--bold-space`` in fMRIPrep's ``SPACE[:res-N]`` syntax, normalised."""
-    from spec2vol_bids.bids.spaces import parse_space
+    """``--bold-space`` in fMRIPrep's ``SPACE[:cohort-N][:res-N]`` syntax, normalised."""
+    from spec2vol_bids.bids.spaces import parse_space, unparse_space
 
-    name, res = parse_space(text)
-    return f"{name}:res-{res}" if res is not None else name
+    name, res, cohort = parse_space(text)
+    return unparse_space(name, res, cohort)

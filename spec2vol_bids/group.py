@@ -32,8 +32,8 @@ from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
                                     locked_once, protocol)
 from spec2vol_bids.models import save_checkpoint
-from spec2vol_bids.naming import (MASK_SUFFIX, TARGET_SUFFIX, build_name, parse_name, run_dir,
-                                  sidecar_path, source_uri)
+from spec2vol_bids.naming import (MASK_SUFFIX, SPACE_ENTITIES, TARGET_SUFFIX, build_name,
+                                  parse_name, run_dir, sidecar_path, source_uri)
 
 logger = logging.getLogger(__name__)
 
@@ -388,9 +388,10 @@ def write_run_outputs(run: Run, result: dict, *, out_dir: Path, model_name: str,
 
 def held_out_paths(run: Run, out_dir: Path) -> tuple[Path, Path]:
     """Where a held-out run's synthesised series and dynamics map go (``desc-synth_bold``,
-    ``desc-dynamics_statmap``), with the target's ``space``/``res`` entities."""
+    ``desc-dynamics_statmap``), with the target's space entities (``space``, ``cohort``,
+    ``res``)."""
     entities = {**run.entities, **{k: v for k, v in parse_name(run.target.name).items()
-                                   if k in ("space", "res")}}
+                                   if k in SPACE_ENTITIES}}
     folder = run_dir(out_dir, entities, "func")
     return (folder / build_name(entities, "bold", ".nii.gz", desc="synth"),
             folder / build_name(entities, "statmap", ".nii.gz", desc="dynamics"))

@@ -26,7 +26,8 @@ ENTITIES = (
     ("ceagent", "ce"), ("tracer", "trc"), ("stain", "stain"), ("reconstruction", "rec"),
     ("direction", "dir"), ("run", "run"), ("modality", "mod"), ("echo", "echo"),
     ("flip", "flip"), ("inversion", "inv"), ("mt", "mt"), ("part", "part"),
-    ("processing", "proc"), ("hemisphere", "hemi"), ("space", "space"), ("split", "split"),
+    ("processing", "proc"), ("hemisphere", "hemi"), ("space", "space"), ("cohort", "cohort"),
+    ("split", "split"),
     ("recording", "recording"), ("chunk", "chunk"), ("segmentation", "seg"),
     ("resolution", "res"), ("density", "den"), ("label", "label"), ("description", "desc"),
 )
@@ -43,8 +44,8 @@ ENTITY_NAMES = frozenset(_NAME_OF.values())
 
 #: The entities that identify a run (EEG and BOLD of a run share them).
 RUN_ENTITIES = ("subject", "session", "task", "acquisition", "run")
-#: The entities of spec2vol's outputs, in name order.
-OUTPUT_ENTITIES = (*RUN_ENTITIES, "space", "res", "desc")
+#: The entities that say which space a BOLD series lies in (a template's cohort among them).
+SPACE_ENTITIES = ("space", "cohort", "res")
 
 #: spec2vol's derivatives (a run's name, then these)
 SPECTROGRAM_SUFFIX = "_desc-spec2vol_spectrogram.npy"
@@ -91,8 +92,8 @@ def build_name(entities: Mapping[str, str | None], suffix: str, extension: str, 
 
 
 def run_label(entities: Mapping[str, str | None]) -> str:
-    """A run's name stem from its entities, e.g. ``sub-01_ses-1_task-rest_run-1``; ``space``
-    and ``res`` are kept when given (a BOLD output's run), ``desc`` is not."""
+    """A run's name stem from its entities, e.g. ``sub-01_ses-1_task-rest_run-1``; the
+    :data:`SPACE_ENTITIES` are kept when given (a BOLD output's run), ``desc`` is not."""
     kept = {k: v for k, v in entities.items() if _NAME_OF.get(k, k) not in ("desc", "suffix", "extension")}
     return build_name(kept, "", "")[:-1]
 

@@ -18,6 +18,7 @@ from conftest import (
 )
 
 from spec2vol_bids.bids.pairing import find_run_pairs
+from spec2vol_bids.errors import UsageError
 
 SUBJECTS = ("01", "02", "03")
 #: PARTICIPANT_OPTIONS without --freq-bins: the reused spectrograms fix the frequency axis
@@ -70,9 +71,9 @@ def test_spec2vol_outputs_are_recognised(simulated_bids_source, participant_outp
     description = json.loads((other / "dataset_description.json").read_text())
     description["GeneratedBy"] = [{"Name": "another-pipeline"}]
     (other / "dataset_description.json").write_text(json.dumps(description))
-    pairs, notes = find_run_pairs(simulated_bids_source, bold_derivatives=other)
-    assert all(p.bold is None for p in pairs)
-    assert any("no *_desc-preproc_bold" in n for n in notes)
+    with pytest.raises(UsageError, match=r"--bold-derivatives .*other holds no "
+                                         r"\*_desc-preproc_bold.nii\[.gz\] \(fMRIPrep before 1.2"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=other)
 
 
 def test_chained_run_synthesises_without_raw_data(emptied_bids, participant_outputs_source,

@@ -46,24 +46,26 @@ def _crop_affine(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fmriprep(bids: Path, root: Path, *, masks: bool = True, extra_space: bool = False) -> Path:
-    """An fMRIPrep-like derivative dataset of the simulated runs, in MNI152NLin2009cAsym res-2."""
+def _fmriprep(bids: Path, root: Path, *, masks: bool = True, extra_space: bool = False,
+              space: str = SPACE) -> Path:
+    """An fMRIPrep-like derivative dataset of the simulated runs, in ``space`` (with its
+    ``cohort-`` entity, e.g. ``MNIPediatricAsym_cohort-2``) at res-2, on a crop of the MNI grid."""
     template, mask = _mni()
     affine = _crop_affine(template.affine)
     anatomy = np.asarray(template.dataobj, dtype=np.float32)[CROP]
     brain = np.asarray(mask.dataobj)[CROP] > 0
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(json.dumps({
         "Name": "fMRIPrep - fMRI PREProcessing workflow", "BIDSVersion": "1.9.0",
         "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.1"}]}))
     for raw in sorted(bids.glob("sub-*/func/*_bold.nii.gz")):
         stem = raw.name.replace("_bold.nii.gz", "")
         func = root / raw.parent.relative_to(bids)
-        func.mkdir(parents=True)
+        func.mkdir(parents=True, exist_ok=True)
         data = np.asarray(nib.load(raw).dataobj, dtype=np.float32)
         # template anatomy modulated by the simulated (EEG-coupled) dynamics
         bold = (anatomy[..., None] + 1.0) * (data / data.mean())
-        prefix = func / f"{stem}_space-{SPACE}_res-2"
+        prefix = func / f"{stem}_space-{space}_res-2"
         img = nib.Nifti1Image(bold.astype(np.float32), affine)
         img.set_sform(affine, 4)  # MNI, as fMRIPrep writes its template-space series
         img.set_qform(affine, 4)
@@ -77,6 +79,8 @@ def _fmriprep(bids: Path, root: Path, *, masks: bool = True, extra_space: bool =
             other = func / f"{stem}_space-T1w"
             nib.save(nib.Nifti1Image(data, np.eye(4)), f"{other}_desc-preproc_bold.nii.gz")
             Path(f"{other}_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": 1.5}))
+            # fMRIPrep's "func": the run's own space, without a space entity
+            nib.save(nib.Nifti1Image(data, np.eye(4)), func / f"{stem}_desc-preproc_bold.nii.gz")
     return root
 
 
@@ -98,6 +102,18 @@ def test_choosing_the_space(simulated_bids_source, tmp_path):
     assert [p.subject for p in t1w] == ["01"] and t1w[0].bold_mask is None
     assert repetition_time(t1w[0]) == 1.5  # the derivative's sidecar, not the raw one
     assert [p.bold for p in pairs if p.subject != "01"] == [None, None]
+
+    with pytest.raises(UsageError, match=r"several spaces .*, func \(no space entity\)"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=[deriv])
+    pairs, _ = find_run_pairs(simulated_bids_source, bold_derivatives=[deriv], bold_space="func")
+    assert pairs[0].bold.name == "sub-01_task-rest_desc-preproc_bold.nii.gz" and pairs[0].space is None
+    # a space filter chooses as --bold-space does
+    pairs, _ = find_run_pairs(simulated_bids_source, bold_derivatives=[deriv],
+                              bids_filters={"bold": {"space": "T1w"}})
+    assert [p.bold.name for p in pairs if p.bold] == ["sub-01_task-rest_space-T1w_desc-preproc_bold.nii.gz"]
+    with pytest.raises(UsageError, match="--bold-space T1w chooses among the spaces of preprocessed "
+                                         "BOLD in --bold-derivatives; give --bold-derivatives"):
+        find_run_pairs(simulated_bids_source, bold_space="T1w")
 
 
 def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_path):
@@ -242,3 +258,81 @@ def test_offline_node_needs_templateflow_only_for_a_missing_mask(simulated_bids_
                                  f"tf.get('{SPACE}', resolution=2, desc='brain', suffix='mask')")
             assert "requests" not in proc.stderr
             assert not out.exists()  # found before anything was written
+
+
+def _pediatric_home(home: Path) -> Path:
+    """TemplateFlow's MNIPediatricAsym with two cohorts whose brain masks differ (the MNI mask
+    cropped as the series, cut in two halves along x)."""
+    _, mask = _mni()
+    brain = np.asarray(mask.dataobj)[CROP] > 0
+    affine = _crop_affine(mask.affine)
+    tpl = home / "tpl-MNIPediatricAsym"
+    tpl.mkdir(parents=True)
+    (tpl / "template_description.json").write_text(json.dumps({"Name": "MNIPediatricAsym",
+                                                               "Identifier": "MNIPediatricAsym"}))
+    half = brain.shape[0] // 2
+    for cohort, keep in (("1", slice(0, half)), ("2", slice(half, None))):
+        data = np.zeros_like(brain, dtype=np.uint8)
+        data[keep] = brain[keep]
+        (tpl / f"cohort-{cohort}").mkdir()
+        nib.save(nib.Nifti1Image(data, affine),
+                 tpl / f"cohort-{cohort}" / f"tpl-MNIPediatricAsym_cohort-{cohort}_res-02_desc-brain_mask.nii.gz")
+    return home
+
+
+def test_the_cohorts_of_a_template(simulated_bids_source, tmp_path):
+    """fMRIPrep's MNIPediatricAsym:cohort-N outputs: a space of their own, chosen in fMRIPrep's
+    syntax or by a filter, kept in the output names, and masked by their own cohort's brain."""
+    deriv = tmp_path / "fmriprep"
+    for cohort in ("1", "2"):
+        _fmriprep(simulated_bids_source, deriv, masks=False, space=f"MNIPediatricAsym_cohort-{cohort}")
+    with pytest.raises(UsageError, match=r"several spaces \(MNIPediatricAsym:cohort-1:res-2, "
+                                         r"MNIPediatricAsym:cohort-2:res-2\)"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=[deriv])
+    pairs, _ = find_run_pairs(simulated_bids_source, bold_derivatives=[deriv],
+                              bids_filters={"bold": {"cohort": "2"}})
+    assert {p.cohort for p in pairs} == {"2"}
+    home = _pediatric_home(tmp_path / "templateflow")
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
+                        "--participant-label", "01", "--bold-derivatives", deriv,
+                        "--bold-space", "MNIPediatricAsym:cohort-2:res-2",
+                        env=cli_env(TEMPLATEFLOW_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr
+    stem = out / "sub-01" / "func" / "sub-01_task-rest_space-MNIPediatricAsym_cohort-2_res-2"
+    assert Path(f"{stem}_desc-target_bold.nii.gz").is_file()
+    cohort_2 = home / "tpl-MNIPediatricAsym" / "cohort-2" / "tpl-MNIPediatricAsym_cohort-2_res-02_desc-brain_mask.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(f"{stem}_desc-brain_mask.nii.gz").dataobj),
+                                  np.asarray(nib.load(cohort_2).dataobj))
+    # a series in a template with cohorts that names none: whose brain is unknown
+    plain = _fmriprep(simulated_bids_source, tmp_path / "plain", masks=False, space="MNIPediatricAsym")
+    proc = run_spec2vol(simulated_bids_source, tmp_path / "out-plain", "participant", *PARTICIPANT_OPTIONS,
+                        "--participant-label", "01", "--bold-derivatives", plain,
+                        env=cli_env(TEMPLATEFLOW_HOME=str(home)))
+    assert_clean_failure(proc, 65, "the series names no cohort, but the MNIPediatricAsym template's "
+                         "brain mask differs between its cohorts (cohort-1, cohort-2)")
+
+
+@pytest.mark.parametrize("fault", ["empty", "elsewhere", "scanner space"])
+def test_a_brain_mask_that_does_not_fit_its_series(simulated_bids_source, tmp_path, fault):
+    """Every score is computed inside the brain mask: an empty one, one that lies beside the
+    series, or one in scanner space beside an MNI series would score 0 or the wrong voxels."""
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep")
+    mask_path = next(deriv.glob("sub-01/func/*_desc-brain_mask.nii.gz"))
+    mask = nib.load(mask_path)
+    data, affine, code = np.asarray(mask.dataobj), mask.affine.copy(), 4
+    if fault == "empty":
+        data = np.zeros_like(data)
+    elif fault == "elsewhere":
+        affine[:3, 3] += 300.0
+    else:
+        code = 1
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code)
+    nib.save(img, mask_path)
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
+                        "--participant-label", "01", "--bold-derivatives", deriv)
+    expected = ("the brain mask's space code is 1 but its BOLD series' is 4" if fault == "scanner space"
+                else "the brain mask covers none of its BOLD series' voxels")
+    assert_clean_failure(proc, 65, mask_path.name, expected, out_dir=out)

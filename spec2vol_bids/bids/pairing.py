@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 from spec2vol_bids.bids.filters import FOREIGN_QUERIES, QUERIES, check_filters, matches, same_value
 from spec2vol_bids.bids.metadata import inherited_sidecars
 from spec2vol_bids.bids.runs import RunPair
-from spec2vol_bids.bids.spaces import format_space, is_spec2vol_dataset, parse_space
+from spec2vol_bids.bids.spaces import NATIVE, format_space, is_spec2vol_dataset, parse_space
 from spec2vol_bids.bids.validation import existing_dir
 from spec2vol_bids.errors import DataError, MissingInputError, NothingSelectedError, UsageError, one_line
 from spec2vol_bids.naming import RUN_ENTITIES, clean_labels, parse_name, relative_path, run_key
@@ -135,8 +135,12 @@ def find_run_pairs(
     if isinstance(bold_derivatives, (str, os.PathLike)):
         bold_derivatives = [bold_derivatives]
     bold_derivatives = list(bold_derivatives or [])
+    if bold_space is not None and not bold_derivatives:
+        raise UsageError(f"--bold-space {bold_space} chooses among the spaces of preprocessed BOLD "
+                         "in --bold-derivatives; give --bold-derivatives (e.g. fMRIPrep's output "
+                         "folder), or leave out --bold-space to use the raw BOLD")
     if bold_derivatives:
-        bold = _preproc_bold(bold_derivatives, bold_space, notes)
+        bold = _preproc_bold(bold_derivatives, bold_space, filters.get("bold") or {})
 
     _require_known(subjects, raw_subjects | deriv_subjects, "participant label", bids_dir)
     _require_known(sessions, raw_sessions | deriv_sessions, "session label", bids_dir)
@@ -232,38 +236,51 @@ def _index(root: Path, *, derivative: bool,
     return eeg, bold, subjects, sessions
 
 
-def _preproc_bold(roots, bold_space: str | None, notes: list[str]) -> list[_File]:
+def _preproc_bold(roots, bold_space: str | None, bold_query: Mapping) -> list[_File]:
     """The preprocessed BOLD of the derivative datasets, in the one space chosen: the
-    ``desc-target`` series of spec2vol datasets, the ``desc-preproc`` ones of others."""
+    ``desc-target`` series of spec2vol datasets, the ``desc-preproc`` ones of others. The
+    space is chosen among the series the ``bold`` filter keeps.
+
+    Raises
+    ------
+    UsageError (64)
+        A folder holds no such series, or the series lie in several spaces and ``bold_space``
+        does not choose one.
+    """
     found: list[_File] = []
     for root in roots:
         root = existing_dir(root, "the BOLD derivative folder")
         desc = "target" if is_spec2vol_dataset(root) else "preproc"
         _, bold, _, _ = _index(root, derivative=True, bold_desc=desc)
         if not bold:
-            notes.append(f"{root}: no *_desc-{desc}_bold.nii[.gz] in this BOLD derivative folder")
+            # every run would be EEG only: the user asked for preprocessed BOLD
+            older = (" (fMRIPrep before 1.2 named them *_bold_space-<space>_preproc.nii.gz, "
+                     "which is not read: rerun a current fMRIPrep)" if desc == "preproc" else "")
+            raise UsageError(f"--bold-derivatives {root} holds no *_desc-{desc}_bold.nii[.gz]"
+                             f"{older}; give the folder of the preprocessed BOLD")
         found += bold
 
     def space_of(f: _File) -> tuple:
-        res = f.entities.get("res")
+        res, cohort = (_str_or_none(f.entities.get(k)) for k in ("res", "cohort"))
         return (_str_or_none(f.entities.get("space")),
-                None if res is None else (str(res).lstrip("0") or "0"))
+                None if res is None else (res.lstrip("0") or "0"), cohort)
 
-    spaces = sorted({space_of(f) for f in found}, key=lambda s: (str(s[0]), str(s[1])))
+    spaces = sorted({space_of(f) for f in found if matches(f.entities, bold_query)}, key=str)
     listed = ", ".join(format_space(*s) for s in spaces) or "none"
     if bold_space is None:
         if len(spaces) > 1:
             raise UsageError(f"the BOLD derivatives hold several spaces ({listed}); choose one with "
-                             "--bold-space SPACE[:res-N]")
+                             "--bold-space SPACE[:cohort-N][:res-N]")
         return found
-    name, res = parse_space(bold_space)
-    chosen = [s for s in spaces if s[0] == name and (res is None or s[1] == res)]
+    name, res, cohort = parse_space(bold_space)
+    chosen = [s for s in spaces if (s[0] == name or (s[0] is None and name == NATIVE))
+              and (res is None or s[1] == res) and (cohort is None or s[2] == cohort)]
     if not chosen:
         raise UsageError(f"--bold-space {bold_space}: no preprocessed BOLD in that space; the BOLD "
                          f"derivatives hold {listed}")
     if len(chosen) > 1:
-        raise UsageError(f"--bold-space {bold_space}: several resolutions exist "
-                         f"({', '.join(format_space(*s) for s in chosen)}); add :res-N")
+        raise UsageError(f"--bold-space {bold_space}: it matches "
+                         f"{', '.join(format_space(*s) for s in chosen)}; add :cohort-N or :res-N")
     return [f for f in found if space_of(f) == chosen[0]]
 
 
@@ -350,13 +367,13 @@ def _make_pair(e: _File, b: _File | None, bids_dir: Path, *,
     run_entities = {k: ent.get(k) for k in RUN_ENTITIES}
     bold_entities = dict(b.entities) if b else {**run_entities, "datatype": "func"}
     bold_sidecars = inherited_sidecars(bids_dir, bold_entities, "bold", ".json")
-    space = res = mask = None
+    space = cohort = res = mask = None
     if derivative_bold and b is not None:
         # the raw sidecars first, the derivative's last: its RepetitionTime wins
         raw_entities = {**{k: b.entities.get(k) for k in RUN_ENTITIES}, "datatype": "func"}
         bold_sidecars = (inherited_sidecars(bids_dir, raw_entities, "bold", ".json")
                          + inherited_sidecars(b.root, bold_entities, "bold", ".json"))
-        space, res = _str_or_none(b.entities.get("space")), _str_or_none(b.entities.get("res"))
+        space, cohort, res = (_str_or_none(b.entities.get(k)) for k in ("space", "cohort", "res"))
         mask = _brain_mask_of(b.path)
     return RunPair(
         subject=str(ent["subject"]),
@@ -373,6 +390,7 @@ def _make_pair(e: _File, b: _File | None, bids_dir: Path, *,
         channels_tsv=_last(inherited_sidecars(e.root, ent, "channels", ".tsv")),
         events_tsv=_last(inherited_sidecars(e.root, ent, "events", ".tsv")),
         space=space,
+        cohort=cohort,
         res=res,
         bold_mask=mask,
     )

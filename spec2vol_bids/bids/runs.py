@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from spec2vol_bids.naming import RUN_ENTITIES, SPECTROGRAM_SUFFIX, run_label
+from spec2vol_bids.naming import RUN_ENTITIES, SPACE_ENTITIES, SPECTROGRAM_SUFFIX, run_label
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ class RunPair:
         sidecars its BOLD run would inherit (e.g. a top-level ``task-rest_bold.json``).
     channels_tsv, events_tsv : Path | None
         The EEG recording's ``*_channels.tsv`` and ``*_events.tsv``.
-    space, res : str | None
-        The ``space-`` and ``res-`` entities of preprocessed BOLD taken from a derivative dataset
-        (``--bold-derivatives``); ``None`` for raw BOLD.
+    space, cohort, res : str | None
+        The ``space-``, ``cohort-`` and ``res-`` entities of preprocessed BOLD taken from a
+        derivative dataset (``--bold-derivatives``); ``None`` for raw BOLD.
     bold_mask : Path | None
         The derivative's ``*_desc-brain_mask.nii.gz`` of that BOLD series, when it has one.
     """
@@ -52,14 +52,16 @@ class RunPair:
     channels_tsv: Path | None = None
     events_tsv: Path | None = None
     space: str | None = None
+    cohort: str | None = None
     res: str | None = None
     bold_mask: Path | None = None
 
     @property
     def entities(self) -> dict[str, str]:
-        """The entities that are set, among subject, session, task, acquisition, run, space and
-        res (the last two name the BOLD outputs' space; EEG outputs leave them out)."""
-        return {name: getattr(self, name) for name in (*RUN_ENTITIES, "space", "res")
+        """The entities that are set, among subject, session, task, acquisition, run, space,
+        cohort and res (the last three name the BOLD outputs' space; EEG outputs leave them
+        out)."""
+        return {name: getattr(self, name) for name in (*RUN_ENTITIES, *SPACE_ENTITIES)
                 if getattr(self, name) is not None}
 
     @property

@@ -108,9 +108,10 @@ def _data_options(g) -> None:
     g.add_argument("--bold-derivatives", type=Path, action="append", metavar="PATH",
                    help="take preprocessed BOLD (*_desc-preproc_bold) from this derivative dataset, "
                         "e.g. fMRIPrep's; repeatable")
-    g.add_argument("--bold-space", metavar="SPACE[:res-N]",
+    g.add_argument("--bold-space", metavar="SPACE[:cohort-N][:res-N]",
                    help="the space of --bold-derivatives to use, in fMRIPrep's --output-spaces "
-                        "syntax, e.g. MNI152NLin2009cAsym:res-2 (needed when several exist)")
+                        "syntax, e.g. MNI152NLin2009cAsym:res-2, or func for the series without "
+                        "a space entity (needed when several exist)")
     g.add_argument("--skip-bids-validation", action="store_true", default=None,
                    help="do not validate BIDS_DIR before processing")
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from spec2vol_bids.derivatives import atomic_path, read_json, read_spectrogram, write_json
 from spec2vol_bids.errors import DataError, UsageError
-from spec2vol_bids.naming import build_name, run_dir, source_path, source_uri
+from spec2vol_bids.naming import SPACE_ENTITIES, build_name, run_dir, source_path, source_uri
 from spec2vol_bids.participant.freshness import (input_hash, is_done, recording_files,
                                                  recording_fingerprint, related_files)
 from spec2vol_bids.participant.result import RunResult
@@ -30,8 +30,8 @@ EEG_OPTIONS = ("volume_marker", "eeg_offset", "first_volume_trigger", "fmax", "d
 
 
 def eeg_entities(pair) -> dict:
-    """The run's entities without ``space``/``res``: the EEG is in no image space."""
-    return {k: v for k, v in pair.entities.items() if k not in ("space", "res")}
+    """The run's entities without those of a space: the EEG is in no image space."""
+    return {k: v for k, v in pair.entities.items() if k not in SPACE_ENTITIES}
 
 
 def spectrogram_path(pair, output_dir: Path) -> Path:

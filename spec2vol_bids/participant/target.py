@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from spec2vol_bids.derivatives import read_json, write_json, write_nifti
+from spec2vol_bids.errors import DataError
 from spec2vol_bids.naming import TARGET_SUFFIX, build_name, run_dir, source_uri
 from spec2vol_bids.participant.freshness import input_hash, is_done
 from spec2vol_bids.participant.result import RunResult
@@ -71,7 +72,7 @@ def _mask_source(pair) -> Path | None:
     if pair.bold_mask is not None:
         return pair.bold_mask
     if is_template_space(pair.space):
-        return templates.template_mask(pair.space, pair.res)
+        return templates.template_mask(pair.space, pair.res, pair.cohort)
     return None
 
 
@@ -88,18 +89,36 @@ def fetch_templates(pairs) -> list[Path]:
     from spec2vol_bids import templates
     from spec2vol_bids.bids.spaces import is_template_space
 
-    needed = sorted({(p.space, p.res) for p in pairs if p.bold is not None and p.bold_mask is None
-                     and is_template_space(p.space)}, key=str)
-    return [templates.template_mask(space, res) for space, res in needed]
+    needed = sorted({(p.space, p.res, p.cohort) for p in pairs if p.bold is not None
+                     and p.bold_mask is None and is_template_space(p.space)}, key=str)
+    return [templates.template_mask(space, res, cohort) for space, res, cohort in needed]
 
 
 def _write_mask(source: Path, target_img, path: Path) -> None:
     """The brain mask on the target grid: copied when the grids agree, else resampled
-    (nearest neighbour) to the target's affine and shape."""
+    (nearest neighbour) to the target's affine and shape.
+
+    Raises
+    ------
+    DataError (65)
+        The mask lies in another space than its series (one's NIfTI space code says scanner, the
+        other's a standard space), or
+        covers none of the target's voxels (empty, or elsewhere): every score inside it would
+        be 0 or meaningless.
+    """
     import nibabel as nib
     from nilearn.image import resample_img
 
+    from spec2vol_bids.bold import spatial_code, with_spatial_code
+
     mask = nib.load(source)
+    codes = spatial_code(mask.header), spatial_code(target_img.header)
+    # scanner space against a standard one (Talairach, MNI, template); 2, "aligned", is what
+    # many tools write by default, so it tells nothing
+    if {codes[0], codes[1]} & {1} and {codes[0], codes[1]} & {3, 4, 5}:
+        raise DataError(f"the brain mask's space code is {codes[0]} but its BOLD series' is "
+                        f"{codes[1]}: it belongs to another space; give the series' own mask",
+                        path=source)
     same = (mask.shape[:3] == target_img.shape[:3]
             and np.allclose(mask.affine, target_img.affine, atol=1e-4))
     if not same:
@@ -107,8 +126,9 @@ def _write_mask(source: Path, target_img, path: Path) -> None:
                             target_shape=target_img.shape[:3], interpolation="nearest",
                             force_resample=True, copy_header=True)
     data = np.asarray(mask.dataobj)[..., 0] if mask.ndim == 4 else np.asarray(mask.dataobj)
-    from spec2vol_bids.bold import spatial_code, with_spatial_code
-
+    if not np.any(data > 0):
+        raise DataError("the brain mask covers none of its BOLD series' voxels (it is empty, or "
+                        "lies elsewhere in space); give the series' own mask", path=source)
     out = with_spatial_code(nib.Nifti1Image((data > 0).astype(np.uint8), target_img.affine),
                             spatial_code(target_img.header))
     out.header.set_xyzt_units("mm")

@@ -253,15 +253,15 @@ def anatomical_underlay(reference, reference_path: Path, targets: list[Path]):
     from spec2vol_bids.bids.spaces import is_template_space
 
     entities = parse_name(reference_path)
-    space, res = entities.get("space"), entities.get("res")
+    space, res, cohort = (entities.get(k) for k in ("space", "res", "cohort"))
     missing = ""
     if is_template_space(space):
         from nilearn.image import resample_to_img
 
-        path = templates.local_template_anatomy(space, res)
+        path = templates.local_template_anatomy(space, res, cohort)
         missing = (f"the {space} T1w is not in TEMPLATEFLOW_HOME; to draw on it, run "
                    f"TEMPLATEFLOW_HOME={templates.templateflow_home()} "
-                   f"{templates.prefetch_command(space, res, 'T1w')}")
+                   f"{templates.prefetch_command(space, res, 'T1w', cohort)}")
         template, source = None, None
         if path is not None:
             template, source = path, f"the {space} T1w template from TemplateFlow ({path.name})"
