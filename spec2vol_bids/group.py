@@ -261,6 +261,10 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
         "TargetShape": list(target_img.shape[:3]),
         "TargetAffine": target_img.affine.tolist(),
         "TargetSpatialCode": spatial_code(target_img.header),
+        # EEG-only synthesis places its volumes on this run's grid: say whose, and how far the
+        # other training runs' grids lie from it
+        "TargetAffineFrom": ref.name,
+        "TargetGridSpreadMm": _grid_spread([*train_runs, *val_runs], target_img),
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "model.pt", result.model, model_name=model_name, channels=list(channels),
@@ -283,6 +287,19 @@ def _discarded(runs: Sequence[Run]) -> int | dict[str, int]:
 
 def _target_header(run: Run) -> nib.Nifti1Image:
     return nib.load(run.target)
+
+
+def _grid_spread(runs: Sequence[Run], ref: nib.Nifti1Image) -> float:
+    """How far (mm) the corners of the runs' target grids lie, at most, from those of ``ref``:
+    0 when every run is on one grid (a template space), the head's displacement between
+    sessions and subjects in scanner space."""
+    shape = np.array(ref.shape[:3]) - 1
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1])
+                        for k in (0, shape[2])], dtype=float).T
+    at = ref.affine @ corners
+    spread = max(float(np.max(np.linalg.norm((_target_header(run).affine @ corners - at)[:3], axis=0)))
+                 for run in runs)
+    return round(spread, 3)
 
 
 def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config: Training,

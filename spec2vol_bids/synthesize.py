@@ -183,6 +183,18 @@ def _naming_hint(channels: Sequence[str], missing: Sequence[str]) -> str:
             "the channels the model's names in channels.tsv and the header")
 
 
+def _placement(extra: dict) -> dict:
+    """Where the volumes of a series without its own BOLD go: on the grid of the training run
+    the model names, for the sidecar (and the log, when the training grids differ)."""
+    source, spread = extra.get("TargetAffineFrom"), extra.get("TargetGridSpreadMm") or 0.0
+    text = (f"the target grid of the training run {source}" if source
+            else "the target grid of a training run (the model does not record which)")
+    if spread > 1.0:
+        text += (f"; the training runs' grids lie up to {spread:g} mm from it, so the volumes sit "
+                 "where that run's head was, not where this recording's was")
+    return {"SpatialReference": text}
+
+
 def context_batches(spec: np.ndarray, volumes: np.ndarray, context: int, norm: dict,
                     batch_size: int) -> Iterable[torch.Tensor]:
     """Batches of scaled ``(B, context, C, F)`` inputs for the given volume indices."""
@@ -253,6 +265,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     context = int(config["context"])
     first = int(side.get("DiscardVolumes", Participant.discard_volumes)) + context
     n_volumes = spec.shape[0]
+    placement: dict = {}
     if target is not None:
         ref = nib.load(target)
         affine, n_volumes = ref.affine, min(n_volumes, ref.shape[3])
@@ -266,6 +279,9 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     elif "TargetAffine" in extra:
         affine = np.asarray(extra["TargetAffine"], dtype=float)
         code = int(extra.get("TargetSpatialCode", 0))
+        placement = _placement(extra)
+        if extra.get("TargetGridSpreadMm", 0) > 1.0:
+            logger.warning("%s: %s", spectrogram, placement["SpatialReference"])
     else:
         raise DataError("the model stores no target grid; give the run's target", path=model_path)
     volumes = np.arange(first, n_volumes)
@@ -290,6 +306,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
                            "InterpolatedChannels": [name for name in meta["channels"]
                                                     if name not in found],
                            "ChannelsFoundAs": renamed,
+                           **(placement if target is None else {}),
                            "Sources": [source_uri(spectrogram, dataset_root(spectrogram), dataset=""), *sources,
                                        str(model_path)],
                        })

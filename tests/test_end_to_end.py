@@ -101,6 +101,13 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
         assert (int(image.header["sform_code"]), int(image.header["qform_code"])) == (1, 1)
         np.testing.assert_allclose(image.get_qform(), image.get_sform(), atol=1e-4)
     np.testing.assert_allclose(synth.affine, target.affine, atol=1e-6)
+    meta = json.loads((out / "models" / "final" / "model.json").read_text())
+    assert meta["TargetAffineFrom"] == "sub-01_task-rest"
+    assert side["SpatialReference"].startswith("the target grid of the training run sub-01_task-rest")
+    corners = np.array([[i, j, k, 1] for i in (0, 31) for j in (0, 31) for k in (0, 15)]).T
+    other = nib.load(out / "sub-02" / "func" / "sub-02_task-rest_desc-target_bold.nii.gz")
+    apart = np.linalg.norm(((other.affine - target.affine) @ corners)[:3], axis=0).max()
+    assert meta["TargetGridSpreadMm"] == pytest.approx(apart, abs=1e-3)
     # its report says which model made it and does not send the user to the group level
     report = (out / "sub-03.html").read_text()
     model = out / "models" / "final" / "model.pt"

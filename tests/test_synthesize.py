@@ -63,13 +63,29 @@ def test_synthesised_nifti_layout_and_coverage(tmp_path, model_path):
     assert not list(synth.parent.glob(".*"))
 
 
-def test_eeg_only_subject_uses_the_model_grid(tmp_path, model_path):
+def test_eeg_only_subject_uses_the_model_grid(tmp_path, model_path, caplog):
     out = write_derivatives(tmp_path / "out", subjects=("07",), n_volumes=40, bold=False)
     synth = tmp_path / "synth_bold.nii.gz"
     synthesize.synthesize_from_checkpoint(model_path, _spec(out, "07"), synth)
     img = nib.load(synth)
     assert img.shape == GRID + (40 - DISCARD - CONTEXT,)
     np.testing.assert_allclose(img.affine, AFFINE)
+    sidecar = json.loads(synth.with_name("synth_bold.json").read_text())
+    assert sidecar["SpatialReference"] == ("the target grid of a training run (the model does not "
+                                           "record which)")
+    # training runs whose scanner-space grids lie apart: the placement is one run's head position
+    model, meta = load_checkpoint(model_path)
+    spread = tmp_path / "spread.pt"
+    save_checkpoint(spread, model, model_name="spec2vol", channels=CHANNELS,
+                    norm_stats=meta["norm_stats"],
+                    extra={**meta["extra"], "TargetAffineFrom": "sub-01_task-rest",
+                           "TargetGridSpreadMm": 12.5})
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids"):
+        synthesize.synthesize_from_checkpoint(spread, _spec(out, "07"), synth)
+    placed = json.loads(synth.with_name("synth_bold.json").read_text())["SpatialReference"]
+    assert placed.startswith("the target grid of the training run sub-01_task-rest; the training "
+                             "runs' grids lie up to 12.5 mm from it")
+    assert placed in caplog.text
 
 
 def test_three_missing_channels_are_interpolated(tmp_path, model_path, caplog):
