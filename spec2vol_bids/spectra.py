@@ -173,7 +173,8 @@ def tr_spectrogram(
         amplitude, finite, quiet = _amplitudes(read, starts, n_bins, len(idx), chunk_windows)
         if not finite.all():
             raise DataError(f"NaN or infinite EEG samples in channel(s) "
-                            f"{', '.join(np.asarray(names)[~finite][:5])}", path=path)
+                            f"{', '.join(np.asarray(names)[~finite][:5])}; mark them bad in "
+                            "channels.tsv to leave them out", path=path)
         flat = quiet.copy()
         if quiet.any():  # rare: confirm on the samples
             flat[quiet] = _constant_channels(read, starts, chunk_windows, quiet)

@@ -568,6 +568,22 @@ def test_good_model_synthesises(simulated_bids, participant_outputs, model_chann
     assert partial_files(participant_outputs) == []
 
 
+def test_a_model_reading_more_bins_than_the_recording_holds(simulated_bids, tmp_path,
+                                                            model_channels):
+    """The model's bins decide (--freq-bins would be refused beside --model): the advice names
+    the model to apply, not an option the model overrides."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels, freq_bins=300)
+    options = list(PARTICIPANT_OPTIONS)
+    del options[options.index("--freq-bins"):options.index("--freq-bins") + 2]
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
+                        "--model", model)
+    assert_clean_failure(proc, 65, eeg_file(simulated_bids).name, "the model reads 300 frequency "
+                         "bins, up to 150 Hz, but this recording at 250 Hz holds 250 (up to 125 Hz); "
+                         "apply a model trained with at most 250 bins (--freq-bins 250, or --fmax 125)",
+                         out_dir=out)
+
+
 def test_too_many_model_channels_missing(simulated_bids, participant_outputs, model_channels, tmp_path):
     # the model knows 5 channels the recording lacks: 5 of 21 (24 %) are missing
     extra = ["Fz", "Pz", "Oz", "FC1", "FC2"]

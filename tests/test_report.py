@@ -243,6 +243,13 @@ def test_participant_report_without_synthesis(derivatives, tmp_path):
     text = write_participant_report(out, "02").read_text(encoding="utf-8")
     assert "no synthesised BOLD yet: run the group level" in text
     assert _check_images(out / "sub-02.html") >= 3
+    # a run timed by --eeg-offset: the table says so, and where its first volume lies
+    sidecar = next((out / "sub-02" / "eeg").glob("*_spectrogram.json"))
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "VolumeMarker": None, "VolumeOnsetSeconds": 2.5}))
+    text = write_participant_report(out, "02").read_text(encoding="utf-8")
+    assert "none: --eeg-offset 2.5 s" in text and "sample 0" not in text
+    assert re.search(r"<td[^>]*>2\.5</td>", text)
 
 
 def test_qc_figures_are_deterministic_svg(tmp_path):

@@ -84,6 +84,8 @@ def process_eeg(pair, config, tr: float, n_volumes: int | None, result: RunResul
         offset=settings.eeg_offset, first_trigger=settings.first_volume_trigger,
         discard=settings.discard_volumes, context=settings.context, source=pair.eeg)
     _check_header_tr(pair, tr, confirmed=timing.train is not None)
+    if settings.model_path is not None:
+        _check_model_bins(pair, freq_bins, tr, float(raw.info["sfreq"]))
     try:
         spec, freqs = spectra.tr_spectrogram(raw, channels, starts=timing.starts, tr=tr,
                                              freq_bins=freq_bins, fmax=settings.fmax)
@@ -127,6 +129,17 @@ def _check_sampling_frequency(pair, sfreq: float) -> None:
             and not np.isclose(float(value), sfreq, rtol=1e-3)):
         raise DataError(f"the recording's header gives {sfreq:g} Hz but {sidecar.name} says "
                         f"SamplingFrequency {value:g} Hz; correct the wrong one", path=pair.eeg)
+
+
+def _check_model_bins(pair, freq_bins: int, tr: float, sfreq: float) -> None:
+    """A model reads the bins it was trained on (k / TR Hz, k = 1..F): a recording too slow to
+    hold them cannot be given to it, whatever the options."""
+    window = int(np.floor(tr * sfreq + 0.5))
+    if freq_bins is not None and freq_bins > window // 2:
+        raise DataError(f"the model reads {freq_bins} frequency bins, up to {freq_bins / tr:g} Hz, "
+                        f"but this recording at {sfreq:g} Hz holds {window // 2} (up to "
+                        f"{sfreq / 2:g} Hz); apply a model trained with at most {window // 2} bins "
+                        f"(--freq-bins {window // 2}, or --fmax {sfreq / 2:g})", path=pair.eeg)
 
 
 def _check_header_tr(pair, tr: float, *, confirmed: bool) -> None:

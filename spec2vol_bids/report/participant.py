@@ -48,15 +48,18 @@ def _eeg_section(sidecars: list[Path]) -> str:
         freqs = meta.get("FrequencyBinsHz") or []
         band = f"{freqs[0]:.2f}–{freqs[-1]:.1f} Hz ({len(freqs)} bins)" if freqs else "n/a"
         run = run_name(path)
+        t0 = meta.get("VolumeOnsetSeconds")
+        timing = meta.get("VolumeMarker") or (f"none: --eeg-offset {t0:g} s" if t0 is not None
+                                              else "none")
         rows.append([run, meta.get("SamplingFrequency", "n/a"), meta.get("RepetitionTime", "n/a"),
-                     meta.get("NumberOfWindows", "n/a"), meta.get("VolumeMarker") or "none (sample 0)",
-                     band, len(used), len(dropped)])
+                     meta.get("NumberOfWindows", "n/a"), timing,
+                     "n/a" if t0 is None else round(float(t0), 3), band, len(used), len(dropped)])
         details.append(f"<h3>{html.escape(run)}</h3><p><b>used</b> ({len(used)}): "
                        f"{html.escape(', '.join(used))}<br><b>dropped</b> ({len(dropped)}): "
                        f"{html.escape(', '.join(dropped) or 'none')}</p>")
-    header = ["run", "sampling rate (Hz)", "TR (s)", "windows", "volume marker", "frequencies",
-              "channels used", "channels dropped"]
-    return html.table(header, rows, numeric={1, 2, 3, 6, 7}) + "".join(details)
+    header = ["run", "sampling rate (Hz)", "TR (s)", "windows", "volume marker",
+              "first volume (s)", "frequencies", "channels used", "channels dropped"]
+    return html.table(header, rows, numeric={1, 2, 3, 5, 7, 8}) + "".join(details)
 
 
 def _qc_caption(path: Path) -> str:
