@@ -24,7 +24,7 @@ from conftest import (
     spec2vol_command,
 )
 
-from spec2vol_bids.errors import UsageError
+from spec2vol_bids.errors import DataError, UsageError
 from spec2vol_bids.bids.metadata import repetition_time
 from spec2vol_bids.bids.pairing import find_run_pairs
 
@@ -114,6 +114,10 @@ def test_choosing_the_space(simulated_bids_source, tmp_path):
     with pytest.raises(UsageError, match="--bold-space T1w chooses among the spaces of preprocessed "
                                          "BOLD in --bold-derivatives; give --bold-derivatives"):
         find_run_pairs(simulated_bids_source, bold_space="T1w")
+    twice = shutil.copytree(deriv, tmp_path / "fmriprep-again")
+    with pytest.raises(DataError, match=f"BOLD of this run is in 2 folders \\({deriv}, {twice}\\); "
+                                        "give only one of them"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=[deriv, twice], bold_space="T1w")
 
 
 def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_path):

@@ -307,6 +307,11 @@ def _one_per_run(files: list[_File], kind: str, extensions, notes: list[str]) ->
         group = [f for f in group if _split_index(f.path) in (None, 1)] or group[:1]
         group.sort(key=lambda f: (_extension_rank(f.path, extensions), str(f.path)))
         recordings = [f for f in group if _extension_rank(f.path, extensions) < len(extensions)]
+        if len({f.path.name for f in recordings}) < len(recordings):
+            # one file name in two folders: two derivative datasets of the same runs
+            raise DataError(f"{kind} of this run is in {len(recordings)} folders "
+                            f"({', '.join(sorted(str(f.root) for f in recordings))}); give only one "
+                            "of them", path=recordings[0].path)
         if len(recordings) > 1:
             # two recordings of one run (EEG in two formats, BOLD of several echoes): their
             # channels, rates, markers or contrast differ, and which one is meant is the user's
