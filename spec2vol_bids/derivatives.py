@@ -270,6 +270,16 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
     return desc
 
 
+def source_dataset_name(out_dir: str | Path) -> str | None:
+    """The ``Name`` of the dataset a spec2vol OUTPUT_DIR holds the derivatives of, or None
+    (no description, or not spec2vol's)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        ours = read_json(Path(out_dir) / "dataset_description.json").get("Name")
+        if isinstance(ours, str) and ours.startswith(_NAME_PREFIX):
+            return ours[len(_NAME_PREFIX):]
+    return None
+
+
 def check_same_source(out_dir: str | Path, bids_dir: str | Path, what: str = "OUTPUT_DIR") -> None:
     """``out_dir`` (OUTPUT_DIR, or an earlier spec2vol OUTPUT_DIR given as ``what``, e.g.
     ``--eeg-derivatives``) holds derivatives of BIDS_DIR's dataset, or none yet.

@@ -27,13 +27,14 @@ from spec2vol_bids.bold import spatial_code
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
                                 resolve_channels, subjects_of)
-from spec2vol_bids.derivatives import init_output_dataset, read_json, write_json, write_text
+from spec2vol_bids.derivatives import (init_output_dataset, read_json, source_dataset_name,
+                                      write_json, write_text)
 from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
 from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
                                     locked_once, protocol)
 from spec2vol_bids.models import save_checkpoint
 from spec2vol_bids.naming import (MASK_SUFFIX, SPACE_ENTITIES, TARGET_SUFFIX, build_name,
-                                  parse_name, run_dir, sidecar_path, source_uri)
+                                  dataset_root, parse_name, run_dir, sidecar_path, source_uri)
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,8 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
         # EEG-only synthesis places its volumes on this run's grid: say whose, and how far the
         # other training runs' grids lie from it
         "TargetAffineFrom": ref.name,
+        # subject labels say "in-sample" only within one dataset
+        "TrainingDataset": source_dataset_name(dataset_root(ref.spectrogram)),
         "TargetGridSpreadMm": _grid_spread([*train_runs, *val_runs], target_img),
     }
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch
 from spec2vol_bids.bold import spatial_code, with_spatial_code
 from spec2vol_bids.config import Participant
 from spec2vol_bids.data import apply_norm, window_stats
-from spec2vol_bids.derivatives import read_spectrogram, write_json, write_nifti
+from spec2vol_bids.derivatives import read_spectrogram, source_dataset_name, write_json, write_nifti
 from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
@@ -294,15 +294,19 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     pred = predict(model, context_batches(spec, volumes, context, norm, batch_size), device)
     fitted_on = sorted({*extra.get("TrainSubjects", []), *extra.get("ValSubjects", [])})
     subject = parse_name(Path(spectrogram).name).get("subject")
-    if subject in fitted_on:
-        logger.warning("%s: sub-%s is one of the subjects the model was fitted on; if this is the "
-                       "dataset it was trained on, the series is no prediction for unseen EEG",
-                       spectrogram, subject)
+    trained_on, dataset = extra.get("TrainingDataset"), source_dataset_name(dataset_root(spectrogram))
+    if subject in fitted_on and (trained_on is None or dataset is None or trained_on == dataset):
+        known = trained_on is not None and dataset is not None
+        logger.warning("%s: sub-%s is one of the subjects the model was fitted on%s; the series is "
+                       "no prediction for unseen EEG", spectrogram, subject,
+                       f", in this dataset (\"{dataset}\")" if known else
+                       " (if this is the dataset it was trained on, which the model does not record)")
     return write_synth(pred, out_path, affine=affine,
                        tr=float(tr if tr is not None else side["RepetitionTime"]),
                        first_volume=first, spatial_code=code, sidecar={
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
                            "ModelFittedOnSubjects": fitted_on,
+                           "ModelTrainingDataset": trained_on,
                            "InterpolatedChannels": [name for name in meta["channels"]
                                                     if name not in found],
                            "ChannelsFoundAs": renamed,

@@ -104,7 +104,9 @@ def test_chained_run_synthesises_without_raw_data(emptied_bids, participant_outp
         assert meta["RepetitionTime"] == 2.0 and meta["SourceVolumes"] == [6, 19]
         assert str(model) in meta["Sources"]
         assert sub in meta["ModelFittedOnSubjects"]  # the final model saw every subject
-        assert f"sub-{sub} is one of the subjects the model was fitted on" in proc.stderr
+        assert meta["ModelTrainingDataset"] == json.loads(
+            (emptied_bids / "dataset_description.json").read_text())["Name"]
+        assert f"sub-{sub} is one of the subjects the model was fitted on, in this dataset" in proc.stderr
         assert "paired" in (out2 / f"sub-{sub}" / f"sub-{sub}_runs.tsv").read_text()
 
     group = ("group", *GROUP_OPTIONS, "--epochs", "1", "--no-final", "--folds", "02",

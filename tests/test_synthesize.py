@@ -88,6 +88,27 @@ def test_eeg_only_subject_uses_the_model_grid(tmp_path, model_path, caplog):
     assert placed in caplog.text
 
 
+@pytest.mark.parametrize("trained_on", ["Study B", "Study A"])
+def test_in_sample_only_within_the_dataset_the_model_was_fitted_on(tmp_path, model_path, caplog,
+                                                                   trained_on):
+    """sub-01 of study B is not sub-01 of study A: the labels say "in-sample" only when the
+    model records that it was fitted on this very dataset."""
+    out = write_derivatives(tmp_path / "out", subjects=("01",), n_volumes=40, bold=False)
+    (out / "dataset_description.json").write_text(json.dumps(
+        {"Name": "spec2vol derivatives of Study B", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}))
+    model, meta = load_checkpoint(model_path)
+    fitted = tmp_path / "fitted.pt"
+    save_checkpoint(fitted, model, model_name="spec2vol", channels=CHANNELS, norm_stats=meta["norm_stats"],
+                    extra={**meta["extra"], "TrainSubjects": ["01", "02"], "TrainingDataset": trained_on})
+    synth = tmp_path / "synth_bold.nii.gz"
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids"):
+        synthesize.synthesize_from_checkpoint(fitted, _spec(out, "01"), synth)
+    sidecar = json.loads(synth.with_name("synth_bold.json").read_text())
+    assert sidecar["ModelFittedOnSubjects"] == ["01", "02"] and sidecar["ModelTrainingDataset"] == trained_on
+    warned = 'sub-01 is one of the subjects the model was fitted on, in this dataset ("Study B")'
+    assert (warned in caplog.text) == (trained_on == "Study B")
+
+
 def test_three_missing_channels_are_interpolated(tmp_path, model_path, caplog):
     dropped = ["C3", "Pz", "F8"]
     kept = [c for c in CHANNELS if c not in dropped]
