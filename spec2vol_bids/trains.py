@@ -199,9 +199,10 @@ def no_fit_message(trains: dict, tr: float, sfreq: float, n_volumes, first_trigg
 
 
 def several_trains_message(chosen: Train, other: Train, skip: int, other_skip: int, trains: dict,
-                            sfreq: float) -> str:
-    """Two trains that fit a run without BOLD count different volumes: of two series, the user
-    names one; of one series (two scans in one recording), ``--first-volume-trigger`` picks."""
+                           sfreq: float, n_volumes: int | None) -> str:
+    """Two trains that fit a run without BOLD count different volumes, or two trains of one
+    series (two scans in one recording) both fit: of two series the user names one with
+    ``--volume-marker``, of one series ``--first-volume-trigger`` picks."""
     counts = (f"{chosen.series.label}: {len(chosen.onsets) - skip} from "
               f"{chosen.onsets[skip] / sfreq:.3f} s, {other.series.label}: "
               f"{len(other.onsets) - other_skip} from {other.onsets[other_skip] / sfreq:.3f} s")
@@ -214,6 +215,8 @@ def several_trains_message(chosen: Train, other: Train, skip: int, other_skip: i
     for t in series_trains:
         starts.append(f"{k} for the one from {t.onsets[0] / sfreq:.3f} s")
         k += len(t.onsets)
-    return (f"{chosen.series.label} holds {len(series_trains)} trigger trains (scans) and this run "
-            f"has no BOLD to tell which one is meant ({counts}); choose one with "
-            f"--first-volume-trigger K, counted along the series' trains: {'; '.join(starts)}")
+    fit = (f"that each fit the {n_volumes} BOLD volumes" if n_volumes is not None else
+           "and this run has no BOLD to tell which one is meant")
+    return (f"{chosen.series.label} holds {len(series_trains)} trigger trains (scans) {fit} "
+            f"({counts}); choose one with --first-volume-trigger K, counted along the series' "
+            f"trains: {'; '.join(starts)}")

@@ -84,6 +84,8 @@ class VolumeTiming:
         The trigger train the windows follow; ``None`` with ``--eeg-offset``.
     first_trigger : int
         The 1-based index of the train's trigger that marks the first BOLD volume.
+    first_trigger_in_series : int | None
+        ``--first-volume-trigger`` as given: counted along the series' trains.
     candidates : list of dict
         Every marker series considered, for the sidecar and the report.
     """
@@ -94,6 +96,7 @@ class VolumeTiming:
     window_samples: int
     train: Train | None = None
     first_trigger: int = 1
+    first_trigger_in_series: int | None = None
     candidates: list = field(default_factory=list, repr=False)
 
     @property
@@ -134,6 +137,7 @@ class VolumeTiming:
             "SliceMarkersGroupedPerVolume": train.slices,
             "TriggersInTrain": int(len(train.onsets)),
             "FirstVolumeTrigger": self.first_trigger,
+            "FirstVolumeTriggerInSeries": self.first_trigger_in_series,
             "TriggersObserved": int(train.observed[used].sum()),
             "FilledVolumes": [int(i) - skip for i in train.filled if skip <= i < skip + self.n_volumes],
             "StrayMarkersSeconds": [round(float(s) / fs, 6) for s in train.strays],
@@ -283,12 +287,16 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     wanted = n_volumes if n_volumes is not None else len(chosen.onsets) - skip
     for other in fitting[1:]:
         other_skip = first[id(other)] - 1
-        if n_volumes is None and len(other.onsets) - other_skip != len(chosen.onsets) - skip:
-            # without BOLD nothing else counts the volumes: the shorter train may have stopped
-            raise DataError(several_trains_message(chosen, other, skip, other_skip, trains, sfreq),
-                            path=path)
+        # without BOLD nothing else counts the volumes: the shorter train may have stopped
+        lengths_differ = (n_volumes is None
+                          and len(other.onsets) - other_skip != len(chosen.onsets) - skip)
         gap = _disagreement(chosen, other, skip, other_skip, wanted)
-        if gap > max(2.0, _AGREEMENT * tr * sfreq):
+        disagree = gap > max(2.0, _AGREEMENT * tr * sfreq)
+        if lengths_differ or (disagree and other.series is chosen.series):
+            # two series: --volume-marker names one; two scans of one series: K picks one
+            raise DataError(several_trains_message(chosen, other, skip, other_skip, trains, sfreq,
+                                                   n_volumes), path=path)
+        if disagree:
             raise DataError(
                 f"two trigger trains fit the {wanted} volumes but disagree by up to "
                 f"{gap / sfreq:.3f} s: {chosen.series.label} from {chosen.onsets[skip] / sfreq:.3f} s "
@@ -300,7 +308,8 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     if len(chosen.strays) or len(chosen.filled):
         logger.warning("%s: volume triggers %s: %s", path, chosen.series.label, chosen.describe(sfreq))
     timing = VolumeTiming(starts[starts + window <= raw.n_times], float(tr), sfreq, window,
-                          train=chosen, first_trigger=skip + 1, candidates=candidates)
+                          train=chosen, first_trigger=skip + 1,
+                          first_trigger_in_series=first_trigger, candidates=candidates)
     if abs(timing.drift_ppm) > _SUSPICIOUS_DRIFT_PPM:
         # the windows would follow the triggers, but last the wrong TR and give its bins
         raise DataError(f"the volume triggers ({chosen.series.label}) come every "

@@ -584,6 +584,23 @@ def test_a_model_reading_more_bins_than_the_recording_holds(simulated_bids, tmp_
                          out_dir=out)
 
 
+@pytest.mark.parametrize("option", [("--context", "6"), ("--freq-bins", "8"),
+                                    ("--target-grid", "32", "32", "16")])
+def test_an_option_the_model_decides(simulated_bids, tmp_path, model_channels, option):
+    """The model was trained with context 4, 16 bins and a 32x32x8 grid: another value given
+    beside it is two choices that disagree (64), refused before any work."""
+    model = save_tiny_model(tmp_path / "model.pt", model_channels)
+    options = list(PARTICIPANT_OPTIONS)
+    at = options.index(option[0])
+    del options[at:at + len(option)]
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids, out, "participant", "--participant-label", "01", *options,
+                        *option, "--model", model)
+    assert_clean_failure(proc, 64, f"but {' '.join(option)} was given; leave {option[0]} out to use "
+                         "the model's", out_dir=out)
+    assert not list(out.glob("sub-01/**/*_desc-*"))
+
+
 def test_too_many_model_channels_missing(simulated_bids, participant_outputs, model_channels, tmp_path):
     # the model knows 5 channels the recording lacks: 5 of 21 (24 %) are missing
     extra = ["Fz", "Pz", "Oz", "FC1", "FC2"]

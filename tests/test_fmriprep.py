@@ -293,6 +293,9 @@ def test_the_cohorts_of_a_template(simulated_bids_source, tmp_path):
     with pytest.raises(UsageError, match=r"several spaces \(MNIPediatricAsym:cohort-1:res-2, "
                                          r"MNIPediatricAsym:cohort-2:res-2\)"):
         find_run_pairs(simulated_bids_source, bold_derivatives=[deriv])
+    with pytest.raises(UsageError, match=r"MNIPediatricAsym:res-2: it matches MNIPediatricAsym:"
+                                         r"cohort-1:res-2, MNIPediatricAsym:cohort-2:res-2; add :cohort-N$"):
+        find_run_pairs(simulated_bids_source, bold_derivatives=[deriv], bold_space="MNIPediatricAsym:res-2")
     pairs, _ = find_run_pairs(simulated_bids_source, bold_derivatives=[deriv],
                               bids_filters={"bold": {"cohort": "2"}})
     assert {p.cohort for p in pairs} == {"2"}

@@ -244,10 +244,20 @@ def test_two_scans_in_one_recording_without_bold():
                                         r"trains: 1 for the one from 2.000 s; 11 for the one from "
                                         r"31.300 s$"):
         timing_of(raw, n_volumes=None)
-    np.testing.assert_array_equal(timing_of(raw, n_volumes=None, first_trigger=11).starts, second)
+    timing = timing_of(raw, n_volumes=None, first_trigger=11)
+    np.testing.assert_array_equal(timing.starts, second)
+    meta = timing.sidecar()["VolumeTiming"]
+    assert (meta["FirstVolumeTrigger"], meta["FirstVolumeTriggerInSeries"]) == (1, 11)
     np.testing.assert_array_equal(timing_of(raw, n_volumes=None, first_trigger=1).starts, first)
     np.testing.assert_array_equal(timing_of(raw, n_volumes=None, first_trigger=13).starts, second[2:])
     np.testing.assert_array_equal(timing_of(raw, n_volumes=45).starts, second)  # BOLD counts
+    # two scans of one length fit alike, with BOLD or without: K picks one there too
+    twice = raw_with_markers((np.r_[first, first + 30373], "Response/R128"), n_times=70000)
+    for n_volumes, fit in ((None, "and this run has no BOLD"), (10, "that each fit the 10 BOLD volumes")):
+        with pytest.raises(DataError, match=rf"holds 2 trigger trains \(scans\) {fit} .* 1 for the one "
+                                            r"from 2.000 s; 11 for the one from 62.746 s$"):
+            timing_of(twice, n_volumes=n_volumes)
+    assert timing_of(twice, n_volumes=10, first_trigger=11).starts[0] == first[0] + 30373
 
 
 def test_marker_and_offset_options():
@@ -407,8 +417,11 @@ def test_two_scans_in_one_series_must_be_told_apart():
     first = 1000 + np.arange(40) * PERIOD
     second = first[-1] + 37_300 + np.arange(40) * PERIOD  # another scan, a non-integer gap later
     raw = raw_with_markers((np.r_[first, second], "Response/R128"), n_times=int(second[-1]) + 3000)
-    with pytest.raises(DataError, match="two trigger trains fit the 40 volumes but disagree"):
+    with pytest.raises(DataError, match=r"holds 2 trigger trains \(scans\) that each fit the 40 BOLD "
+                                        r"volumes .*--first-volume-trigger K, counted along the "
+                                        r"series' trains: 1 for the one from 2.000 s; 41 for"):
         timing_of(raw, n_volumes=40)
+    np.testing.assert_array_equal(timing_of(raw, n_volumes=40, first_trigger=41).starts, second)
     # a 45-volume scan, then the 40 of this run: the one that fits is found, not only the longest
     longer = 1000 + np.arange(45) * PERIOD
     second = longer[-1] + 37_300 + np.arange(40) * PERIOD

@@ -279,8 +279,9 @@ def _preproc_bold(roots, bold_space: str | None, bold_query: Mapping) -> list[_F
         raise UsageError(f"--bold-space {bold_space}: no preprocessed BOLD in that space; the BOLD "
                          f"derivatives hold {listed}")
     if len(chosen) > 1:
+        missing = [f":{key}-N" for key, given in (("cohort", cohort), ("res", res)) if given is None]
         raise UsageError(f"--bold-space {bold_space}: it matches "
-                         f"{', '.join(format_space(*s) for s in chosen)}; add :cohort-N or :res-N")
+                         f"{', '.join(format_space(*s) for s in chosen)}; add {' or '.join(missing)}")
     return [f for f in found if space_of(f) == chosen[0]]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from spec2vol_bids import __version__
 from spec2vol_bids.config import MODELS
 from spec2vol_bids.derivatives import check_same_source, init_output_dataset, write_text
-from spec2vol_bids.errors import DataError, MissingInputError, Spec2VolError
+from spec2vol_bids.errors import MissingInputError, Spec2VolError, UsageError
 from spec2vol_bids.participant.result import RunResult
 from spec2vol_bids.participant.run import check_no_group_synthesis, check_no_other_half, process_run
 from spec2vol_bids.participant.spectrogram import check_spectrogram_inputs
@@ -147,8 +147,8 @@ def _read_model(path: Path | None) -> tuple[float | None, int | None, int | None
 
 def _at_model(config, name: str, value, has: str):
     """``config`` with the model's ``value`` of the participant setting ``name`` unless its
-    option was given; another value is refused, as the model ``has`` its own (the message's
-    words)."""
+    option was given; another value is refused (64: two choices the user made disagree), as
+    the model ``has`` its own (the message's words)."""
     if value is None:
         return config
     settings = config.participant
@@ -157,8 +157,8 @@ def _at_model(config, name: str, value, has: str):
     if given is not None and given != value:
         option = "--" + name.replace("_", "-")
         shown = " ".join(map(str, given)) if isinstance(given, tuple) else given
-        raise DataError(f"the model {has} but {option} {shown} was given; leave {option} out to use "
-                        "the model's", path=settings.model_path)
+        raise UsageError(f"the model {has} but {option} {shown} was given; leave {option} out to use "
+                         "the model's", path=settings.model_path)
     return dataclasses.replace(config, participant=dataclasses.replace(settings, **{name: value}))
 
 
