@@ -24,8 +24,8 @@ import torch
 from spec2vol_bids.config import CONTEXT, NORMALISATIONS, Participant
 from spec2vol_bids.derivatives import atomic_path, read_spectrogram
 from spec2vol_bids.errors import DataError, NothingSelectedError
-from spec2vol_bids.naming import (RUN_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX, parse_name, run_key,
-                                  sidecar_path)
+from spec2vol_bids.naming import (RUN_ENTITIES, SPACE_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX,
+                                  parse_name, run_key, sidecar_path)
 from spec2vol_bids.spectra import select_channels
 
 logger = logging.getLogger(__name__)
@@ -377,8 +377,9 @@ def check_same_preprocessing(runs: Sequence[Run], out_dir: Path) -> None:
     """Refuse runs that one model cannot learn from together.
 
     Their spectrograms must have one context, one TR (bin k is k / TR Hz and the context spans
-    context · TR s) and the same frequency bins, and their targets one grid; participant-level
-    runs with other options into one OUTPUT_DIR would otherwise be mixed.
+    context · TR s) and the same frequency bins, and their targets one grid, one space and one
+    source (raw or preprocessed BOLD: a voxel of one is not a voxel of the other);
+    participant-level runs with other options into one OUTPUT_DIR would otherwise be mixed.
 
     Raises
     ------
@@ -392,7 +393,11 @@ def check_same_preprocessing(runs: Sequence[Run], out_dir: Path) -> None:
     aspects = {"context (TR windows)": lambda run: run.context,
                "repetition time (s)": lambda run: f"{float(run.meta['RepetitionTime']):g}",
                "frequency bins": bins,
-               "target grid": lambda run: "x".join(map(str, nib.load(run.target).shape[:3]))}
+               "target grid": lambda run: "x".join(map(str, nib.load(run.target).shape[:3])),
+               "target space": lambda run: "_".join(
+                   f"{key}-{value}" for key, value in parse_name(run.target.name).items()
+                   if key in SPACE_ENTITIES) or "no space entity",
+               "BOLD source": _bold_source}
     for aspect, value_of in aspects.items():
         found: dict = {}
         for run in runs:
@@ -405,6 +410,18 @@ def check_same_preprocessing(runs: Sequence[Run], out_dir: Path) -> None:
                             "subjects with the same options (runs of another dataset go to an "
                             "OUTPUT_DIR of their own), or select the subjects that agree "
                             "(--participant-label)", path=out_dir)
+
+
+def _bold_source(run: Run) -> str:
+    """Whether a run's target was made from the raw BOLD or from preprocessed BOLD (its
+    sidecar's first source lies in the raw dataset, outside its derivatives, or not)."""
+    try:
+        sources = json.loads(sidecar_path(run.target).read_text()).get("Sources") or [""]
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    first = str(sources[0])
+    raw = first.startswith("bids:raw:") and not first.startswith("bids:raw:derivatives/")
+    return "raw BOLD" if raw else "preprocessed BOLD"
 
 
 def run_digest(run: Run) -> str:

@@ -201,6 +201,23 @@ def test_fmriprep_derivatives_participant_and_group(simulated_bids_source, tmp_p
                                atol=1e-2 * expected.max())
 
 
+def test_one_model_learns_from_one_kind_of_target(simulated_bids_source, tmp_path):
+    """sub-01's target from fMRIPrep's series in the run's own space (no space entity, so the
+    raw target's name), the others' from the raw BOLD: a voxel of one is not a voxel of the
+    other, and the group level refuses to train on both."""
+    deriv = _fmriprep(simulated_bids_source, tmp_path / "fmriprep", extra_space=True)
+    out = tmp_path / "out"
+    proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_spec2vol(simulated_bids_source, out, "participant", *PARTICIPANT_OPTIONS,
+                        "--participant-label", "01", "--bold-derivatives", deriv, "--bold-space", "func")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_spec2vol(simulated_bids_source, out, "group", *GROUP_OPTIONS, "--epochs", "1",
+                        "--no-final", "--skip-bids-validation")
+    assert_clean_failure(proc, 65, "the runs' derivatives differ in their BOLD source (preprocessed "
+                         "BOLD: sub-01; raw BOLD: sub-02 sub-03)")
+
+
 def _templateflow_home(home: Path, *, mask: bool = True) -> Path:
     """A TemplateFlow home holding the MNI152NLin2009cAsym res-2 T1w image (and brain mask),
     laid out as TemplateFlow lays it out."""
