@@ -274,13 +274,13 @@ def _train_timing(raw, tr, n_volumes, events_tsv, marker, first_trigger, window,
     # a stimulus locked to the volumes (shown 0.3 s after each) fits as well as the scanner's
     # triggers, but only the user can say that it marks them; without BOLD any regular stimulus
     # series would fit, so only names that mean a scanner volume count there
-    stimuli = [t for t in fitting if marker is None and (
+    unnamed = [t for t in fitting if marker is None and (
         _is_stimulus(t.series) or (n_volumes is None and not _is_scanner_marker(t)))]
-    fitting = [t for t in fitting if not any(t is s for s in stimuli)]
+    fitting = [t for t in fitting if not any(t is u for u in unnamed)]
     candidates = [_candidate(s, found, sfreq, fitting) for s, found in trains.items()]
     if not fitting:
         raise DataError(no_fit_message(trains, tr, sfreq, n_volumes, first_trigger, marker)
-                        + _unnamed_hint(stimuli, n_volumes), path=path)
+                        + _unnamed_hint(unnamed, n_volumes), path=path)
     fitting.sort(key=_preference)
     chosen = fitting[0]
     skip = first[id(chosen)] - 1
