@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from spec2vol_bids.bids.annex import require_content
+from spec2vol_bids.derivatives import content_digest
 from spec2vol_bids.errors import DataError, MissingInputError
 
 logger = logging.getLogger(__name__)
@@ -149,17 +150,9 @@ def _refuse_another_recordings_file(path: Path, key: str, named: Path, suffixes)
                             "the other file away", path=path)
 
 
-def _same_content(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
-    """Equal size and equal first and last MiB: copies of one file, without reading gigabytes."""
-    size = a.stat().st_size
-    if size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        if fa.read(chunk) != fb.read(chunk):
-            return False
-        fa.seek(max(size - chunk, 0))
-        fb.seek(max(size - chunk, 0))
-        return fa.read(chunk) == fb.read(chunk)
+def _same_content(a: Path, b: Path) -> bool:
+    """Copies of one file, by size and first and last MiB (without reading gigabytes)."""
+    return content_digest(a) == content_digest(b)
 
 
 def _replace_entries(raw_bytes: bytes, fixes: dict[bytes, str]) -> bytes:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from spec2vol_bids.config import CONTEXT, NORMALISATIONS, Participant
-from spec2vol_bids.derivatives import atomic_path, read_spectrogram
+from spec2vol_bids.derivatives import atomic_path, content_digest, read_spectrogram
 from spec2vol_bids.errors import DataError, NothingSelectedError
 from spec2vol_bids.naming import (RUN_ENTITIES, SPACE_ENTITIES, SPECTROGRAM_SUFFIX, TARGET_SUFFIX,
                                   parse_name, run_key, sidecar_path)
@@ -426,12 +426,16 @@ def _bold_source(run: Run) -> str:
 
 def run_digest(run: Run) -> str:
     """A digest of a run's participant-level derivatives: their names and sidecars, whose
-    ``InputHash`` changes with the raw inputs and the options they were made with."""
+    ``InputHash`` changes with the raw inputs and the options they were made with, and the
+    content of the spectrogram and the target themselves (:func:`content_digest`), which an
+    edit outside spec2vol changes without their sidecars."""
     h = hashlib.sha256(f"{run.spectrogram.name}\n{json.dumps(run.meta, sort_keys=True)}\n".encode())
+    h.update(content_digest(run.spectrogram))
     if run.target is not None:
         sidecar = sidecar_path(run.target)
         h.update(f"{run.target.name}\n".encode())
         h.update(sidecar.read_bytes() if sidecar.is_file() else b"")
+        h.update(content_digest(run.target))
     return h.hexdigest()[:16]
 
 

@@ -270,6 +270,19 @@ def dataset_description(bids_dir: str | Path, bids_name: str | None = None) -> d
     return desc
 
 
+def content_digest(path: str | Path, chunk: int = 1 << 20) -> bytes:
+    """A file's size and its first and last MiB: enough to tell two versions of a file apart
+    without reading gigabytes, and the same for a copy (an edit confined to the middle of a
+    file larger than 2 MiB passes unseen)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(chunk)
+        fh.seek(max(0, size - chunk))
+        tail = fh.read(chunk)
+    return f"{size}:".encode() + head + tail
+
+
 def source_dataset_name(out_dir: str | Path) -> str | None:
     """The ``Name`` of the dataset a spec2vol OUTPUT_DIR holds the derivatives of, or None
     (no description, or not spec2vol's)."""

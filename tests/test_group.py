@@ -343,6 +343,16 @@ def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivati
     with pytest.raises(UsageError, match="fold-02: made by an earlier spec2vol"):
         group.run_group(configured(out, **settings))
     shutil.rmtree(legacy)
+    # a target edited outside spec2vol, its sidecar unchanged: the fold learned from another
+    target = next((out / "sub-02").rglob("*_desc-target_bold.nii.gz"))
+    shutil.copy2(target, tmp_path / "target-kept.nii.gz")
+    img = nib.load(target)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., ::-1], img.affine, img.header), target)
+    with pytest.raises(DataError, match=r"fold-01: trained on other participant-level derivatives "
+                                        r"\(remade since: sub-02_task-rest\)"):
+        group.run_group(configured(out, **settings))
+    shutil.copyfile(tmp_path / "target-kept.nii.gz", target)  # a copy of the same content passes
+    assert group.run_group(configured(out, **settings)) == 0
     # one subject remade with another context: refused, naming who has which
     _edit_sidecars(out, ["03"], Context=CONTEXT + 2, InputHash="remade")
     with pytest.raises(DataError, match=rf"differ in their context \(TR windows\) \({CONTEXT}: "

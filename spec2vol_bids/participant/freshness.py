@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from spec2vol_bids import __version__
-from spec2vol_bids.derivatives import read_json
+from spec2vol_bids.derivatives import content_digest, read_json
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,14 +39,9 @@ def recording_fingerprint(recording: Path) -> str | None:
     that nothing is compared."""
     h = hashlib.sha256()
     for path in recording_files(recording):
-        size = path.stat().st_size if path.is_file() else 0
-        if size == 0:
+        if not path.is_file() or path.stat().st_size == 0:
             return None
-        with open(path, "rb") as fh:
-            head = fh.read(1 << 20)
-            fh.seek(max(0, size - (1 << 20)))
-            tail = fh.read()
-        h.update(f"{path.suffix.lower()}:{size}:".encode() + head + tail)
+        h.update(f"{path.suffix.lower()}:".encode() + content_digest(path))
     return h.hexdigest()[:16]
 
 
