@@ -252,6 +252,11 @@ def check_training(training: Training) -> None:
                          "--clip-grad must not be negative")
     if training.split == "fixed" and not training.test_subjects:
         raise UsageError("--split fixed needs --test-subjects")
+    if training.split != "fixed" and training.test_subjects:
+        # leave-one-subject-out tests every subject: the list would be ignored without a word
+        raise UsageError("--test-subjects is for --split fixed; add --split fixed, or leave out "
+                         "--test-subjects (leave-one-subject-out tests every subject; --folds "
+                         "chooses which of its folds run)")
     choices = {"select": ("last", "val"), "split": ("loso", "fixed"), "size": SIZES,
                "device": ("auto", "cpu", "cuda"), "eeg_normalisation": NORMALISATIONS,
                "protocol": PROTOCOLS}

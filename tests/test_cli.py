@@ -42,6 +42,7 @@ def test_version_through_module_and_console_script():
     (["participant", "--participant-label", "sub-01/x"], "--participant-label"),
     (["group", "--epochs", "0"], "--epochs"),
     (["group", "--split", "fixed"], "--test-subjects"),
+    (["group", "--test-subjects", "01"], "--test-subjects is for --split fixed"),
     (["participant", "--freq-bins", "10", "--fmax", "40"], "--fmax"),
 ])
 def test_usage_mistakes_exit_64_with_one_line(tmp_path, args, needle):
