@@ -119,6 +119,7 @@ def run_group(config: Config) -> int:
                                                               [], digests)
     check_finished(records, {folder: _outputs(folder, record, paired, out_dir)
                              for folder, record in records.items()})
+    _note_other_folds(out_dir, records, runs, paired)
     _check_no_applied_synthesis([r for r in paired if r.subject in
                                  {s for fold in chosen for s in fold.test}], out_dir)
     started = datetime.now(timezone.utc)
@@ -152,6 +153,21 @@ def run_group(config: Config) -> int:
         _finish_reports(config, subjects, started)
     train.barrier()
     return 0
+
+
+def _note_other_folds(out_dir: Path, records: dict, runs: Sequence[Run], paired: Sequence[Run]) -> None:
+    """Say which subjects this run leaves out (EEG only) and which fold folders of an earlier
+    plan it does not score (a subject since dropped, another split): neither is in its tables
+    or reports."""
+    unpaired = sorted({r.subject for r in runs} - {r.subject for r in paired})
+    if unpaired:
+        logger.info("not in training or scores (EEG only): %s",
+                    " ".join(f"sub-{s}" for s in unpaired))
+    for folder in sorted((out_dir / "models").glob("fold-*")):
+        if folder not in records and is_done(folder):
+            logger.warning("%s is not one of this run's folds (its test subjects are not among "
+                           "the paired runs found, or it is of another split); it is left out of "
+                           "group_metrics.tsv and group.html", folder.relative_to(out_dir))
 
 
 def _check_no_applied_synthesis(held_out: Sequence[Run], out_dir: Path) -> None:

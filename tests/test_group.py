@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -298,7 +299,7 @@ def _edit_sidecars(out: Path, subjects, **changes) -> None:
             sidecar.write_text(json.dumps({**meta, **changes}))
 
 
-def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivatives(tmp_path):
+def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivatives(tmp_path, caplog):
     """A finished fold records each model's options and a digest of the derivatives; a rerun
     that asks for other ones, or finds the derivatives remade, is refused. Derivatives made
     with different options for different subjects are refused before any training."""
@@ -314,6 +315,12 @@ def test_finished_folds_are_reused_only_for_the_same_models_options_and_derivati
     assert len(models) == 3
     # the order of --compare does not matter
     assert group.run_group(configured(out, **{**settings, "compare": ["hrf-ridge", "spec2vol"]})) == 0
+    # a finished fold of a subject since dropped is named, and left out of the tables
+    shutil.copytree(out / "models" / "fold-01", out / "models" / "fold-07")
+    with caplog.at_level(logging.WARNING, logger="spec2vol_bids"):
+        assert group.run_group(configured(out, **settings)) == 0
+    assert "models/fold-07 is not one of this run's folds" in caplog.text
+    shutil.rmtree(out / "models" / "fold-07")
     # the compared network's settings count although the group's model is linear
     with pytest.raises(UsageError, match=r"other options \(spec2vol: epochs 1 there, 2 now\)"):
         group.run_group(configured(out, **{**settings, "epochs": 2}))

@@ -235,6 +235,22 @@ def test_reports_say_what_is_missing(tmp_path):
     assert "<img" not in group
 
 
+def test_group_report_shows_the_folds_it_scores(derivatives, tmp_path):
+    """A fold folder of an earlier plan (its subject since dropped) is not this table's: its
+    curve is left out; a fixed split is called one."""
+    out = Path(shutil.copytree(derivatives, tmp_path / "out"))
+    shutil.copytree(out / "models" / "fold-01", out / "models" / "fold-09")
+    text = write_group_report(out).read_text(encoding="utf-8")
+    assert "Learning curves of 2 fold(s)" in text and "(leave-one-subject-out)" in text
+    table = (out / "group_metrics.tsv").read_text().splitlines()
+    rows = [line.split("\t") for line in table[1:]]
+    for row in rows:
+        row[2] = "fixed"
+    (out / "group_metrics.tsv").write_text("\n".join([table[0], *("\t".join(r) for r in rows)]) + "\n")
+    text = write_group_report(out).read_text(encoding="utf-8")
+    assert "(a fixed split)" in text and "leave-one-subject-out" not in text
+
+
 def test_participant_report_without_synthesis(derivatives, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(derivatives / "sub-02", out / "sub-02")

@@ -83,8 +83,10 @@ def _subjects_table(output_dir: Path, metrics) -> str:
 
 def _metrics_section(metrics) -> str:
     n_sub = metrics["participant_id"].nunique()
+    split = ("a fixed split" if "fold" in metrics and set(metrics["fold"].astype(str)) == {"fixed"}
+             else "leave-one-subject-out")
     caption = (f"Per-subject scores of each model over {n_sub} held-out subject(s) "
-               "(leave-one-subject-out): distribution on the left, one point per subject on the "
+               f"({split}): distribution on the left, one point per subject on the "
                "right, black bar at the mean. Dynamics is the voxel-wise correlation of "
                "synthesised and measured time series, which anatomy alone cannot score on.")
     return (html.figure(html.png_uri(_metrics_png(metrics)), caption, "metrics by model")
@@ -123,8 +125,13 @@ def _curves_png(histories: list[Path]) -> bytes:
     return figures.png_bytes(fig)
 
 
-def _curves_section(output_dir: Path) -> str:
+def _curves_section(output_dir: Path, metrics) -> str:
     histories = sorted((output_dir / "models").glob("fold-*/history.tsv"))
+    if metrics is not None and "fold" in metrics:
+        # the folds the table scores: a folder of an earlier plan (a subject since dropped,
+        # another split) is not this run's
+        scored = {f"fold-{fold}" for fold in metrics["fold"].astype(str)}
+        histories = [path for path in histories if path.parent.name in scored]
     if not histories:
         return html.empty("no training history yet (models/fold-*/history.tsv): run the group "
                           "level")
@@ -215,7 +222,7 @@ def write_group_report(output_dir: str | Path, *, config: dict | None = None) ->
     sections = [
         ("metrics", "Metrics", scores),
         ("subjects", "Subjects", subjects),
-        ("training", "Training", _curves_section(output_dir)),
+        ("training", "Training", _curves_section(output_dir, metrics)),
         ("dynamics", "Dynamics map", _dynamics_section(output_dir)),
         ("voxels", "Time series", voxel_series_section(output_dir)),
         ("config", "Configuration", _config_section(output_dir, config)),
