@@ -152,9 +152,13 @@ def test_residual_val_selection_keeps_the_best_validation_dynamics(tmp_path):
                          train_runs, components=64)
     mask = stats["mask"]
     val = data.PairedDataset(val_runs, CHANNELS, result.norm, tmp_path / "w")
+    # the kept model adds the training-side subjects' mean volume (validation included), as the
+    # mean-volume baseline does; during training it added the training subjects'
+    pooled = data.PairedDataset(runs, CHANNELS, result.norm, tmp_path / "w").mean_target()
+    np.testing.assert_allclose(result.model.mean.numpy(), pooled, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
         pairs = [val[i] for i in range(len(val))]
-        pred = result.model(torch.stack([x for x, _ in pairs])).numpy()
+        pred = result.model(torch.stack([x for x, _ in pairs])).numpy() - pooled + stats["mean"]
     measured = torch.stack([y for _, y in pairs]).numpy().astype(np.float64)
     run_of = np.asarray([val.sample(i)[0] for i in range(len(val))])
     per_run, squared = [], []
