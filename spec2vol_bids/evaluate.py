@@ -44,9 +44,12 @@ COLUMNS = {
              "Units": "arbitrary"},
     "psnr": {"Description": "Peak signal-to-noise ratio (data range 1) per volume, averaged over "
                             "the participant's samples.", "Units": "dB"},
-    "ssim3d": {"Description": "Structural similarity with a 3-D Gaussian window (size 11 or the "
-                              "largest odd size that fits the grid, sigma 1.5, data range 1), "
-                              "averaged over the participant's samples.", "Units": "arbitrary"},
+    "ssim3d": {"Description": "Structural similarity of torchmetrics (1.9) with a 3-D Gaussian "
+                              "window of sigma 1.5, which it makes 11 voxels wide on every axis "
+                              "whatever the kernel size given (that, the largest odd number up to "
+                              "11 the slice count allows, only sets one axis's reflect padding), "
+                              "and its own border handling; data range 1, averaged over the "
+                              "participant's samples.", "Units": "arbitrary"},
     "dynamics": {"Description": "Voxel-wise Pearson correlation of the synthesised and measured "
                                 "time series after removing each voxel's mean (0 where either is "
                                 "constant), averaged over the voxels of a brain mask computed from "
@@ -57,7 +60,8 @@ COLUMNS = {
 
 
 def _kernel(size: int, limit: int) -> int:
-    """The largest odd kernel size ≤ ``size`` that fits ``limit``."""
+    """The largest odd kernel size ≤ ``size`` that fits ``limit``. With a Gaussian window
+    torchmetrics uses it only for the depth padding (its window is 11 wide whatever it is)."""
     k = min(size, limit)
     return k if k % 2 else k - 1
 

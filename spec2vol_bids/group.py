@@ -96,8 +96,13 @@ def run_group(config: Config) -> int:
                      session_label=inputs.session_label, task=inputs.task)
     paired = [r for r in runs if r.target is not None]
     if not paired:
+        present = sorted(p.name for p in out_dir.glob("sub-*") if p.is_dir())
         hint = (f"the {len(runs)} run(s) found have no BOLD: the group level trains and scores "
-                "models on runs with both" if runs else "run the participant level first")
+                "models on runs with both" if runs else
+                f"OUTPUT_DIR holds derivatives of {' '.join(present)} only; check "
+                "--participant-label, --session-label and --task" if present and (
+                    inputs.participant_label or inputs.session_label or inputs.task)
+                else "run the participant level first")
         raise NothingSelectedError(f"no paired EEG spectrogram and BOLD target derivatives found; "
                                    f"{hint}", path=out_dir)
     subjects = subjects_of(paired)

@@ -82,6 +82,9 @@ def test_folds_and_bad_options(tmp_path):
     write_derivatives(out, subjects=("02",), n_volumes=40)
     with pytest.raises(UsageError, match="--folds 07: no such fold"):
         group.run_group(configured(out, folds=["07"]))
+    with pytest.raises(NothingSelectedError, match="OUTPUT_DIR holds derivatives of sub-01 sub-02 "
+                                                   "only; check --participant-label"):
+        group.run_group(configured(out, participant_label=["09"]))
     with pytest.raises(DataError, match="--select val needs at least two training subjects"):
         group.run_group(configured(out, select="val"))
 
