@@ -291,11 +291,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
                             optimizer.param_groups[0]["lr"], checkpoint)
         model.load_state_dict(best["state"])
         selected = best["epoch"]
-        if config.readout_components:
-            # the anatomy the deviations are added to is every training-side subject's, as the
-            # mean-volume baseline and ridge have it: the validation subject was kept out of
-            # what the network learns and of the epoch's choice (dynamics ignore the mean), not
-            # out of the fold's training data
+        if config.readout_components:  # the baselines' anatomy: all training-side subjects'
             pooled = PairedDataset([*train_runs, *val_runs], channels, norm, work_dir).mean_target()
             model.set_target_stats(pooled, model.scale)
     model.eval()
