@@ -45,7 +45,7 @@ def parse_space(text: str) -> tuple[str, str | None, str | None]:
         if key not in ("res", "cohort") or key in found or not is_label(value):
             raise UsageError(f"--bold-space {text!r}: write SPACE, SPACE:res-N or "
                              "SPACE:cohort-N:res-N, e.g. MNI152NLin2009cAsym:res-2")
-        found[key] = value.lstrip("0") or "0" if value.isdigit() else value  # res-02 is res-2
+        found[key] = (value.lstrip("0") or "0") if value.isdigit() else value  # res-02 is res-2
     if not is_label(name):
         raise UsageError(f"--bold-space {text!r}: the space is a BIDS label (letters and digits), "
                          "e.g. MNI152NLin2009cAsym")
