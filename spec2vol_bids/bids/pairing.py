@@ -110,8 +110,9 @@ def find_run_pairs(
     ------
     UsageError (64)
         A label is not a plain BIDS label (a path separator, ``..``, ``_``, ...), the filters
-        are malformed, or the BOLD derivatives hold several spaces and ``bold_space`` does not
-        choose one of them.
+        are malformed, ``bold_space`` is given without ``bold_derivatives``, a BOLD derivative
+        folder holds no preprocessed series, or they lie in several spaces and ``bold_space``
+        does not choose one of them.
     MissingInputError (66)
         BIDS_DIR or ``eeg_derivatives`` is not a readable folder.
     NothingSelectedError (18)
