@@ -29,7 +29,7 @@ from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_pre
                                 resolve_channels, subjects_of)
 from spec2vol_bids.derivatives import (init_output_dataset, read_json, source_dataset_name,
                                       write_json, write_text)
-from spec2vol_bids.errors import DataError, NothingSelectedError, UsageError
+from spec2vol_bids.errors import DataError, MissingInputError, NothingSelectedError, UsageError
 from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
                                     locked_once, protocol)
 from spec2vol_bids.models import save_checkpoint
@@ -105,6 +105,7 @@ def run_group(config: Config) -> int:
                 else "run the participant level first")
         raise NothingSelectedError(f"no paired EEG spectrogram and BOLD target derivatives found; "
                                    f"{hint}", path=out_dir)
+    _check_participants_finished(inputs.bids_dir, out_dir, inputs.participant_label)
     subjects = subjects_of(paired)
     if len(subjects) < 2:
         raise DataError(f"training needs at least two subjects with paired EEG and BOLD; found "
@@ -158,6 +159,30 @@ def run_group(config: Config) -> int:
         _finish_reports(config, subjects, started)
     train.barrier()
     return 0
+
+
+def _check_participants_finished(bids_dir: Path, out_dir: Path, labels) -> None:
+    """Every selected participant of BIDS_DIR with EEG has been through the participant level
+    (it writes ``sub-<label>_runs.tsv`` when it is done with one): a job killed half-way, or
+    an array task that never ran, would otherwise leave the folds and the final model to the
+    participants that happen to be finished.
+
+    Raises
+    ------
+    MissingInputError (66)
+        Naming the participants without it.
+    """
+    if bids_dir is None or not Path(bids_dir).is_dir():
+        return
+    wanted = set(labels or ())
+    with_eeg = sorted({p.name for p in Path(bids_dir).glob("sub-*")
+                       if p.is_dir() and (not wanted or p.name[4:] in wanted)
+                       and (any(p.glob("eeg")) or any(p.glob("ses-*/eeg")))})
+    missing = [s for s in with_eeg if not (Path(out_dir) / s / f"{s}_runs.tsv").is_file()]
+    if missing:
+        raise MissingInputError(f"the participant level has not finished {' '.join(missing)} of "
+                                f"BIDS_DIR (no {missing[0]}_runs.tsv): run it for them first, or "
+                                "leave them out with --participant-label", path=out_dir)
 
 
 def _note_other_folds(out_dir: Path, records: dict, runs: Sequence[Run], paired: Sequence[Run]) -> None:

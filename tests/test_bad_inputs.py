@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import PARTICIPANT_OPTIONS, assert_clean_failure, partial_files, run_spec2vol, unreadable_outputs
+from conftest import GROUP_OPTIONS, PARTICIPANT_OPTIONS, assert_clean_failure, partial_files, run_spec2vol, unreadable_outputs
 
 from spec2vol_bids.errors import DataError
 
@@ -534,7 +534,7 @@ def test_target_grid_the_network_cannot_produce(simulated_bids_source, tmp_path)
     proc = run_spec2vol(simulated_bids_source, out, "participant", "--participant-label", "01", "02", *options)
     assert proc.returncode == 0, proc.stderr
     proc = run_spec2vol(simulated_bids_source, out, "group", "--model-config", "tiny", "--epochs", "1",
-                        "--omp-nthreads", "1", "--no-final")
+                        "--omp-nthreads", "1", "--no-final", "--participant-label", "01", "02")
     assert proc.returncode in (64, 65), proc.stderr
     assert_clean_failure(proc, proc.returncode, "grid", out_dir=out)
     assert not list(out.glob("models/*/model.pt"))
@@ -717,6 +717,18 @@ def test_model_decides_the_target_grid(simulated_bids, model_channels, tmp_path)
     assert nib.load(target(out)).shape[:3] == nib.load(synth(out)).shape[:3] == (32, 32, 8)
 
 
+def test_the_group_level_waits_for_every_participant(simulated_bids_source, participant_outputs):
+    """A participant job killed before it finished sub-03 (no sub-03_runs.tsv): the folds and
+    the final model would be those of the participants that happen to be done."""
+    (participant_outputs / "sub-03" / "sub-03_runs.tsv").unlink()
+    proc = run_spec2vol(simulated_bids_source, participant_outputs, "group", *GROUP_OPTIONS,
+                        "--epochs", "1", "--skip-bids-validation")
+    assert_clean_failure(proc, 66, "the participant level has not finished sub-03 of BIDS_DIR (no "
+                         "sub-03_runs.tsv): run it for them first, or leave them out with "
+                         "--participant-label", out_dir=participant_outputs)
+    assert not (participant_outputs / "models").exists()
+
+
 def test_the_group_level_never_replaces_a_series_participant_model_wrote(simulated_bids, model_channels,
                                                                         tmp_path):
     """sub-01's series came from another model (participant --model): the group level, which
@@ -727,7 +739,7 @@ def test_the_group_level_never_replaces_a_series_participant_model_wrote(simulat
     assert participant(simulated_bids, out, label="02").returncode == 0
     before = synth(out).read_bytes()
     proc = run_spec2vol(simulated_bids, out, "group", "--model-config", "tiny", "--epochs", "1",
-                        "--omp-nthreads", "1", "--no-final")
+                        "--omp-nthreads", "1", "--no-final", "--participant-label", "01", "02")
     assert_clean_failure(proc, 64, str(synth(out)), "synthesised for this run by participant --model",
                          "move it out of OUTPUT_DIR", out_dir=out)
     assert synth(out).read_bytes() == before
