@@ -183,13 +183,17 @@ def _naming_hint(channels: Sequence[str], missing: Sequence[str]) -> str:
             "the channels the model's names in channels.tsv and the header")
 
 
+#: Training grids further apart than this (mm) make an EEG-only series' placement worth a warning.
+GRID_SPREAD_WARNING_MM = 1.0
+
+
 def _placement(extra: dict) -> dict:
     """Where the volumes of a series without its own BOLD go: on the grid of the training run
     the model names, for the sidecar (and the log, when the training grids differ)."""
     source, spread = extra.get("TargetAffineFrom"), extra.get("TargetGridSpreadMm") or 0.0
     text = (f"the target grid of the training run {source}" if source
             else "the target grid of a training run (the model does not record which)")
-    if spread > 1.0:
+    if spread > GRID_SPREAD_WARNING_MM:
         text += (f"; the training runs' grids lie up to {spread:g} mm from it, so the volumes sit "
                  "where that run's head was, not where this recording's was")
     return {"SpatialReference": text}
@@ -280,7 +284,7 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
         affine = np.asarray(extra["TargetAffine"], dtype=float)
         code = int(extra.get("TargetSpatialCode", 0))
         placement = _placement(extra)
-        if extra.get("TargetGridSpreadMm", 0) > 1.0:
+        if (extra.get("TargetGridSpreadMm") or 0.0) > GRID_SPREAD_WARNING_MM:
             logger.warning("%s: %s", spectrogram, placement["SpatialReference"])
     else:
         raise DataError("the model stores no target grid; give the run's target", path=model_path)
