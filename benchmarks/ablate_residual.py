@@ -21,7 +21,7 @@ Usage (after ``spec2vol BIDS OUT participant``)::
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
         [--variants recipe no-readout readout-only no-projection on-ridge ridge-start] [--seeds 0 1 2]
         [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
-        [--readout-sgd 1e-2] [--select-val] [--hrf]
+        [--readout-sgd 1e-2] [--select-val] [--hrf] [--device cuda]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
 learning curve: ``--size full --variants recipe --curve``). ``--readout-sgd LR`` trains the
@@ -155,13 +155,13 @@ def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None
 
 
 def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None,
-                  readout_sgd=None, hrf=False):
+                  readout_sgd=None, hrf=False, device=torch.device("cpu")):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
     train.seed_everything(config.seed)
     model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge,
-                          linear.repetition_time(train_runs) if hrf else None)
+                          linear.repetition_time(train_runs) if hrf else None).to(device)
     optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd)
     shifted = DeviationTargets(dataset, stats["shift"])
     criterion = masked_mse(model.scale, stats["mask"])
@@ -169,7 +169,7 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
         loader = torch.utils.data.DataLoader(shifted, batch_size=config.batch_size,
                                              sampler=train.epoch_order(config.seed, epoch, len(shifted)))
         loss = train._train_epoch(model, model, loader, optimizer, scheduler, config,
-                                  torch.device("cpu"), desc="", show=False,
+                                  device, desc="", show=False,
                                   progress=lambda *a: None, criterion=criterion)
         if on_epoch is not None:
             on_epoch(epoch + 1, loss, train.TrainResult(model=model.eval(), norm=norm, history=[],
@@ -179,9 +179,9 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
                              out_shape=dataset.target_shape())
 
 
-def score(result, runs, channels, mean, work) -> list[tuple[float, float]]:
+def score(result, runs, channels, mean, work, device=torch.device("cpu")) -> list[tuple[float, float]]:
     rows = [group.evaluate_model_on_run(run, channels, result, mean, work_dir=work,
-                                        device=torch.device("cpu")) for run in runs]
+                                        device=device) for run in runs]
     return [(row["dynamics"], float(np.mean(row["ssim"]))) for row in rows]
 
 
@@ -192,29 +192,30 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
     config = Training(model=args.model, size=args.size, epochs=args.epochs, batch_size=8,
                       grad_accum=1, lr=args.lr, warmup_steps=10, weight_decay=args.weight_decay,
                       seed=seed)
+    device = torch.device(args.device)
     tic = time.perf_counter()
     picked = {"val": -np.inf, "state": None, "epoch": 0}
 
     def on_epoch(epoch, loss, partial):
         val = np.nan
         if val_runs:
-            val = np.mean([d for d, _ in score(partial, val_runs, channels, mean, work)])
+            val = np.mean([d for d, _ in score(partial, val_runs, channels, mean, work, device)])
             if val > picked["val"]:
                 picked.update(val=val, epoch=epoch, state={
                     k: v.detach().clone() for k, v in partial.model.state_dict().items()})
         if args.curve:
-            found = score(partial, test_runs, channels, mean, work)
+            found = score(partial, test_runs, channels, mean, work, device)
             print(f"  fold {held} {variant} epoch {epoch}: train loss {loss:.4f}, held-out "
                   f"dynamics {np.mean([d for d, _ in found]):.3f}, validation {val:.3f}, "
                   f"{time.perf_counter() - tic:.0f} s", flush=True)
     result = train_variant(variant, config, channels, train_runs, work, on_epoch=on_epoch,
-                           ridge=ridge, readout_sgd=args.readout_sgd, hrf=args.hrf)
+                           ridge=ridge, readout_sgd=args.readout_sgd, hrf=args.hrf, device=device)
     took = time.perf_counter() - tic
     if val_runs:
         result.model.load_state_dict(picked["state"])
         print(f"  fold {held} {variant} seed {seed}: epoch {picked['epoch']} kept (validation "
               f"{picked['val']:.3f})", flush=True)
-    return score(result, test_runs, channels, mean, work), took
+    return score(result, test_runs, channels, mean, work, device), took
 
 
 def main() -> None:
@@ -236,6 +237,9 @@ def main() -> None:
                         help="give the model hrf-ridge's prior: the network sees the context summed "
                              "with the canonical HRF, the readout hrf-ridge's features, and on-ridge "
                              "/ ridge-start start from the hrf-ridge map")
+    parser.add_argument("--device", default="cpu",
+                        help="where the networks train and predict (on a GPU in the group level's "
+                             "--precision auto); the linear baselines are scored on the CPU")
     parser.add_argument("--select-val", action="store_true",
                         help="hold out the last training subject; keep its best-dynamics epoch")
     args = parser.parse_args()
@@ -243,6 +247,8 @@ def main() -> None:
         parser.error("--hrf: leave no-projection out of --variants (it has no readout to give "
                      "hrf-ridge's features)")
     print(cpu_flags(), f"; torch threads {torch.get_num_threads()}")
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
     runs = [run for run in find_runs(args.out) if run.target is not None]
     channels = resolve_channels(runs)
     subjects = sorted({run.subject for run in runs})
