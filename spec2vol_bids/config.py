@@ -42,6 +42,9 @@ PROTOCOL_NORMALISATION = {"residual": "run", "published": "minmax"}
 #: Response components the residual protocol keeps a network's output to.
 READOUT_COMPONENTS = 64
 SIZES = ("full", "tiny")
+#: ``--precision``: "auto" is bfloat16 autocast on a GPU with native bfloat16, float32 elsewhere
+#: (spec2vol_bids.devices.autocast_dtype)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Training:
     restart_epochs: int = 10
     clip_grad: float = 1.0
     device: str = "auto"
+    precision: str = "auto"
+    #: PyTorch's deterministic algorithms and a fixed cuBLAS workspace (reproducible on a GPU)
+    deterministic: bool = False
     select: str = "last"
     #: None: the protocol's (:data:`PROTOCOL_NORMALISATION`)
     eeg_normalisation: str | None = None
@@ -258,7 +264,8 @@ def check_training(training: Training) -> None:
                          "--test-subjects (leave-one-subject-out tests every subject; --folds "
                          "chooses which of its folds run)")
     choices = {"select": ("last", "val"), "split": ("loso", "fixed"), "size": SIZES,
-               "device": ("auto", "cpu", "cuda"), "eeg_normalisation": NORMALISATIONS,
+               "device": ("auto", "cpu", "cuda"), "precision": PRECISIONS,
+               "eeg_normalisation": NORMALISATIONS,
                "protocol": PROTOCOLS}
     if training.model not in MODELS:
         raise UsageError(f"--model {training.model!r}: the group level trains one of "

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch.distributed as dist
 from filelock import FileLock
 
-from spec2vol_bids import train
+from spec2vol_bids import devices, train
 from spec2vol_bids.config import LINEAR_MODELS, Training
 from spec2vol_bids.data import Run, run_digest
 from spec2vol_bids.derivatives import write_json
@@ -47,7 +47,7 @@ def locked_once(folder: Path, record: dict, job) -> None:
     the lock and decides; every rank runs the job (training is collective) and only rank 0
     writes.
     """
-    lock = FileLock(str(lock_path(folder))) if train.is_main() else contextlib.nullcontext()
+    lock = FileLock(str(lock_path(folder))) if devices.is_main() else contextlib.nullcontext()
     with lock:
         skip = broadcast(is_done(folder))
         if skip:
@@ -55,10 +55,10 @@ def locked_once(folder: Path, record: dict, job) -> None:
             logger.info("%s is finished; skipping it (delete the folder to redo it)", folder)
             return
         info = job() or {}
-        if train.is_main():
+        if devices.is_main():
             write_json(folder / "done.json", {**info, **record,
                                               "Finished": datetime.now(timezone.utc).isoformat()})
-        train.barrier()
+        devices.barrier()
 
 
 def input_digests(runs: Sequence[Run]) -> dict[str, str]:

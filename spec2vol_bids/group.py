@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
-from spec2vol_bids import evaluate, linear, logs, oracle, synthesize, train
+from spec2vol_bids import devices, evaluate, linear, logs, oracle, synthesize, train
 from spec2vol_bids.bold import spatial_code
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
@@ -91,7 +91,9 @@ def run_group(config: Config) -> int:
     out_dir, work_dir = inputs.output_dir, config.execution.work_dir
     torch.set_num_threads(config.execution.omp_nthreads)
     check_training(training)
-    train.resolve_device(training.device)  # starts the process group under torchrun
+    devices.set_deterministic(training.deterministic)  # before any GPU work
+    # starts the process group under torchrun; an impossible --precision is refused now
+    devices.autocast_dtype(devices.resolve_device(training.device), training.precision)
     runs = find_runs(out_dir, participant_label=inputs.participant_label,
                      session_label=inputs.session_label, task=inputs.task)
     paired = [r for r in runs if r.target is not None]
@@ -129,7 +131,7 @@ def run_group(config: Config) -> int:
     _check_no_applied_synthesis([r for r in paired if r.subject in
                                  {s for fold in chosen for s in fold.test}], out_dir)
     started = datetime.now(timezone.utc)
-    if train.is_main():
+    if devices.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)
         if config.execution.argv:  # the command line, not a library call
             logger.info("log: %s", logs.add_log_file(out_dir, "group", started))
@@ -143,10 +145,10 @@ def run_group(config: Config) -> int:
                     lambda fold=fold: run_fold(fold, paired, channels, training, models,
                                                out_dir=out_dir, work_dir=work_dir,
                                                bids_dir=inputs.bids_dir))
-    if train.is_main() and all(is_done(_fold_dir(out_dir, f.label)) for f in folds):
+    if devices.is_main() and all(is_done(_fold_dir(out_dir, f.label)) for f in folds):
         with FileLock(str(lock_path(out_dir / "models" / "group"))):
             aggregate(out_dir, [f.label for f in folds])
-    elif train.is_main():
+    elif devices.is_main():
         pending = [f.label for f in folds if not is_done(_fold_dir(out_dir, f.label))]
         logger.info("folds still to run: %s; the group table is written when all have finished",
                     " ".join(pending))
@@ -155,9 +157,9 @@ def run_group(config: Config) -> int:
         locked_once(out_dir / "models" / "final", records[out_dir / "models" / "final"],
                     lambda: _train_final(final_runs, final_val, channels, training,
                                          out_dir=out_dir, work_dir=work_dir))
-    if train.is_main():
+    if devices.is_main():
         _finish_reports(config, subjects, started)
-    train.barrier()
+    devices.barrier()
     return 0
 
 
@@ -290,8 +292,12 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
                              val_runs=val_runs, description=label)
         fitting = {"TrainSubjects": subjects_of(train_runs), "ValSubjects": subjects_of(val_runs),
                    "Epochs": config.epochs, "Selection": config.select,
-                   "SelectedEpoch": result.selected_epoch}
-    if not train.is_main():
+                   "SelectedEpoch": result.selected_epoch,
+                   # how it computed (not part of Config: a fold may resume on another device)
+                   "Precision": "fp32" if devices.autocast_dtype(
+                       devices.resolve_device(config.device), config.precision) is None else "bf16",
+                   "Deterministic": config.deterministic}
+    if not devices.is_main():
         return result
     ref = train_runs[0]
     target_img = _target_header(ref)
@@ -367,9 +373,10 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
                                        work_dir=work_dir,
                                        checkpoint=work_dir / "checkpoints" / f"fold-{fold.label}" / name,
                                        extra=extra)
-    if not train.is_main():
+    if not devices.is_main():
         return {}
-    device = train.resolve_device(config.device)
+    device = devices.resolve_device(config.device)
+    dtype = devices.autocast_dtype(device, config.precision)
     # the mean-volume baseline averages every training subject's targets (validation included)
     mean_volume = PairedDataset(training, channels, trained[config.model].norm, work_dir).mean_target()
     rows = []
@@ -383,6 +390,7 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
             for name in per_model:
                 result = evaluate_model_on_run(run, channels, trained.get(name), mean_volume,
                                                work_dir=work_dir, device=device,
+                                               dtype=None if name in LINEAR_MODELS else dtype,
                                                regressors=regressors if name == oracle.ORACLE else None)
                 per_model[name].append(result)
                 if name == config.model:
@@ -399,9 +407,11 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
 
 def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.TrainResult | None,
                           mean_volume: np.ndarray, *, work_dir: Path, device: torch.device,
+                          dtype: torch.dtype | None = None,
                           regressors: np.ndarray | None = None) -> dict:
-    """Predictions and metrics of a trained model, of the mean volume (``result`` None) or,
-    given the simulation's true ``regressors``, of the oracle ceiling."""
+    """Predictions and metrics of a trained model (its forward pass in autocast ``dtype``;
+    None: float32), of the mean volume (``result`` None) or, given the simulation's true
+    ``regressors``, of the oracle ceiling."""
     target = np.load(cache_target(run.target, work_dir), mmap_mode="r")[run.sample_volumes]
     target = np.asarray(target, dtype=np.float32)
     if regressors is not None:
@@ -411,7 +421,7 @@ def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.Train
     else:
         dataset = PairedDataset([run], channels, result.norm, work_dir)
         loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
-        pred = synthesize.predict(result.model, loader, device)
+        pred = synthesize.predict(result.model, loader, device, dtype)
     metrics = evaluate.evaluate_run(pred, target, _target_header(run).affine, mask=_run_mask(run))
     metrics["pred"] = pred
     return metrics

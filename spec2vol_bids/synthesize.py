@@ -27,6 +27,7 @@ from spec2vol_bids.bold import spatial_code, with_spatial_code
 from spec2vol_bids.config import Participant
 from spec2vol_bids.data import apply_norm, window_stats
 from spec2vol_bids.derivatives import read_spectrogram, source_dataset_name, write_json, write_nifti
+from spec2vol_bids.devices import autocast
 from spec2vol_bids.eeg import standard_montage
 from spec2vol_bids.errors import DataError, MissingInputError
 from spec2vol_bids.models import load_checkpoint
@@ -40,14 +41,17 @@ MAX_MISSING = 0.2
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable, device: str | torch.device = "cpu") -> np.ndarray:
-    """Run ``model`` over batches of inputs (tensors, or ``(x, y)`` pairs); ``(N, D, H, W)``."""
+def predict(model: torch.nn.Module, batches: Iterable, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> np.ndarray:
+    """Run ``model`` over batches of inputs (tensors, or ``(x, y)`` pairs); ``(N, D, H, W)``.
+    ``dtype``: the autocast dtype (None: float32), as :func:`~spec2vol_bids.devices.autocast_dtype`
+    chooses it for training."""
     device = torch.device(device)
     model.eval().to(device)
     out = []
     for batch in batches:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, dtype):
             out.append(model(x.to(device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

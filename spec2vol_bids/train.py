@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import sys
 import threading
@@ -31,22 +30,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 from spec2vol_bids import evaluate
+from spec2vol_bids.devices import (autocast, autocast_dtype, barrier, distributed, resolve_device,
+                                   set_deterministic)
 from spec2vol_bids.config import Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats, run_digest
 from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, shifts_to, target_stats
-from spec2vol_bids.errors import DataError, UsageError
+from spec2vol_bids.errors import DataError
 from spec2vol_bids.models import build_model
 
 logger = logging.getLogger(__name__)
 
 #: What of the configuration shapes a fold's training (and so whether its checkpoint resumes):
-#: not the device, the progress bars or which folds a job runs.
+#: not the device or its arithmetic (``precision``, ``deterministic``), the progress bars or
+#: which folds a job runs.
 PROTOCOL = ("model", "protocol", "size", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
             "warmup_steps", "restart_epochs", "clip_grad", "select", "eeg_normalisation", "seed")
 
@@ -117,39 +118,6 @@ class Progress:
     def _run(self) -> None:
         while not self._stop.wait(PROGRESS_SECONDS):
             logger.info("%s", self.line())
-
-
-# -- distributed ------------------------------------------------------------------------------
-
-def distributed() -> tuple[int, int, int]:
-    """``(rank, world size, local rank)`` from torchrun's environment (``(0, 1, 0)`` without it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def is_main() -> bool:
-    return distributed()[0] == 0
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for ``--device auto|cpu|cuda``; starts the process group under torchrun."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
-    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
-    _, world, local_rank = distributed()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 # -- protocol ---------------------------------------------------------------------------------
@@ -240,7 +208,9 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     check_training(config)
     if config.select == "val" and not val_runs:
         raise DataError("--select val needs a held-out training subject; there are too few subjects")
+    set_deterministic(config.deterministic)
     device = resolve_device(config.device)
+    autocast_dtype(device, config.precision)  # an impossible --precision: refused before any work
     rank, world, local_rank = distributed()
     norm = norm_stats(train_runs, channels, kind=config.eeg_normalisation)
     train_set = PairedDataset(train_runs, channels, norm, work_dir)
@@ -334,7 +304,8 @@ def _epochs(net, model, train_set, val_set, optimizer, scheduler, config: Traini
                "step": scheduler.last_epoch, "train_loss": train_loss,
                "lr": optimizer.param_groups[0]["lr"]}
         if val_set is not None:
-            scores = validate(model, val_set, device, local_batch, criterion, mask=val_mask)
+            scores = validate(model, val_set, device, local_batch, criterion, mask=val_mask,
+                              dtype=autocast_dtype(device, config.precision))
             row.update({f"val_{name}": value for name, value in scores.items()})
             if row[metric] > best["score"]:
                 best = {"score": row[metric], "epoch": epoch + 1,
@@ -407,6 +378,7 @@ def _save(checkpoint: Path, fingerprint: str, epoch: int, model, optimizer, sche
 def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, desc, show,
                  progress, criterion=loss_fn) -> float:
     net.train()
+    dtype = autocast_dtype(device, config.precision)
     total, count, seen, tic = 0.0, 0, 0, time.perf_counter()
     n_batches = len(loader)
     bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, file=sys.stderr,
@@ -418,7 +390,7 @@ def _train_epoch(net, model, loader, optimizer, scheduler, config, device, *, de
         group = min(config.grad_accum, n_batches - (i // config.grad_accum) * config.grad_accum)
         stepping = (i + 1) % config.grad_accum == 0 or i + 1 == n_batches
         sync = net.no_sync() if (not stepping and net is not model) else contextlib.nullcontext()
-        with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with sync, autocast(device, dtype):
             loss = criterion(net(x), y)
         with sync:
             (loss / group).backward()
@@ -466,11 +438,12 @@ def _diverged(description: str, epoch: int, what: str, lr: float, checkpoint: Pa
 
 @torch.no_grad()
 def validate(model, dataset: PairedDataset, device: torch.device, batch_size: int,
-             criterion=loss_fn, mask: np.ndarray | None = None) -> dict[str, float]:
+             criterion=loss_fn, mask: np.ndarray | None = None,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
     """``loss`` (mean ``criterion``), ``ssim`` (mean 2-D SSIM) and ``dynamics`` of ``model`` over
     ``dataset``: with a brain ``mask`` (D, H, W), each run's mean voxel-wise correlation of
     predicted and measured series inside it, averaged over runs (as the held-out subjects are
-    scored); NaN without one."""
+    scored); NaN without one. ``dtype``: the forward pass's autocast dtype (None: float32)."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     loss_sum, ssim_sum, n = 0.0, 0.0, 0
@@ -478,7 +451,7 @@ def validate(model, dataset: PairedDataset, device: torch.device, batch_size: in
     predicted, measured = [], []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, dtype):
             pred = model(x)
         pred = pred.float()
         ssim = structural_similarity_index_measure(pred, y, data_range=1.0, kernel_size=11,

@@ -98,6 +98,8 @@ def test_nothing_leaks_from_the_held_out_subject(tmp_path):
     group.run_group(configured(full, folds=["01"], select="val", epochs=3))
     with_test = json.loads((full / "models" / "fold-01" / "model.json").read_text())
     assert with_test["ValSubjects"] == ["03"] and with_test["TrainSubjects"] == ["02"]
+    # a CPU trains in float32 under --precision auto
+    assert with_test["Precision"] == "fp32" and with_test["Deterministic"] is False
 
     without = tmp_path / "b" / "out"
     shutil.copytree(full, without, ignore=shutil.ignore_patterns("sub-01", "models"))
@@ -262,7 +264,7 @@ def test_a_linear_model_as_the_groups_model_gives_the_final_model(tmp_path):
     assert fold["Model"] == "hrf-ridge" and fold["TrainSubjects"] == ["02", "03"]
     # a closed-form fit records no network settings, so other ones do not make it stale
     assert fold["Config"] == {"model": "hrf-ridge", "eeg_normalisation": "run"}
-    assert not {"Epochs", "Selection", "SelectedEpoch"} & fold.keys()
+    assert not {"Epochs", "Selection", "SelectedEpoch", "Precision"} & fold.keys()
     done = (out / "models" / "fold-01" / "done.json").stat().st_mtime_ns
     assert group.run_group(configured(out, model="hrf-ridge", compare=["ridge"], epochs=7, lr=5e-4,
                                       no_final=False)) == 0

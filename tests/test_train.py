@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_data import CHANNELS, write_derivatives
 
-from spec2vol_bids import data, train
+from spec2vol_bids import data, devices, train
 from spec2vol_bids.config import Training
 from spec2vol_bids.errors import DataError, UsageError
 
@@ -122,4 +122,34 @@ def test_bad_options(runs, tmp_path):
                     checkpoint=tmp_path / "x.pt")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA device"):
-            train.resolve_device("cuda")
+            devices.resolve_device("cuda")
+
+
+def test_precision_choice_on_a_cpu():
+    cpu = torch.device("cpu")
+    assert devices.autocast_dtype(cpu, "auto") is None and devices.autocast_dtype(cpu, "fp32") is None
+    assert devices.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16"):
+        devices.autocast_dtype(cpu, "fp16")
+
+
+def test_precision_and_determinism_change_what_they_say(runs, tmp_path):
+    """On a CPU ``auto`` trains in float32 and the deterministic algorithms change no weight;
+    ``bf16`` trains in bfloat16 autocast, which rounds every step differently."""
+    one = dataclasses.replace(CONFIG, epochs=1)
+
+    def fit(name, **changes):
+        return _weights(train.train(runs[:2], CHANNELS, dataclasses.replace(one, **changes),
+                                    work_dir=tmp_path / "w", checkpoint=tmp_path / f"{name}.pt").model)
+    auto = fit("auto")
+    try:
+        exact = fit("deterministic", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        devices.set_deterministic(False)
+    fp32, bf16 = fit("fp32", precision="fp32"), fit("bf16", precision="bf16")
+    for name, value in auto.items():
+        torch.testing.assert_close(exact[name], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fp32[name], value, rtol=0, atol=1e-6)
+    moved = max(float((bf16[k].float() - v.float()).abs().max()) for k, v in auto.items())
+    assert moved > 1e-4

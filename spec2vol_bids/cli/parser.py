@@ -163,6 +163,14 @@ def _training_options(g) -> None:
     for flag, kind, what in numbers:
         g.add_argument(flag, type=kind, help=what + _default(_TRAINING[flag[2:].replace("-", "_")]))
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_default(_TRAINING["device"]).strip())
+    g.add_argument("--precision", choices=config.PRECISIONS,
+                   help="arithmetic of training and synthesis: 'auto' is bfloat16 autocast on a GPU "
+                        "that has it in hardware (Ampere and newer) and float32 elsewhere"
+                        + _default(_TRAINING["precision"]))
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="the same numbers from every run of a command on one GPU (PyTorch's "
+                        "deterministic algorithms, a fixed cuBLAS workspace); an operation without "
+                        "a deterministic version then stops the run")
     g.add_argument("--select", choices=["last", "val"],
                    help="checkpoint kept: the last epoch, or the best epoch on one held-out "
                         "*training* subject (its dynamics under the residual protocol, its SSIM "
