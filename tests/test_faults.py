@@ -152,6 +152,19 @@ def test_sigint_during_group_saves_a_checkpoint_and_exits_130(simulated_bids_sou
     assert unreadable_outputs(participant_outputs) == []
 
 
+def test_sigterm_during_participant_exits_130_and_says_what_a_rerun_does(simulated_bids, tmp_path):
+    out = tmp_path / "out"
+    proc = start(simulated_bids, out, "participant", *PARTICIPANT_OPTIONS)
+    wait_for(lambda: out.is_dir() and any(out.glob("sub-*/eeg/*.npy")), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("spec2vol: interrupted; the same command skips the runs "
+                                            "whose outputs are up to date and redoes the rest")
+    assert partial_files(out) == [] and unreadable_outputs(out) == []
+
+
 def kill_at_file_count(proc: subprocess.Popen, out: Path, count: int, timeout: float = 240) -> bool:
     """SIGKILL ``proc`` as soon as ``out`` holds ``count`` files (temporary ones included).
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from spec2vol_bids.bids.validation import check_inputs
     from spec2vol_bids.cli.parser import parse_args
 
-    verbose = 0
+    verbose, config = 0, None
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         config = parse_args(argv)
@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spec2vol: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        print("spec2vol: interrupted; the same command skips what is finished and resumes "
-              "training from its last checkpoint", file=sys.stderr)
+        level = config.inputs.analysis_level if config is not None else None
+        resumes = {"participant": "skips the runs whose outputs are up to date and redoes the rest",
+                   "group": "skips what is finished and resumes training from its last "
+                            "checkpoint"}.get(level, "starts again")
+        print(f"spec2vol: interrupted; the same command {resumes}", file=sys.stderr)
         return EX_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence: log it, exit 1
         LOGGER.debug("internal error", exc_info=True)
