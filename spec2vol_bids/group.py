@@ -27,8 +27,8 @@ from spec2vol_bids.bold import spatial_code
 from spec2vol_bids.config import LINEAR_MODELS, Config, Training, check_training
 from spec2vol_bids.data import (PairedDataset, Run, cache_target, check_same_preprocessing, find_runs,
                                 resolve_channels, subjects_of)
-from spec2vol_bids.derivatives import (init_output_dataset, read_json, source_dataset_name,
-                                      write_json, write_text)
+from spec2vol_bids.derivatives import (init_output_dataset, read_json, remove_stale_temporaries,
+                                      source_dataset_name, write_json, write_text)
 from spec2vol_bids.errors import DataError, MissingInputError, NothingSelectedError, UsageError
 from spec2vol_bids.finished import (check_finished, folder_record, input_digests, is_done, lock_path,
                                     locked_once, protocol)
@@ -133,6 +133,7 @@ def run_group(config: Config) -> int:
     started = datetime.now(timezone.utc)
     if devices.is_main():
         init_output_dataset(out_dir, inputs.bids_dir)
+        remove_stale_temporaries(work_dir)  # a checkpoint half-written by a killed run
         if config.execution.argv:  # the command line, not a library call
             logger.info("log: %s", logs.add_log_file(out_dir, "group", started))
     logger.info("group level: %d subjects, %d runs, %d channels; folds %s; models %s",

@@ -218,9 +218,15 @@ def test_sigkill_during_group_then_rerun_is_identical(simulated_bids_source, par
     assert unreadable_outputs(out) == [] and unreadable_outputs(work) == []
     kill_after(start(*args), round(random.Random(11).uniform(1.0, 8.0), 2))
     assert unreadable_outputs(out) == [] and unreadable_outputs(work) == []
+    # and a checkpoint that a killed process of this machine had half written (pid not running)
+    from spec2vol_bids import derivatives
+
+    half = checkpoint.with_name(f".{checkpoint.name}.{derivatives._WRITER}-4194000-abcd.tmp.pt")
+    half.write_bytes(b"PK")
 
     proc = group(simulated_bids_source, out, work, *FIXED_SPLIT)
     assert proc.returncode == 0, proc.stderr
+    assert partial_files(work) == []
     assert (out / "group_metrics.tsv").read_text() == (reference / "group_metrics.tsv").read_text()
     metrics = "models/fold-fixed/metrics.tsv"
     assert (out / metrics).read_text() == (reference / metrics).read_text()
