@@ -44,7 +44,7 @@ RUN env -u MAMBA_SKIP_CUDA_BUILD -u CAUSAL_CONV1D_SKIP_CUDA_BUILD \
     python -c "import torch, selective_scan_cuda, causal_conv1d_cuda; print('CUDA extensions built for', torch.version.cuda)"
 
 # The package itself (its dependencies come from PyPI at build time).
-COPY pyproject.toml README.md /tmp/spec2vol/
+COPY pyproject.toml README.md LICENSE /tmp/spec2vol/
 COPY spec2vol_bids /tmp/spec2vol/spec2vol_bids
 RUN python -m pip install "/tmp/spec2vol" && rm -rf /tmp/spec2vol && \
     python -c "import spec2vol_bids; print(spec2vol_bids.__version__)" > /version && \

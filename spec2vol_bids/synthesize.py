@@ -303,7 +303,8 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
     fitted_on = sorted({*extra.get("TrainSubjects", []), *extra.get("ValSubjects", [])})
     subject = parse_name(Path(spectrogram).name).get("subject")
     trained_on, dataset = extra.get("TrainingDataset"), source_dataset_name(dataset_root(spectrogram))
-    if subject in fitted_on and (trained_on is None or dataset is None or trained_on == dataset):
+    in_sample = subject in fitted_on and (trained_on is None or dataset is None or trained_on == dataset)
+    if in_sample:
         known = trained_on is not None and dataset is not None
         logger.warning("%s: sub-%s is one of the subjects the model was fitted on%s; the series is "
                        "no prediction for unseen EEG", spectrogram, subject,
@@ -315,6 +316,8 @@ def synthesize_from_checkpoint(model_path: str | Path, spectrogram: str | Path, 
                            "Model": meta.get("model_name"), "Fold": extra.get("Fold", "final"),
                            "ModelFittedOnSubjects": fitted_on,
                            "ModelTrainingDataset": trained_on,
+                           # the subject's own BOLD shaped the model: no prediction for unseen EEG
+                           "SubjectInModelTraining": in_sample,
                            "InterpolatedChannels": [name for name in meta["channels"]
                                                     if name not in found],
                            "ChannelsFoundAs": renamed,

@@ -170,6 +170,11 @@ def test_converter_refusals(tmp_path):
     with pytest.raises(DataError, match="evil.pth: not a readable PyTorch state dict"):
         convert_authors_checkpoint(evil, tmp_path / "m.pt", **kwargs)
     assert not marker.exists() and not (tmp_path / "m.pt").exists()
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(DataError, match=r"notes.pth: not a readable PyTorch state dict \(the safe "
+                                        r"loader refused it: not a PyTorch file \(neither a zip "
+                                        r"archive nor a pickle\)\)$"):
+        convert_authors_checkpoint(tmp_path / "notes.pth", tmp_path / "m.pt", **kwargs)
 
 
 def test_command_line(tmp_path, capsys):

@@ -107,6 +107,12 @@ def test_chained_run_synthesises_without_raw_data(emptied_bids, participant_outp
         assert meta["ModelTrainingDataset"] == json.loads(
             (emptied_bids / "dataset_description.json").read_text())["Name"]
         assert f"sub-{sub} is one of the subjects the model was fitted on, in this dataset" in proc.stderr
+        assert meta["SubjectInModelTraining"] is True
+        # the report says so too, and that this folder's synthesis is not scored
+        report = (out2 / f"sub-{sub}.html").read_text()
+        assert "Applied model" in report and "in-sample: the model was fitted on this subject" in report
+        assert "not scored: participant --model synthesises without scoring" in report
+        assert "run the group level" not in report
         assert "paired" in (out2 / f"sub-{sub}" / f"sub-{sub}_runs.tsv").read_text()
 
     group = ("group", *GROUP_OPTIONS, "--epochs", "1", "--no-final", "--folds", "02",

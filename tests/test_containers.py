@@ -102,9 +102,9 @@ def test_dockerfile_static():
     assert "selective_scan_cuda" in run_text and "causal_conv1d_cuda" in run_text
     assert "SKIP_CUDA_BUILD=TRUE" not in DOCKERFILE.read_text()
 
-    # the package is installed from the files the COPY lines bring in
+    # the package is installed from the files the COPY lines bring in (LICENSE: into its metadata)
     copied = " ".join(a for op, a in ops if op == "COPY")
-    for path in ("pyproject.toml", "README.md", "spec2vol_bids"):
+    for path in ("pyproject.toml", "README.md", "LICENSE", "spec2vol_bids"):
         assert path in copied
         assert (ROOT / path).exists(), path
 

@@ -95,6 +95,9 @@ def test_final_model_synthesises_for_the_eeg_only_subject(main_job, tmp_path):
     assert side["RepetitionTime"] == pytest.approx(2.0)
     assert side["ModelFittedOnSubjects"] == ["01", "02"]  # sub-03 is unseen: no warning
     assert "is one of the subjects the model was fitted on" not in proc.stderr
+    assert side["SubjectInModelTraining"] is False
+    report = (out / "sub-03.html").read_text()
+    assert "Applied model" in report and "in-sample" not in report
     # in the space of the training targets, as their scanner-space code (1) says
     target = nib.load(out / "sub-01" / "func" / "sub-01_task-rest_desc-target_bold.nii.gz")
     for image in (synth, target):

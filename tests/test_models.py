@@ -247,6 +247,14 @@ def test_checkpoint_refuses_code_and_mismatches(tmp_path):
                                         r"by the safe loader: the file is damaged or truncated\); use an "
                                         r"intact model.pt written by spec2vol$"):
         load_checkpoint(cut)
+    # the loader's own words for these are a bare byte value ("101") or nothing at all
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.pt: .*\(refused by the safe loader: the file is empty\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(DataError, match=r"notes.pt: .*loader: not a PyTorch file \(neither a zip "
+                                        r"archive nor a pickle\)\)"):
+        load_checkpoint(tmp_path / "notes.pt")
     with pytest.raises(DataError, match="other.pt: not a spec2vol model checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
 

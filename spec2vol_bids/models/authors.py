@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import EX_INTERRUPTED, DataError, MissingInputError, Spec2VolError, UsageError, one_line
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, unreadable_reason
 from .encoder import encoded_bins
 from .registry import build_model
 
@@ -222,7 +222,7 @@ def _read_authors_file(src: Path) -> dict:
         payload = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - anything else means "not a plain state dict"
         raise DataError(f"not a readable PyTorch state dict (the safe loader refused it: "
-                        f"{one_line(error, 160)})", path=src) from error
+                        f"{unreadable_reason(error, src)})", path=src) from error
     if isinstance(payload, Mapping) and not any(torch.is_tensor(v) for v in payload.values()):
         # A dict holding one, e.g. {"state_dict": ...} or {"model": ...}.
         held = [v for k, v in payload.items() if k in ("state_dict", "model") and isinstance(v, Mapping)]

@@ -89,16 +89,25 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str, channels, norm_s
     return path
 
 
-def _unpickler_reason(error: BaseException) -> str:
-    """What torch's safe loader objected to, without its advice to load the file unsafely."""
+def unreadable_reason(error: BaseException, path: Path) -> str:
+    """Why torch's safe loader could not read ``path``, in words (without its advice to load the
+    file unsafely): an empty file or one of another format is named as such, since the
+    loader's own message for them is a bare byte value."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return "the file is empty"
+    if head != b"PK" and head[:1] != b"\x80":  # torch writes zip archives, once pickles
+        return "not a PyTorch file (neither a zip archive nor a pickle)"
     text = str(error)
-    if "PytorchStreamReader" in text:  # torch's zip reader: the archive ends early or is garbled
+    if "PytorchStreamReader" in text or isinstance(error, EOFError):  # the file ends early
         return "the file is damaged or truncated"
     if "WeightsUnpickler error:" in text:
         reason = text.split("WeightsUnpickler error:", 1)[1]
         reason = reason.split(" Please use", 1)[0].split("Check the documentation", 1)[0]
         return one_line(reason) or "unsupported content"
-    return one_line(text.split(". ", 1)[0] if "Weights only load failed" in text else text)
+    return one_line(text.split(". ", 1)[0] if "Weights only load failed" in text else text) \
+        or type(error).__name__
 
 
 def _finite_numbers(value) -> bool:
@@ -148,7 +157,7 @@ def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means "not a safe checkpoint"
         raise DataError(f"not a readable spec2vol model checkpoint (refused by the safe "
-                        f"loader: {_unpickler_reason(error)}); use an intact model.pt written by "
+                        f"loader: {unreadable_reason(error, path)}); use an intact model.pt written by "
                         "spec2vol",
                         path=path) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

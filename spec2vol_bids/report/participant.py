@@ -226,6 +226,33 @@ def _dynamics_section(func_files: list[Path]) -> str:
     return "".join(parts)
 
 
+def _applied_models(func_files: list[Path]) -> dict[str, dict]:
+    """The sidecars of the runs synthesised by ``participant --model``, by run name."""
+    applied = {}
+    for path in func_files:
+        if path.name.endswith(SYNTH_SUFFIX):
+            try:
+                side = read_json(sidecar_path(path))
+            except (OSError, ValueError):  # a damaged sidecar: the runs section says so
+                continue
+            if isinstance(side, dict) and "ModelFittedOnSubjects" in side:  # not the group's
+                applied[run_name(path)] = side
+    return applied
+
+
+def _applied_section(applied: dict[str, dict]) -> str:
+    """Which model synthesised each run, and whether this subject was among its training ones."""
+    rows = [[run, side.get("Model"), side.get("Fold"), side.get("ModelTrainingDataset") or "not recorded",
+             ", ".join(side.get("InterpolatedChannels") or []) or "none"]
+            for run, side in applied.items()]
+    inside = [run for run, side in applied.items() if side.get("SubjectInModelTraining")]
+    warning = html.empty(f"in-sample: the model was fitted on this subject's own data ("
+                         f"{', '.join(inside)}); the series are no prediction for unseen EEG") \
+        if inside else ""
+    return warning + html.table(["run", "model", "fold", "trained on dataset", "interpolated channels"],
+                                rows)
+
+
 def write_participant_report(output_dir: str | Path, subject: str) -> Path:
     """Write ``OUTPUT_DIR/sub-<label>.html`` from the subject's derivatives.
 
@@ -250,13 +277,19 @@ def write_participant_report(output_dir: str | Path, subject: str) -> Path:
     eeg_only = bool(sidecars) and not any(p.name.endswith(TARGET_SUFFIX) for p in func_files)
     unscored = html.empty("no measured BOLD for this participant (EEG-only runs): there is "
                           "nothing to score a synthesis against")
+    applied = _applied_models(func_files)
+    if applied and not eeg_only:
+        unscored = html.empty("not scored: participant --model synthesises without scoring; the "
+                              "group level scores models on held-out subjects")
     sections = [
         ("runs", "Runs", _runs_section(sub_dir, sub)),
         ("eeg", "EEG channels", _eeg_section(sidecars)),
         ("qc", "Alignment and spectrogram", _qc_section(sub_dir / "figures")),
         ("slices", "Measured vs synthesised", _slices_section(func_files)),
-        ("dynamics", "Dynamics map", unscored if eeg_only else _dynamics_section(func_files)),
-        ("metrics", "Metrics", unscored if eeg_only else _metrics_section(output_dir, sub)),
+        ("dynamics", "Dynamics map", unscored if eeg_only or applied else _dynamics_section(func_files)),
+        ("metrics", "Metrics", unscored if eeg_only or applied else _metrics_section(output_dir, sub)),
     ]
+    if applied:
+        sections.insert(1, ("model", "Applied model", _applied_section(applied)))
     path = output_dir / f"{sub}.html"
     return write_text(path, html.page(f"spec2vol: {sub}", sections))
