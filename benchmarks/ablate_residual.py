@@ -21,7 +21,7 @@ Usage (after ``spec2vol BIDS OUT participant``)::
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
         [--variants recipe no-readout readout-only no-projection on-ridge ridge-start] [--seeds 0 1 2]
         [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
-        [--readout-sgd 1e-2] [--select-val] [--hrf] [--device cuda]
+        [--readout-sgd 1e-2] [--select-val] [--hrf] [--mixup 1.0] [--device cuda]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
 learning curve: ``--size full --variants recipe --curve``). ``--readout-sgd LR`` trains the
@@ -32,9 +32,10 @@ subject of each fold out of training and keeps the epoch with its best dynamics 
 level's ``--select val`` under the residual protocol). ``--hrf`` gives the model hrf-ridge's
 prior: its network sees one window, the context summed with the canonical HRF's weights, its
 readout reads hrf-ridge's features, and ``on-ridge`` / ``ridge-start`` use the hrf-ridge map
-(``no-projection`` is not defined with it). Prints the CPU flags, then one
-line per variant: dynamics and SSIM as mean ± SD over the
-held-out subjects (and seeds), and the seconds per fold.
+(``no-projection`` is not defined with it). ``--mixup ALPHA`` trains on mixtures of pairs of
+samples of each batch, inputs and targets with the same Beta(ALPHA, ALPHA) weight. Prints the
+CPU flags, then one line per variant: dynamics and SSIM as mean ± SD over the held-out
+subjects (and seeds), and the seconds per fold.
 """
 
 from __future__ import annotations
@@ -154,8 +155,27 @@ def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None
     return Stepped([o for o, _ in pairs]), Stepped([s for _, s in pairs])
 
 
+def mixup(alpha: float, seed: int):
+    """A collate function that mixes each batch with itself in shuffled order: ``x = λ·x_i +
+    (1 − λ)·x_j`` and the same ``λ`` for the targets, ``λ ~ Beta(alpha, alpha)`` per sample
+    (Zhang et al. 2018). A linear map from input to target holds for every mixture, so the
+    network is pushed towards one between the training samples."""
+    rng = np.random.default_rng(seed)
+
+    def collate(items):
+        x, y = torch.utils.data.default_collate(items)
+        lam = torch.from_numpy(rng.beta(alpha, alpha, len(x))).float()
+        order = torch.from_numpy(rng.permutation(len(x)))
+
+        def mix(t):  # (batch, ...): each sample with the one ``order`` pairs it with
+            weight = lam.view(-1, *[1] * (t.dim() - 1))
+            return weight * t.float() + (1 - weight) * t[order].float()
+        return mix(x), mix(y)
+    return collate
+
+
 def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None,
-                  readout_sgd=None, hrf=False, device=torch.device("cpu")):
+                  readout_sgd=None, hrf=False, device=torch.device("cpu"), mixup_alpha=0.0):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
@@ -167,6 +187,8 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
     criterion = masked_mse(model.scale, stats["mask"])
     for epoch in range(config.epochs):
         loader = torch.utils.data.DataLoader(shifted, batch_size=config.batch_size,
+                                             collate_fn=mixup(mixup_alpha, config.seed * 1000 + epoch)
+                                             if mixup_alpha > 0 else None,
                                              sampler=train.epoch_order(config.seed, epoch, len(shifted)))
         loss = train._train_epoch(model, model, loader, optimizer, scheduler, config,
                                   device, desc="", show=False,
@@ -209,7 +231,8 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
                   f"dynamics {np.mean([d for d, _ in found]):.3f}, validation {val:.3f}, "
                   f"{time.perf_counter() - tic:.0f} s", flush=True)
     result = train_variant(variant, config, channels, train_runs, work, on_epoch=on_epoch,
-                           ridge=ridge, readout_sgd=args.readout_sgd, hrf=args.hrf, device=device)
+                           ridge=ridge, readout_sgd=args.readout_sgd, hrf=args.hrf, device=device,
+                           mixup_alpha=args.mixup)
     took = time.perf_counter() - tic
     if val_runs:
         result.model.load_state_dict(picked["state"])
@@ -237,6 +260,8 @@ def main() -> None:
                         help="give the model hrf-ridge's prior: the network sees the context summed "
                              "with the canonical HRF, the readout hrf-ridge's features, and on-ridge "
                              "/ ridge-start start from the hrf-ridge map")
+    parser.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                        help="mix each training batch with itself (Beta(ALPHA, ALPHA) weights)")
     parser.add_argument("--device", default="cpu",
                         help="where the networks train and predict (on a GPU in the group level's "
                              "--precision auto); the linear baselines are scored on the CPU")
