@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spec2vol_bids import group, linear, train
+from spec2vol_bids import devices, group, linear, train
 from spec2vol_bids.config import LINEAR_MODELS, Training
 from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
@@ -202,8 +202,10 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
 
 
 def score(result, runs, channels, mean, work, device=torch.device("cpu")) -> list[tuple[float, float]]:
-    rows = [group.evaluate_model_on_run(run, channels, result, mean, work_dir=work,
-                                        device=device) for run in runs]
+    # in the arithmetic the group level scores networks in (bf16 autocast on a GPU that has it)
+    dtype = devices.autocast_dtype(device, "auto")
+    rows = [group.evaluate_model_on_run(run, channels, result, mean, work_dir=work, device=device,
+                                        dtype=dtype) for run in runs]
     return [(row["dynamics"], float(np.mean(row["ssim"]))) for row in rows]
 
 

@@ -69,13 +69,24 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    native = _native_bf16(device)
     if precision == "fp32" or (precision == "auto" and not native):
         return None
     if device.type == "cuda" and not native:
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
                          "bfloat16; use --precision fp32 (or auto, which chooses it there)")
     return torch.bfloat16
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 in hardware: an NVIDIA GPU of compute capability
+    8.0 or higher (what ``torch.cuda.is_bf16_supported(including_emulation=False)`` tests, a
+    keyword torch 2.3 lacks), or a ROCm GPU that torch says supports it."""
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -93,7 +93,11 @@ def run_group(config: Config) -> int:
     check_training(training)
     devices.set_deterministic(training.deterministic)  # before any GPU work
     # starts the process group under torchrun; an impossible --precision is refused now
-    devices.autocast_dtype(devices.resolve_device(training.device), training.precision)
+    device = devices.resolve_device(training.device)
+    devices.autocast_dtype(device, training.precision)
+    if training.deterministic and device.type == "cuda" and "e2fnet" in {training.model, *training.compare}:
+        raise UsageError("--deterministic: E2fNet's bicubic upsampling has no deterministic backward "
+                         "pass on a GPU in PyTorch; leave out --deterministic, or E2fNet")
     runs = find_runs(out_dir, participant_label=inputs.participant_label,
                      session_label=inputs.session_label, task=inputs.task)
     paired = [r for r in runs if r.target is not None]

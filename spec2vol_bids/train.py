@@ -40,7 +40,7 @@ from spec2vol_bids.config import Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats, run_digest
 from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, shifts_to, target_stats
-from spec2vol_bids.errors import DataError
+from spec2vol_bids.errors import DataError, UsageError, one_line
 from spec2vol_bids.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -247,11 +247,20 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     progress = Progress(description, config.epochs,
                         enabled=rank == 0 and not (config.progress and sys.stderr.isatty()))
     with progress:
-        history, best = _epochs(net, model, train_set, val_set, optimizer, scheduler, config, device,
-                                history=history, best=best, start_epoch=start_epoch,
-                                checkpoint=checkpoint, fingerprint=fingerprint,
-                                description=description, progress=progress, criterion=criterion,
-                                val_mask=val_mask)
+        try:
+            history, best = _epochs(net, model, train_set, val_set, optimizer, scheduler, config,
+                                    device, history=history, best=best, start_epoch=start_epoch,
+                                    checkpoint=checkpoint, fingerprint=fingerprint,
+                                    description=description, progress=progress,
+                                    criterion=criterion, val_mask=val_mask)
+        except RuntimeError as exc:  # PyTorch's words for an operation --deterministic forbids
+            words = " does not have a deterministic implementation"
+            if words not in str(exc):
+                raise
+            raise UsageError(f"--deterministic: {one_line(str(exc).split(words)[0])} has no "
+                             f"deterministic implementation in PyTorch, and {config.model} needs "
+                             f"it on {device.type}; leave out --deterministic, or train on the "
+                             "CPU") from None
 
     selected = config.epochs
     if config.select == "val":

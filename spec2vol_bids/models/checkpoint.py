@@ -93,8 +93,11 @@ def unreadable_reason(error: BaseException, path: Path) -> str:
     """Why torch's safe loader could not read ``path``, in words (without its advice to load the
     file unsafely): an empty file or one of another format is named as such, since the
     loader's own message for them is a bare byte value."""
-    with open(path, "rb") as f:
-        head = f.read(2)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as exc:  # not readable at all (permissions, a folder)
+        return f"it cannot be read ({exc.strerror or exc})"
     if not head:
         return "the file is empty"
     if head != b"PK" and head[:1] != b"\x80":  # torch writes zip archives, once pickles

@@ -240,12 +240,15 @@ def _applied_models(func_files: list[Path]) -> dict[str, dict]:
     return applied
 
 
-def _applied_section(applied: dict[str, dict]) -> str:
-    """Which model synthesised each run, and whether this subject was among its training ones."""
+def _applied_section(applied: dict[str, dict], label: str) -> str:
+    """Which model synthesised each run, and whether this subject (``label``) was among its
+    training ones (sidecars written before ``SubjectInModelTraining`` existed: its label among
+    ``ModelFittedOnSubjects``, whatever the dataset)."""
     rows = [[run, side.get("Model"), side.get("Fold"), side.get("ModelTrainingDataset") or "not recorded",
              ", ".join(side.get("InterpolatedChannels") or []) or "none"]
             for run, side in applied.items()]
-    inside = [run for run, side in applied.items() if side.get("SubjectInModelTraining")]
+    inside = [run for run, side in applied.items() if side.get(
+        "SubjectInModelTraining", label in (side.get("ModelFittedOnSubjects") or []))]
     warning = html.empty(f"in-sample: the model was fitted on this subject's own data ("
                          f"{', '.join(inside)}); the series are no prediction for unseen EEG") \
         if inside else ""
@@ -290,6 +293,6 @@ def write_participant_report(output_dir: str | Path, subject: str) -> Path:
         ("metrics", "Metrics", unscored if eeg_only or applied else _metrics_section(output_dir, sub)),
     ]
     if applied:
-        sections.insert(1, ("model", "Applied model", _applied_section(applied)))
+        sections.insert(1, ("model", "Applied model", _applied_section(applied, sub.removeprefix("sub-"))))
     path = output_dir / f"{sub}.html"
     return write_text(path, html.page(f"spec2vol: {sub}", sections))
