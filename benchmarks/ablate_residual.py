@@ -184,6 +184,7 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
                           linear.repetition_time(train_runs) if hrf else None).to(device)
     optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd)
     shifted = DeviationTargets(dataset, stats["shift"])
+    dtype = devices.autocast_dtype(device, config.precision)  # scored in it too, as the group level
     criterion = masked_mse(model.scale, stats["mask"])
     for epoch in range(config.epochs):
         loader = torch.utils.data.DataLoader(shifted, batch_size=config.batch_size,
@@ -196,16 +197,15 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
         if on_epoch is not None:
             on_epoch(epoch + 1, loss, train.TrainResult(model=model.eval(), norm=norm, history=[],
                                                         selected_epoch=epoch + 1,
-                                                        out_shape=dataset.target_shape()))
+                                                        out_shape=dataset.target_shape(),
+                                                        autocast=dtype))
     return train.TrainResult(model=model.eval(), norm=norm, history=[], selected_epoch=config.epochs,
-                             out_shape=dataset.target_shape())
+                             out_shape=dataset.target_shape(), autocast=dtype)
 
 
 def score(result, runs, channels, mean, work, device=torch.device("cpu")) -> list[tuple[float, float]]:
-    # in the arithmetic the group level scores networks in (bf16 autocast on a GPU that has it)
-    dtype = devices.autocast_dtype(device, "auto")
-    rows = [group.evaluate_model_on_run(run, channels, result, mean, work_dir=work, device=device,
-                                        dtype=dtype) for run in runs]
+    rows = [group.evaluate_model_on_run(run, channels, result, mean, work_dir=work,
+                                        device=device) for run in runs]
     return [(row["dynamics"], float(np.mean(row["ssim"]))) for row in rows]
 
 

@@ -299,8 +299,7 @@ def train_and_save(train_runs: Sequence[Run], val_runs: Sequence[Run], channels:
                    "Epochs": config.epochs, "Selection": config.select,
                    "SelectedEpoch": result.selected_epoch,
                    # how it computed (not part of Config: a fold may resume on another device)
-                   "Precision": "fp32" if devices.autocast_dtype(
-                       devices.resolve_device(config.device), config.precision) is None else "bf16",
+                   "Precision": "fp32" if result.autocast is None else "bf16",
                    "Deterministic": config.deterministic}
     if not devices.is_main():
         return result
@@ -381,7 +380,6 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
     if not devices.is_main():
         return {}
     device = devices.resolve_device(config.device)
-    dtype = devices.autocast_dtype(device, config.precision)
     # the mean-volume baseline averages every training subject's targets (validation included)
     mean_volume = PairedDataset(training, channels, trained[config.model].norm, work_dir).mean_target()
     rows = []
@@ -395,7 +393,6 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
             for name in per_model:
                 result = evaluate_model_on_run(run, channels, trained.get(name), mean_volume,
                                                work_dir=work_dir, device=device,
-                                               dtype=None if name in LINEAR_MODELS else dtype,
                                                regressors=regressors if name == oracle.ORACLE else None)
                 per_model[name].append(result)
                 if name == config.model:
@@ -412,11 +409,10 @@ def run_fold(fold: Fold, paired: Sequence[Run], channels: Sequence[str], config:
 
 def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.TrainResult | None,
                           mean_volume: np.ndarray, *, work_dir: Path, device: torch.device,
-                          dtype: torch.dtype | None = None,
                           regressors: np.ndarray | None = None) -> dict:
-    """Predictions and metrics of a trained model (its forward pass in autocast ``dtype``;
-    None: float32), of the mean volume (``result`` None) or, given the simulation's true
-    ``regressors``, of the oracle ceiling."""
+    """Predictions and metrics of a trained model (in the arithmetic it was trained in), of the
+    mean volume (``result`` None) or, given the simulation's true ``regressors``, of the oracle
+    ceiling."""
     target = np.load(cache_target(run.target, work_dir), mmap_mode="r")[run.sample_volumes]
     target = np.asarray(target, dtype=np.float32)
     if regressors is not None:
@@ -426,7 +422,7 @@ def evaluate_model_on_run(run: Run, channels: Sequence[str], result: train.Train
     else:
         dataset = PairedDataset([run], channels, result.norm, work_dir)
         loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
-        pred = synthesize.predict(result.model, loader, device, dtype)
+        pred = synthesize.predict(result.model, loader, device, result.autocast)
     metrics = evaluate.evaluate_run(pred, target, _target_header(run).affine, mask=_run_mask(run))
     metrics["pred"] = pred
     return metrics

@@ -70,6 +70,8 @@ class TrainResult:
     history: list[dict]
     selected_epoch: int
     out_shape: tuple
+    #: the autocast dtype it was trained in and is to predict in (None: float32)
+    autocast: torch.dtype | None = None
 
 
 class Progress:
@@ -210,7 +212,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         raise DataError("--select val needs a held-out training subject; there are too few subjects")
     set_deterministic(config.deterministic)
     device = resolve_device(config.device)
-    autocast_dtype(device, config.precision)  # an impossible --precision: refused before any work
+    dtype = autocast_dtype(device, config.precision)  # an impossible one: refused before any work
     rank, world, local_rank = distributed()
     norm = norm_stats(train_runs, channels, kind=config.eeg_normalisation)
     train_set = PairedDataset(train_runs, channels, norm, work_dir)
@@ -275,7 +277,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
             model.set_target_stats(pooled, model.scale)
     model.eval()
     return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
-                       out_shape=tuple(model.config.out_shape))
+                       out_shape=tuple(model.config.out_shape), autocast=dtype)
 
 
 def selection_metric(config: Training) -> str:

@@ -124,6 +124,16 @@ def group(bids: Path, out: Path, work: Path, *extra, epochs: int = 2, **kwargs):
 
 # -- interruptions --------------------------------------------------------------------------
 
+def assert_interrupted(proc: subprocess.Popen, signum: int, rerun: str) -> None:
+    """Send ``signum``; the run must exit 130 without a traceback, its last line saying that
+    the same command ``rerun``."""
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"spec2vol: interrupted; the same command {rerun}"
+
+
 def test_sigint_during_group_saves_a_checkpoint_and_exits_130(simulated_bids_source, participant_outputs, tmp_path):
     work = tmp_path / "work"
     checkpoint = work / "checkpoints" / "fold-fixed" / "spec2vol" / "checkpoint.pt"
@@ -136,12 +146,8 @@ def test_sigint_during_group_saves_a_checkpoint_and_exits_130(simulated_bids_sou
     finally:
         signal.signal(signal.SIGINT, previous)
     wait_for(checkpoint.exists, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("spec2vol: interrupted; the same command skips what is "
-                                            "finished and resumes training from its last checkpoint")
+    assert_interrupted(proc, signal.SIGINT, "skips what is finished and resumes training from its "
+                                            "last checkpoint")
 
     import torch
 
@@ -156,12 +162,8 @@ def test_sigterm_during_participant_exits_130_and_says_what_a_rerun_does(simulat
     out = tmp_path / "out"
     proc = start(simulated_bids, out, "participant", *PARTICIPANT_OPTIONS)
     wait_for(lambda: out.is_dir() and any(out.glob("sub-*/eeg/*.npy")), proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("spec2vol: interrupted; the same command skips the runs "
-                                            "whose outputs are up to date and redoes the rest")
+    assert_interrupted(proc, signal.SIGTERM, "skips the runs whose outputs are up to date and "
+                                             "redoes the rest")
     assert partial_files(out) == [] and unreadable_outputs(out) == []
 
 
