@@ -21,13 +21,17 @@ Usage (after ``spec2vol BIDS OUT participant``)::
     python benchmarks/ablate_residual.py OUT [--folds 01 02] [--epochs 8] [--lr 3e-3]
         [--variants recipe no-readout readout-only no-projection on-ridge ridge-start] [--seeds 0 1 2]
         [--model spec2vol|e2fnet] [--size tiny|full] [--weight-decay 0.01] [--curve]
-        [--readout-sgd 1e-2] [--select-val] [--hrf] [--mixup 1.0] [--device cuda]
+        [--readout-sgd 0.1] [--readout-adamw] [--kernels 2] [--select-val] [--hrf]
+        [--mixup 1.0] [--device cuda]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
-learning curve: ``--size full --variants recipe --curve``). ``--readout-sgd LR`` trains the
-linear readout with SGD (momentum 0.9, the same weight decay and schedule) at ``LR`` instead of
-AdamW, the rest of the model keeping AdamW: gradient descent on a linear map from zero follows
-the ridge path, AdamW's per-weight step sizes do not. ``--select-val`` holds the last training
+learning curve: ``--size full --variants recipe --curve``). The linear readout is trained as
+the group level trains it, by SGD (momentum 0.9, the same weight decay and schedule) while the
+network has AdamW; ``--readout-sgd LR`` changes its step size, ``--readout-adamw`` trains it with
+AdamW instead (the residual protocol before; :mod:`spec2vol_bids.optimisers` says why). It
+learns ``--kernels`` lag profiles shared by every band feature; ``--kernels 0`` gives every
+context window its own weights (the readout before; docs/model.md's earlier ablations ran with
+``--kernels 0`` and, unless they name ``--readout-sgd``, ``--readout-adamw``). ``--select-val`` holds the last training
 subject of each fold out of training and keeps the epoch with its best dynamics (as the group
 level's ``--select val`` under the residual protocol). ``--hrf`` gives the model hrf-ridge's
 prior: its network sees one window, the context summed with the canonical HRF's weights, its
@@ -50,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spec2vol_bids import devices, group, linear, train
-from spec2vol_bids.config import LINEAR_MODELS, Training
+from spec2vol_bids import devices, group, linear, optimisers, train
+from spec2vol_bids.config import LINEAR_MODELS, READOUT_KERNELS, READOUT_LR, Training
 from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.models import build_model
@@ -94,7 +98,7 @@ class HrfInput(ResidualOutput):
 
 
 def variant_model(variant: str, config: Training, channels, train_set, stats, context: int,
-                  ridge=None, hrf_tr: float | None = None):
+                  ridge=None, hrf_tr: float | None = None, kernels: int = 0):
     components = 0 if variant == "no-projection" else config.readout_components
     if hrf_tr:
         model = HrfInput(config, len(channels), train_set.freq_bins(), train_set.target_shape(),
@@ -102,12 +106,13 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
     else:
         model = build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
                             out_shape=train_set.target_shape(), context=context, size=config.size,
-                            readout_components=components)
+                            readout_components=components,
+                            readout_kernels=kernels if components else 0)
     if variant == "no-projection":
         model = ResidualOutput(model)
     model.set_target_stats(stats["mean"], stats["scale"], stats["basis"] if components else None)
     if variant == "no-readout":
-        model.readout.weight.requires_grad_(False)
+        model.readout.requires_grad_(False)
     if variant == "readout-only":
         model.net = Silent(model.net.config)
     if variant in ("on-ridge", "ridge-start"):
@@ -121,38 +126,16 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
     return model
 
 
-class Stepped:
-    """Optimisers (or schedules) stepped as one (``--readout-sgd``)."""
-
-    def __init__(self, parts):
-        self.parts = parts
-        self.param_groups = [g for part in parts for g in getattr(part, "param_groups", [])]
-
-    def step(self):
-        for part in self.parts:
-            part.step()
-
-    def zero_grad(self, set_to_none=True):
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
-
-
-def optimiser(model, config: Training, n_samples: int, readout_sgd: float | None):
-    """The group level's AdamW and schedule; with ``readout_sgd`` the readout on SGD instead."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    readout = [] if readout_sgd is None or model.readout is None else \
-        [p for p in model.readout.parameters() if p.requires_grad]
-    rest = [p for p in params if all(p is not q for q in readout)]
-    pairs = [train._optimiser(nn.ParameterList(rest), config, n_samples, 1, config.batch_size)] \
-        if rest else []
-    if readout:
-        sgd = torch.optim.SGD(readout, lr=readout_sgd, momentum=0.9,
+def optimiser(model, config: Training, n_samples: int, readout_lr: float | None,
+              readout_adamw: bool):
+    """The group level's optimisers (the readout on SGD, at ``readout_lr`` if given), or with
+    ``readout_adamw`` AdamW for every weight (the residual protocol before the SGD readout)."""
+    if not readout_adamw:
+        return optimisers.optimiser(model, config, n_samples, 1, config.batch_size,
+                                    readout_lr=readout_lr or READOUT_LR)
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                               weight_decay=config.weight_decay)
-        # the same warm-up and restarts as the AdamW part
-        _, like = train._optimiser(nn.ParameterList(readout), config, n_samples, 1,
-                                   config.batch_size)
-        pairs.append((sgd, torch.optim.lr_scheduler.LambdaLR(sgd, like.lr_lambdas[0])))
-    return Stepped([o for o, _ in pairs]), Stepped([s for _, s in pairs])
+    return adamw, optimisers.schedule(adamw, config, n_samples, 1, config.batch_size)
 
 
 def mixup(alpha: float, seed: int):
@@ -175,14 +158,15 @@ def mixup(alpha: float, seed: int):
 
 
 def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ridge=None,
-                  readout_sgd=None, hrf=False, device=torch.device("cpu"), mixup_alpha=0.0):
+                  readout_sgd=None, hrf=False, device=torch.device("cpu"), mixup_alpha=0.0,
+                  kernels=0, readout_adamw=False):
     norm = norm_stats(train_runs, channels, kind="run")
     dataset = PairedDataset(train_runs, channels, norm, work)
     stats = target_stats(dataset, train_runs, config.readout_components)
     train.seed_everything(config.seed)
     model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge,
-                          linear.repetition_time(train_runs) if hrf else None).to(device)
-    optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd)
+                          linear.repetition_time(train_runs) if hrf else None, kernels).to(device)
+    optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd, readout_adamw)
     shifted = DeviationTargets(dataset, stats["shift"])
     dtype = devices.autocast_dtype(device, config.precision)  # scored in it too, as the group level
     criterion = masked_mse(model.scale, stats["mask"])
@@ -234,7 +218,8 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
                   f"{time.perf_counter() - tic:.0f} s", flush=True)
     result = train_variant(variant, config, channels, train_runs, work, on_epoch=on_epoch,
                            ridge=ridge, readout_sgd=args.readout_sgd, hrf=args.hrf, device=device,
-                           mixup_alpha=args.mixup)
+                           mixup_alpha=args.mixup, kernels=args.kernels,
+                           readout_adamw=args.readout_adamw)
     took = time.perf_counter() - tic
     if val_runs:
         result.model.load_state_dict(picked["state"])
@@ -256,20 +241,31 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--curve", action="store_true",
                         help="also score the held-out subject after every epoch (a learning curve)")
-    parser.add_argument("--readout-sgd", type=float, default=None, metavar="LR",
-                        help="train the linear readout with SGD (momentum 0.9) at LR")
+    parser.add_argument("--readout-sgd", type=float, default=READOUT_LR, metavar="LR",
+                        help="the SGD step size of the linear readout (momentum 0.9; default: the "
+                             "group level's)")
+    parser.add_argument("--readout-adamw", action="store_true",
+                        help="train the readout with AdamW, as the network (the residual protocol "
+                             "before its SGD readout)")
     parser.add_argument("--hrf", action="store_true",
                         help="give the model hrf-ridge's prior: the network sees the context summed "
                              "with the canonical HRF, the readout hrf-ridge's features, and on-ridge "
                              "/ ridge-start start from the hrf-ridge map")
     parser.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                         help="mix each training batch with itself (Beta(ALPHA, ALPHA) weights)")
+    parser.add_argument("--kernels", type=int, default=READOUT_KERNELS, metavar="R",
+                        help="the readout's learned lag profiles, shared by all band features "
+                             "(default: the group level's); 0: a weight per context window, the "
+                             "residual protocol before them (not used with --hrf)")
     parser.add_argument("--device", default="cpu",
                         help="where the networks train and predict (on a GPU in the group level's "
                              "--precision auto); the linear baselines are scored on the CPU")
     parser.add_argument("--select-val", action="store_true",
                         help="hold out the last training subject; keep its best-dynamics epoch")
     args = parser.parse_args()
+    if args.kernels and not args.hrf and {"on-ridge", "ridge-start"} & set(args.variants):
+        parser.error("on-ridge and ridge-start copy ridge's map into a readout with a weight per "
+                     "context window: add --kernels 0")
     if args.hrf and "no-projection" in args.variants:
         parser.error("--hrf: leave no-projection out of --variants (it has no readout to give "
                      "hrf-ridge's features)")
@@ -306,7 +302,8 @@ def main() -> None:
                     print(f"  fold {held} {variant} seed {seed}: dynamics "
                           f"{np.mean([d for d, _ in found]):.3f}", flush=True)
     print(f"{args.model} ({args.size}), {args.epochs} epochs, lr {args.lr}, weight decay "
-          f"{args.weight_decay}, readout {'SGD lr %g' % args.readout_sgd if args.readout_sgd else 'AdamW'}, "
+          f"{args.weight_decay}, readout {'AdamW' if args.readout_adamw else 'SGD lr %g' % args.readout_sgd}"
+          f"{'' if args.hrf else ' with %d lag profiles' % args.kernels}, "
           f"{'HRF-convolved inputs (--hrf), ' if args.hrf else ''}"
           f"{'validation-selected epoch' if args.select_val else 'last epoch'}, "
           f"folds {' '.join(args.folds or subjects)}, seeds {args.seeds}")

@@ -41,6 +41,11 @@ PROTOCOLS = ("residual", "published")
 PROTOCOL_NORMALISATION = {"residual": "run", "published": "minmax"}
 #: Response components the residual protocol keeps a network's output to.
 READOUT_COMPONENTS = 64
+#: Lag profiles of the residual protocol's linear readout, learned and shared by every band
+#: feature (spec2vol_bids.models.residual.KernelReadout): a response shape and one that shifts it.
+READOUT_KERNELS = 2
+#: The SGD step size of that readout (spec2vol_bids.optimisers); the network keeps AdamW at --lr.
+READOUT_LR = 0.1
 SIZES = ("full", "tiny")
 #: ``--precision``: "auto" is bfloat16 autocast on a GPU with native bfloat16, float32 elsewhere
 #: (spec2vol_bids.devices.autocast_dtype)
@@ -133,6 +138,11 @@ class Training:
     def readout_components(self) -> int:
         """The networks' ``readout_components`` under this protocol (0: volumes, as published)."""
         return READOUT_COMPONENTS if self.protocol == "residual" else 0
+
+    @property
+    def readout_kernels(self) -> int:
+        """The learned lag profiles of the residual protocol's readout (0 without a readout)."""
+        return READOUT_KERNELS if self.protocol == "residual" else 0
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,10 @@ def protocol(config: Training, model_name: str) -> dict:
     (closed form, run-standardised EEG) nothing but its name."""
     if model_name in LINEAR_MODELS:
         return {"model": model_name, "eeg_normalisation": "run"}
-    return {name: getattr(dataclasses.replace(config, model=model_name), name)
-            for name in train.PROTOCOL}
+    config = dataclasses.replace(config, model=model_name)
+    recipe = train.readout_recipe(config)
+    return {**{name: getattr(config, name) for name in train.PROTOCOL},
+            **({"readout": recipe} if recipe else {})}
 
 
 def broadcast(value):

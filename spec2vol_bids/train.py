@@ -2,8 +2,9 @@
 
 Defaults follow the authors: loss 0.5·(1 − SSIM) + 0.5·MSE, AdamW (lr 1e-3, weight decay
 1e-2), batch 16 with 2-step gradient accumulation, 50 epochs, cosine schedule with hard restarts
-every 10 epochs after 50 warm-up steps, gradient clipping at 1.0. Checkpoint selection never
-looks at test data: the last epoch, or the best SSIM on one held-out *training* subject.
+every 10 epochs after 50 warm-up steps, gradient clipping at 1.0 (under the residual protocol
+the linear readout is trained by SGD: :mod:`spec2vol_bids.optimisers`). Checkpoint selection
+never looks at test data: the last epoch, or the best score on one held-out *training* subject.
 
 Every epoch ends with an atomic checkpoint (weights, optimiser, schedule, RNG states, history)
 and the data order of an epoch is a pure function of ``(seed, epoch)``, so a fold killed at any
@@ -36,12 +37,13 @@ from tqdm import tqdm
 from spec2vol_bids import evaluate
 from spec2vol_bids.devices import (autocast, autocast_dtype, barrier, distributed, resolve_device,
                                    set_deterministic)
-from spec2vol_bids.config import Training, check_training
+from spec2vol_bids.config import READOUT_LR, Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats, run_digest
 from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, shifts_to, target_stats
 from spec2vol_bids.errors import DataError, UsageError, one_line
 from spec2vol_bids.models import build_model
+from spec2vol_bids.optimisers import optimiser
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +131,6 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pred = pred.float()
     ssim = structural_similarity_index_measure(pred, target, data_range=1.0, kernel_size=11, sigma=1.5)
     return 0.5 * (1.0 - ssim) + 0.5 * torch.nn.functional.mse_loss(pred, target)
-
-
-def lr_factor(step: int, *, warmup_steps: int, cycle_steps: int) -> float:
-    """Linear warm-up, then cosine decay restarted every ``cycle_steps`` optimiser steps."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    phase = ((step - warmup_steps) % cycle_steps) / cycle_steps
-    return 0.5 * (1.0 + math.cos(math.pi * phase))
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -231,10 +225,11 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
         if val_set is not None:
             val_set = DeviationTargets(val_set, shifts_to(stats["mean"], val_set, val_runs))
     local_batch = max(1, config.batch_size // world)
-    optimizer, scheduler = _optimiser(model, config, len(train_set), world, local_batch)
+    optimizer, scheduler = optimiser(model, config, len(train_set), world, local_batch)
     fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
                               "world": world, "channels": list(channels),
                               "selection": selection_metric(config),
+                              "readout": readout_recipe(config),
                               "runs": {r.name: run_digest(r) for r in train_runs},
                               "val": {r.name: run_digest(r) for r in val_runs}, "norm": norm},
                              sort_keys=True)
@@ -278,6 +273,15 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     model.eval()
     return TrainResult(model=model, norm=norm, history=history, selected_epoch=selected,
                        out_shape=tuple(model.config.out_shape), autocast=dtype)
+
+
+def readout_recipe(config: Training) -> dict | None:
+    """How the residual protocol's linear readout is made (None: no readout), recorded with every
+    fold so that folds trained with another readout are neither resumed nor reused."""
+    if not config.readout_components:
+        return None
+    return {"components": config.readout_components, "kernels": config.readout_kernels,
+            "sgd_lr": READOUT_LR}
 
 
 def selection_metric(config: Training) -> str:
@@ -338,7 +342,8 @@ def _model(config: Training, channels, train_set: PairedDataset, *, context: int
         return build_model(config.model, eeg_channels=len(channels), freq_bins=train_set.freq_bins(),
                            out_shape=train_set.target_shape(), context=context,
                            size=config.size,
-                           readout_components=config.readout_components).to(device)
+                           readout_components=config.readout_components,
+                           readout_kernels=config.readout_kernels).to(device)
     except ValueError as exc:
         # The network cannot produce this grid or take these inputs: the participant-level
         # options (--target-grid, --freq-bins) have to change, not the code.
@@ -346,16 +351,6 @@ def _model(config: Training, channels, train_set: PairedDataset, *, context: int
                         f"{tuple(train_set.target_shape())} from {len(channels)} channels x "
                         f"{train_set.freq_bins()} bins ({exc}); rerun the participant level with "
                         "another --target-grid or --freq-bins", path=source) from exc
-
-
-def _optimiser(model, config: Training, n_samples: int, world: int, local_batch: int):
-    """AdamW and the warm-up + cosine-with-restarts schedule, stepped per optimiser step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    batches = math.ceil(math.ceil(n_samples / world) / local_batch)
-    cycle = max(1, config.restart_epochs * math.ceil(batches / config.grad_accum))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps=config.warmup_steps, cycle_steps=cycle))
-    return optimizer, scheduler
 
 
 def _resume(checkpoint: Path, fingerprint: str, model, optimizer, scheduler, device, description):

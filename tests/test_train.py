@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_data import CHANNELS, write_derivatives
 
-from spec2vol_bids import data, devices, train
+from spec2vol_bids import data, devices, optimisers, train
 from spec2vol_bids.config import Training
 from spec2vol_bids.errors import DataError, UsageError
 
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 
 
 def test_schedule_warms_up_then_restarts():
-    f = [train.lr_factor(s, warmup_steps=4, cycle_steps=10) for s in range(30)]
+    f = [optimisers.lr_factor(s, warmup_steps=4, cycle_steps=10) for s in range(30)]
     assert f[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert f[4] == 1.0 and f[14] == 1.0 and f[24] == 1.0  # hard restarts every cycle
     assert f[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))

@@ -26,6 +26,10 @@ class ModelConfig:
         output is a deviation from the training subjects' mean volume, kept to the span of their
         responses' ``k`` leading components and joined by a linear readout of the input
         (:class:`spec2vol_bids.models.residual.ResidualOutput`; the residual protocol).
+    readout_kernels : int
+        With ``readout_components``: 0, the readout weighs every context window on its own
+        (models saved by earlier versions); R > 0, it learns R lag profiles shared by all band features
+        (:class:`spec2vol_bids.models.residual.KernelReadout`).
     """
 
     name: str
@@ -34,12 +38,14 @@ class ModelConfig:
     freq_bins: int
     out_shape: tuple[int, int, int]
     readout_components: int = 0
+    readout_kernels: int = 0
 
     def __post_init__(self):
         # JSON brings tuples back as lists.
         self.out_shape = tuple(int(n) for n in self.out_shape)
-        if int(self.readout_components) < 0:
-            raise ValueError(f"readout_components must not be negative, got {self.readout_components}")
+        for field in ("readout_components", "readout_kernels"):
+            if int(getattr(self, field)) < 0:
+                raise ValueError(f"{field} must not be negative, got {getattr(self, field)}")
         for field in ("context", "eeg_channels", "freq_bins"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")

@@ -99,5 +99,5 @@ def model_from_config(config: ModelConfig) -> nn.Module:
     ``readout_components`` ask for the residual protocol's output)."""
     model = _MODELS[config.name][1](config)
     if config.readout_components and config.name in ("spec2vol", "e2fnet"):
-        return ResidualOutput(model, config.readout_components)
+        return ResidualOutput(model, config.readout_components, config.readout_kernels)
     return model

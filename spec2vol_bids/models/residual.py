@@ -20,6 +20,12 @@ projection a network fits the voxels' noise, and without the readout it has to d
 input-to-component mapping through a decoder built for images (docs/model.md, "What the
 networks learn", has the ablation). Both start at zero: before training the model outputs
 the mean volume, the baseline every model is compared with.
+
+The readout (:class:`KernelReadout`, ``kernels`` > 0) learns a few lag profiles over the context
+windows, shared by every channel, band and component: the BOLD response to the EEG is slow and
+has nearly the same shape everywhere, and a weight per window, band and component (``kernels``
+= 0, the readout of earlier versions) has to estimate that shape hundreds of times over from a
+few hundred samples.
 """
 
 from __future__ import annotations
@@ -49,6 +55,31 @@ def leading_components(responses: np.ndarray, components: int) -> np.ndarray:
     return (vectors[:, top].T @ y) / np.sqrt(np.maximum(values[top], 1e-12))[:, None]
 
 
+class KernelReadout(nn.Module):
+    """A linear readout whose weight on each context window is shared: ``kernels`` learned lag
+    profiles (R, context), each with its own map from the band features to the components.
+
+    ``nn.Linear`` on the flattened context gives every window, channel and band its own weight
+    per component, so it must estimate the haemodynamic delay separately for each of them;
+    here R profiles are estimated once from all of them (R = 1 is a learned HRF, R = 2 adds a
+    shape that can shift it in time). The profiles start as orthonormal polynomials in the lag
+    (constant, linear, ...), the maps at zero, so the readout starts at zero."""
+
+    def __init__(self, context: int, features: int, components: int, kernels: int):
+        super().__init__()
+        lag = np.linspace(-1.0, 1.0, context)
+        start = np.linalg.qr(np.vander(lag, kernels, increasing=True))[0].T  # (R, context)
+        self.kernels = nn.Parameter(torch.from_numpy(start * np.sign(start[:, -1:])).float())
+        self.maps = nn.Linear(kernels * features, components, bias=False)
+        nn.init.zeros_(self.maps.weight)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, context · C · F // band) from :func:`band_features` → (batch, components)."""
+        windows = features.view(len(features), self.kernels.shape[1], -1)  # (batch, context, C·F/band)
+        pooled = torch.einsum("rl,blf->brf", self.kernels, windows)  # (batch, R, C·F/band)
+        return self.maps(pooled.flatten(1))
+
+
 class ResidualOutput(nn.Module):
     """``mean + scale * r``, ``r`` from ``net`` (see the module docstring).
 
@@ -61,7 +92,7 @@ class ResidualOutput(nn.Module):
         0: ``r = net(x)``; k > 0: the projection and linear readout above.
     """
 
-    def __init__(self, net: nn.Module, components: int = 0):
+    def __init__(self, net: nn.Module, components: int = 0, kernels: int = 0):
         super().__init__()
         self.net = net
         self.config = net.config
@@ -73,8 +104,12 @@ class ResidualOutput(nn.Module):
             config = net.config
             features = config.context * config.eeg_channels * (config.freq_bins // BAND)
             self.register_buffer("basis", torch.zeros(components, int(np.prod(shape))))
-            self.readout = nn.Linear(features, components, bias=False)
-            nn.init.zeros_(self.readout.weight)
+            if kernels:
+                self.readout = KernelReadout(config.context, features // config.context,
+                                             components, kernels)
+            else:
+                self.readout = nn.Linear(features, components, bias=False)
+                nn.init.zeros_(self.readout.weight)
 
     @torch.no_grad()
     def set_target_stats(self, mean, scale, basis=None) -> "ResidualOutput":
