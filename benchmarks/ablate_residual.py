@@ -38,8 +38,8 @@ prior: its network sees one window, the context summed with the canonical HRF's 
 readout reads hrf-ridge's features, and ``on-ridge`` / ``ridge-start`` use the hrf-ridge map
 (``no-projection`` is not defined with it). ``--mixup ALPHA`` trains on mixtures of pairs of
 samples of each batch, inputs and targets with the same Beta(ALPHA, ALPHA) weight. Prints the
-CPU flags, then one line per variant: dynamics and SSIM as mean ± SD over the held-out
-subjects (and seeds), and the seconds per fold.
+CPU flags, the learned readout's weight by lag for every fold, then one line per variant:
+dynamics and SSIM as mean ± SD over the held-out subjects (and seeds), and the seconds per fold.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from spec2vol_bids.config import LINEAR_MODELS, READOUT_KERNELS, READOUT_LR, Tra
 from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.models import build_model
-from spec2vol_bids.models.residual import ResidualOutput
+from spec2vol_bids.models.residual import KernelReadout, ResidualOutput
 from spec2vol_bids.models.ridge import hrf_lag_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -193,6 +193,20 @@ def score(result, runs, channels, mean, work, device=torch.device("cpu")) -> lis
     return [(row["dynamics"], float(np.mean(row["ssim"]))) for row in rows]
 
 
+def lag_profile(readout: KernelReadout, runs) -> str:
+    """The learned readout's weight at each lag: the norm over band features and components of
+    its map at that context window, as a fraction of the largest, by seconds before the volume
+    (window ``i`` of ``context`` ends ``context − i`` TRs before it)."""
+    kernels = readout.kernels.detach().double()  # (R, context)
+    maps = readout.maps.weight.detach().double().view(len(readout.maps.weight), len(kernels), -1)
+    weight = torch.einsum("rl,krf->lkf", kernels, maps).flatten(1).norm(dim=1)
+    weight = (weight / weight.max()).numpy()
+    tr, context = linear.repetition_time(runs), len(weight)
+    peak = (context - int(np.argmax(weight))) * tr
+    return (f"readout weight by lag peaks {peak:g} s before the volume; from {context * tr:g} s to "
+            f"{tr:g} s: " + " ".join(f"{w:.2f}" for w in weight))
+
+
 def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, channels, mean,
                 work, ridge) -> tuple[list, float]:
     """Train one variant on a fold; its held-out ``(dynamics, SSIM)`` rows and its seconds
@@ -225,6 +239,9 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
         result.model.load_state_dict(picked["state"])
         print(f"  fold {held} {variant} seed {seed}: epoch {picked['epoch']} kept (validation "
               f"{picked['val']:.3f})", flush=True)
+    if isinstance(result.model.readout, KernelReadout):
+        print(f"  fold {held} {variant} seed {seed}: {lag_profile(result.model.readout, train_runs)}",
+              flush=True)
     return score(result, test_runs, channels, mean, work, device), took
 
 
