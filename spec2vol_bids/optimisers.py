@@ -5,7 +5,7 @@ residual protocol the linear readout beside the network is trained by SGD with m
 instead: gradient descent from zero on a linear least-squares map follows the ridge path, so
 stopping it acts like a penalty, whereas AdamW's per-weight step sizes let the weights of
 uninformative inputs grow as fast as the others (docs/model.md, "Why the recipe's linear part
-lagged ridge"). The network keeps AdamW. Both follow the same warm-up and cosine restarts.
+lags ridge"). The network keeps AdamW. Both follow the same warm-up and cosine restarts.
 """
 
 from __future__ import annotations

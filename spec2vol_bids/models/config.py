@@ -28,8 +28,8 @@ class ModelConfig:
         (:class:`spec2vol_bids.models.residual.ResidualOutput`; the residual protocol).
     readout_kernels : int
         With ``readout_components``: 0, the readout weighs every context window on its own
-        (models saved by earlier versions); R > 0, it learns R lag profiles shared by all band features
-        (:class:`spec2vol_bids.models.residual.KernelReadout`).
+        (models saved by earlier versions); R > 0, it learns R lag profiles shared by all band
+        features (:class:`spec2vol_bids.models.residual.KernelReadout`).
     """
 
     name: str
