@@ -239,7 +239,7 @@ def run_variant(args, variant, seed, held, train_runs, val_runs, test_runs, chan
         result.model.load_state_dict(picked["state"])
         print(f"  fold {held} {variant} seed {seed}: epoch {picked['epoch']} kept (validation "
               f"{picked['val']:.3f})", flush=True)
-    if isinstance(result.model.readout, KernelReadout):
+    if isinstance(result.model.readout, KernelReadout) and result.model.readout.maps.weight.any():
         print(f"  fold {held} {variant} seed {seed}: {lag_profile(result.model.readout, train_runs)}",
               flush=True)
     return score(result, test_runs, channels, mean, work, device), took
@@ -249,7 +249,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="a spec2vol participant-level OUTPUT_DIR")
     parser.add_argument("--folds", nargs="+", default=None)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: all (on-ridge and ridge-start only with --kernels 0 or --hrf)")
     parser.add_argument("--model", default="spec2vol", choices=["spec2vol", "e2fnet"])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -280,7 +281,11 @@ def main() -> None:
     parser.add_argument("--select-val", action="store_true",
                         help="hold out the last training subject; keep its best-dynamics epoch")
     args = parser.parse_args()
-    if args.kernels and not args.hrf and {"on-ridge", "ridge-start"} & set(args.variants):
+    copies_ridge = {"on-ridge", "ridge-start"}
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS
+                         if v not in copies_ridge or not args.kernels or args.hrf]
+    if args.kernels and not args.hrf and copies_ridge & set(args.variants):
         parser.error("on-ridge and ridge-start copy ridge's map into a readout with a weight per "
                      "context window: add --kernels 0")
     if args.hrf and "no-projection" in args.variants:

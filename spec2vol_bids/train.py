@@ -229,9 +229,10 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
                               "world": world, "channels": list(channels),
                               "selection": selection_metric(config),
-                              "readout": readout_recipe(config),
                               "runs": {r.name: run_digest(r) for r in train_runs},
-                              "val": {r.name: run_digest(r) for r in val_runs}, "norm": norm},
+                              "val": {r.name: run_digest(r) for r in val_runs}, "norm": norm,
+                              **({"readout": readout_recipe(config)} if config.readout_components
+                                 else {})},
                              sort_keys=True)
     checkpoint = Path(checkpoint)
     history, best, start_epoch = _resume(checkpoint, fingerprint, model, optimizer, scheduler,

@@ -135,6 +135,20 @@ def test_kernel_readout_learns_a_shared_response_from_few_samples():
     assert np.corrcoef(learned.ravel(), true.ravel())[0, 1] > 0.95
 
 
+@pytest.mark.parametrize("model", ["spec2vol", "e2fnet"])
+def test_kernel_readout_with_a_context_of_one_window(model):
+    """One window has one profile to learn: the readout keeps one and predicts (``--context 1``)."""
+    net = build_model(model, eeg_channels=4, freq_bins=8, out_shape=(2, 32, 32), context=1,
+                      size="tiny", readout_components=3, readout_kernels=2)
+    assert net.readout.kernels.shape == (1, 1) and net.readout.maps.in_features == 4 * 2
+    with torch.no_grad():
+        net.readout.maps.weight.normal_()
+        x = torch.randn(2, 1, 4, 8)
+        expected = band_features(x) * net.readout.kernels[0, 0] @ net.readout.maps.weight.T
+        np.testing.assert_allclose(net.readout(band_features(x)).numpy(), expected.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_readout_is_trained_by_sgd_and_the_network_by_adamw():
     config = Training(lr=2e-3)
     model = build_model("spec2vol", eeg_channels=4, freq_bins=8, out_shape=(2, 32, 32), context=3,
@@ -148,7 +162,7 @@ def test_readout_is_trained_by_sgd_and_the_network_by_adamw():
     assert {id(p) for g in sgd.param_groups for p in g["params"]} == readout
     network = {id(p) for g in adamw.param_groups for p in g["params"]}
     assert network == {id(p) for p in model.parameters()} - readout
-    optimizer.step()  # no gradients yet: nothing moves
+    optimizer.step()  # (no gradients yet: PyTorch wants the optimiser stepped first)
     scheduler.step()  # both follow the warm-up: step 1 of 51
     assert adamw.param_groups[0]["lr"] == pytest.approx(2e-3 * 2 / 51)
     assert sgd.param_groups[0]["lr"] == pytest.approx(READOUT_LR * 2 / 51)
@@ -180,9 +194,14 @@ def test_residual_checkpoint_round_trip(tmp_path, kernels):
             weight.normal_()
     path = save_checkpoint(tmp_path / "model.pt", net, model_name="e2fnet", channels=["a", "b", "c", "d"],
                            norm_stats={"kind": "run"})
+    if not kernels:  # as an earlier version wrote it: its config had no readout_kernels
+        payload = torch.load(path, weights_only=True)
+        del payload["config"]["readout_kernels"]
+        torch.save(payload, path)
     loaded, meta = load_checkpoint(path)
     assert meta["config"]["readout_components"] == 2
-    assert meta["config"]["readout_kernels"] == kernels
+    assert meta["config"].get("readout_kernels", 0) == kernels
+    assert isinstance(loaded.readout, KernelReadout if kernels else torch.nn.Linear)
     x = torch.randn(2, 3, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net.eval()(x))

@@ -155,8 +155,10 @@ def _training_options(g) -> None:
                         + _default(_TRAINING["size"]))
     numbers = [("--epochs", positive_int, "epochs"), ("--batch-size", positive_int, "batch size"),
                ("--grad-accum", positive_int, "gradient accumulation steps"),
-               ("--lr", positive_float, "peak learning rate of AdamW"),
-               ("--weight-decay", nonnegative_float, "AdamW weight decay"),
+               ("--lr", positive_float, "peak learning rate of the network's AdamW (the "
+                                        "residual protocol's readout has SGD at its own rate)"),
+               ("--weight-decay", nonnegative_float, "weight decay (AdamW's; for the residual "
+                                                      "protocol's SGD readout an L2 penalty)"),
                ("--warmup-steps", nonnegative_int, "linear warm-up steps"),
                ("--restart-epochs", positive_int, "cosine schedule restarts every N epochs"),
                ("--clip-grad", nonnegative_float, "gradient norm clipping (0: none)")]

@@ -67,6 +67,7 @@ class KernelReadout(nn.Module):
 
     def __init__(self, context: int, features: int, components: int, kernels: int):
         super().__init__()
+        kernels = min(kernels, context)  # a context of one window has one profile to learn
         lag = np.linspace(-1.0, 1.0, context)
         start = np.linalg.qr(np.vander(lag, kernels, increasing=True))[0].T  # (R, context)
         self.kernels = nn.Parameter(torch.from_numpy(start * np.sign(start[:, -1:])).float())
