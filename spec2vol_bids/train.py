@@ -231,8 +231,7 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
                               "selection": selection_metric(config),
                               "runs": {r.name: run_digest(r) for r in train_runs},
                               "val": {r.name: run_digest(r) for r in val_runs}, "norm": norm,
-                              **({"readout": readout_recipe(config)} if config.readout_components
-                                 else {})},
+                              **({"readout": recipe} if (recipe := readout_recipe(config)) else {})},
                              sort_keys=True)
     checkpoint = Path(checkpoint)
     history, best, start_epoch = _resume(checkpoint, fingerprint, model, optimizer, scheduler,
