@@ -27,7 +27,8 @@ Usage (after ``spec2vol BIDS OUT participant``)::
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
 learning curve: ``--size full --variants recipe --curve``). The linear readout is trained as
 the group level trains it, by SGD (momentum 0.9, the same weight decay and schedule) while the
-network has AdamW; ``--readout-sgd LR`` changes its step size, ``--readout-adamw`` trains it with
+network has AdamW; ``--readout-sgd LR`` changes its step size (per 4 000 mask voxels, scaled
+with the mask as the group level scales it), ``--readout-adamw`` trains it with
 AdamW instead (the residual protocol before; :mod:`spec2vol_bids.optimisers` says why). It
 learns ``--kernels`` lag profiles shared by every band feature; ``--kernels 0`` gives every
 context window its own weights (the readout before; docs/model.md's earlier ablations ran with
@@ -126,12 +127,13 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
     return model
 
 
-def optimiser(model, config: Training, n_samples: int, readout_lr: float | None,
-              readout_adamw: bool):
-    """The group level's optimisers (the readout on SGD, at ``readout_lr`` if given), or with
-    ``readout_adamw`` AdamW for every weight (the residual protocol before the SGD readout)."""
+def optimiser(model, config: Training, n_samples: int, mask_voxels: int,
+              readout_lr: float | None, readout_adamw: bool):
+    """The group level's optimisers (the readout on SGD, at ``readout_lr`` per the config's
+    mask size if given), or with ``readout_adamw`` AdamW for every weight (the residual
+    protocol before the SGD readout)."""
     if not readout_adamw:
-        return optimisers.optimiser(model, config, n_samples, 1, config.batch_size,
+        return optimisers.optimiser(model, config, n_samples, 1, config.batch_size, mask_voxels,
                                     readout_lr=readout_lr or READOUT_LR)
     adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                               weight_decay=config.weight_decay)
@@ -166,7 +168,8 @@ def train_variant(variant, config, channels, train_runs, work, on_epoch=None, ri
     train.seed_everything(config.seed)
     model = variant_model(variant, config, channels, dataset, stats, train_runs[0].context, ridge,
                           linear.repetition_time(train_runs) if hrf else None, kernels).to(device)
-    optimizer, scheduler = optimiser(model, config, len(dataset), readout_sgd, readout_adamw)
+    optimizer, scheduler = optimiser(model, config, len(dataset), int(stats["mask"].sum()),
+                                     readout_sgd, readout_adamw)
     shifted = DeviationTargets(dataset, stats["shift"])
     dtype = devices.autocast_dtype(device, config.precision)  # scored in it too, as the group level
     criterion = masked_mse(model.scale, stats["mask"])
@@ -260,8 +263,8 @@ def main() -> None:
     parser.add_argument("--curve", action="store_true",
                         help="also score the held-out subject after every epoch (a learning curve)")
     parser.add_argument("--readout-sgd", type=float, default=READOUT_LR, metavar="LR",
-                        help="the SGD step size of the linear readout (momentum 0.9; default: the "
-                             "group level's)")
+                        help="the SGD step size of the linear readout per 4000 mask voxels "
+                             "(momentum 0.9; default: the group level's)")
     parser.add_argument("--readout-adamw", action="store_true",
                         help="train the readout with AdamW, as the network (the residual protocol "
                              "before its SGD readout)")

@@ -44,10 +44,13 @@ READOUT_COMPONENTS = 64
 #: Lag profiles of the residual protocol's linear readout, learned and shared by every band
 #: feature (spec2vol_bids.models.residual.KernelReadout): a response shape and one that shifts it.
 READOUT_KERNELS = 2
-#: The SGD step size of that readout (spec2vol_bids.optimisers); the network keeps AdamW at --lr.
-#: Measured on the demo's grid (a brain mask of about 3 800 voxels): the masked loss averages
-#: over the mask, so on a larger grid the effective step is smaller (docs/model.md).
+#: The SGD step size of that readout (spec2vol_bids.optimisers) for a brain mask of
+#: READOUT_MASK_VOXELS voxels; the network keeps AdamW at --lr. The masked loss averages over the
+#: mask, so its gradient shrinks as the mask grows: the step is scaled up with the mask's size and
+#: the readout's weight decay down, which trains the readout alike on every grid (docs/model.md).
 READOUT_LR = 0.1
+#: The mask size READOUT_LR is given for: about the demo's (3 960 voxels of 32 × 32 × 16).
+READOUT_MASK_VOXELS = 4000
 SIZES = ("full", "tiny")
 #: ``--precision``: "auto" is bfloat16 autocast on a GPU with native bfloat16, float32 elsewhere
 #: (spec2vol_bids.devices.autocast_dtype)

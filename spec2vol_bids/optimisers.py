@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from spec2vol_bids.config import READOUT_LR, Training
+from spec2vol_bids.config import READOUT_LR, READOUT_MASK_VOXELS, Training
 
 
 def lr_factor(step: int, *, warmup_steps: int, cycle_steps: int) -> float:
@@ -66,18 +66,25 @@ def schedule(optimizer, config: Training, n_samples: int, world: int, local_batc
 
 
 def optimiser(model: nn.Module, config: Training, n_samples: int, world: int, local_batch: int,
-              readout_lr: float = READOUT_LR):
+              mask_voxels: int | None = None, readout_lr: float = READOUT_LR):
     """``(optimizer, scheduler)`` for ``model``: AdamW at ``config.lr`` for the network and, when
-    the model has a linear readout, SGD with momentum 0.9 at ``readout_lr`` for it, each with
-    :func:`schedule`."""
+    the model has a linear readout, SGD with momentum 0.9 for it, each with :func:`schedule`.
+
+    The readout's step is ``readout_lr`` per READOUT_MASK_VOXELS voxels of the loss's brain mask
+    (``mask_voxels``, which a readout needs): the masked loss averages over the mask, so scaling
+    the step up by the mask's size, and the weight decay down, makes each step the same on any
+    grid. AdamW's steps do not depend on the gradient's scale."""
     readout = getattr(model, "readout", None)
     readout = [] if readout is None else list(readout.parameters())
     network = [p for p in model.parameters() if all(p is not q for q in readout)]
     parts = [torch.optim.AdamW(network, lr=config.lr, weight_decay=config.weight_decay)] \
         if network else []
     if readout:
-        parts.append(torch.optim.SGD(readout, lr=readout_lr, momentum=0.9,
-                                     weight_decay=config.weight_decay))
+        if not mask_voxels:
+            raise ValueError("a model with a linear readout needs the size of its loss's mask")
+        gain = mask_voxels / READOUT_MASK_VOXELS
+        parts.append(torch.optim.SGD(readout, lr=readout_lr * gain, momentum=0.9,
+                                     weight_decay=config.weight_decay / gain))
     schedules = [schedule(part, config, n_samples, world, local_batch) for part in parts]
     if len(parts) == 1:
         return parts[0], schedules[0]

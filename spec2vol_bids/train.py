@@ -37,7 +37,7 @@ from tqdm import tqdm
 from spec2vol_bids import evaluate
 from spec2vol_bids.devices import (autocast, autocast_dtype, barrier, distributed, resolve_device,
                                    set_deterministic)
-from spec2vol_bids.config import READOUT_LR, Training, check_training
+from spec2vol_bids.config import READOUT_LR, READOUT_MASK_VOXELS, Training, check_training
 from spec2vol_bids.data import PairedDataset, Run, norm_stats, run_digest
 from spec2vol_bids.derivatives import write_bytes
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, shifts_to, target_stats
@@ -216,16 +216,17 @@ def train(train_runs: Sequence[Run], channels: Sequence[str], config: Training, 
     seed_everything(config.seed)
     model = _model(config, channels, train_set, context=train_runs[0].context, device=device,
                    source=train_runs[0].spectrogram)
-    criterion, val_mask = loss_fn, None
+    criterion, val_mask, mask_voxels = loss_fn, None, None
     if config.readout_components:
         stats = target_stats(train_set, train_runs, config.readout_components)
         model.set_target_stats(stats["mean"], stats["scale"], stats["basis"])
         criterion, val_mask = masked_mse(model.scale, stats["mask"]), stats["mask"]
+        mask_voxels = int(stats["mask"].sum())
         train_set = DeviationTargets(train_set, stats["shift"])
         if val_set is not None:
             val_set = DeviationTargets(val_set, shifts_to(stats["mean"], val_set, val_runs))
     local_batch = max(1, config.batch_size // world)
-    optimizer, scheduler = optimiser(model, config, len(train_set), world, local_batch)
+    optimizer, scheduler = optimiser(model, config, len(train_set), world, local_batch, mask_voxels)
     fingerprint = json.dumps({**{name: getattr(config, name) for name in PROTOCOL},
                               "world": world, "channels": list(channels),
                               "selection": selection_metric(config),
@@ -281,7 +282,7 @@ def readout_recipe(config: Training) -> dict | None:
     if not config.readout_components:
         return None
     return {"components": config.readout_components, "kernels": config.readout_kernels,
-            "sgd_lr": READOUT_LR}
+            "sgd_lr": READOUT_LR, "per_mask_voxels": READOUT_MASK_VOXELS}
 
 
 def selection_metric(config: Training) -> str:

@@ -12,7 +12,7 @@ import torch
 from test_data import CHANNELS, write_derivatives
 
 from spec2vol_bids import data, evaluate, optimisers, train
-from spec2vol_bids.config import READOUT_LR, Training
+from spec2vol_bids.config import READOUT_LR, READOUT_MASK_VOXELS, Training
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.models import build_model, load_checkpoint, save_checkpoint
 from spec2vol_bids.models.residual import KernelReadout, ResidualOutput, band_features
@@ -155,7 +155,8 @@ def test_readout_is_trained_by_sgd_and_the_network_by_adamw():
                         size="tiny", readout_components=config.readout_components,
                         readout_kernels=config.readout_kernels)
     assert isinstance(model.readout, KernelReadout)
-    optimizer, scheduler = optimisers.optimiser(model, config, 100, 1, 8)
+    optimizer, scheduler = optimisers.optimiser(model, config, 100, 1, 8,
+                                                mask_voxels=2 * READOUT_MASK_VOXELS)
     adamw, sgd = optimizer.parts
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(sgd, torch.optim.SGD)
     readout = {id(p) for p in model.readout.parameters()}
@@ -165,11 +166,52 @@ def test_readout_is_trained_by_sgd_and_the_network_by_adamw():
     optimizer.step()  # (no gradients yet: PyTorch wants the optimiser stepped first)
     scheduler.step()  # both follow the warm-up: step 1 of 51
     assert adamw.param_groups[0]["lr"] == pytest.approx(2e-3 * 2 / 51)
-    assert sgd.param_groups[0]["lr"] == pytest.approx(READOUT_LR * 2 / 51)
+    assert sgd.param_groups[0]["lr"] == pytest.approx(2 * READOUT_LR * 2 / 51)  # twice the mask
+    assert sgd.param_groups[0]["weight_decay"] == pytest.approx(config.weight_decay / 2)
+    with pytest.raises(ValueError, match="mask"):
+        optimisers.optimiser(model, config, 100, 1, 8)
     published = build_model("spec2vol", eeg_channels=4, freq_bins=8, out_shape=(2, 32, 32),
                              context=3, size="tiny")
     alone, _ = optimisers.optimiser(published, Training(protocol="published"), 100, 1, 8)
     assert isinstance(alone, torch.optim.AdamW)
+
+
+def test_readout_trains_alike_on_a_finer_grid():
+    """The same data on a grid with every voxel split in eight (the targets' sum of squares kept,
+    the basis still orthonormal): the masked loss is then an eighth, and with the step scaled by
+    the mask's size the readout takes the same steps; with the coarse grid's step it lags."""
+    rng = np.random.default_rng(2)
+    context, features, components, voxels, split = 4, 3, 5, 40, 8
+    basis = np.linalg.qr(rng.normal(size=(voxels, components)))[0].T  # (k, voxels), orthonormal
+    x = torch.from_numpy(rng.normal(size=(32, context * features))).float()
+    target = torch.from_numpy(rng.normal(size=(32, components)) @ basis).float()  # (32, voxels)
+
+    class OnGrid(torch.nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.readout = KernelReadout(context, features, components, kernels=2)
+            self.register_buffer("basis", torch.from_numpy(rows).float())
+
+        def forward(self, x):  # (batch, context · features) → (batch, 1, 1, voxels on the grid)
+            return (self.readout(x) @ self.basis)[:, None, None]
+
+    def train(rows, y, mask_voxels):
+        model, config = OnGrid(rows), Training()
+        loss = masked_mse(torch.ones(1, 1, rows.shape[1]), np.ones((1, 1, rows.shape[1]), bool))
+        optimizer, scheduler = optimisers.optimiser(model, config, 32, 1, 8, mask_voxels)
+        for _ in range(60):
+            optimizer.zero_grad()
+            loss(model(x), y[:, None, None]).backward()
+            optimizer.step()
+            scheduler.step()
+        return model.readout.maps.weight.detach().numpy()
+
+    fine = np.repeat(basis, split, axis=1) / np.sqrt(split)
+    fine_target = torch.repeat_interleave(target, split, dim=1) / np.sqrt(split)
+    coarse = train(basis, target, voxels)
+    np.testing.assert_allclose(train(fine, fine_target, voxels * split), coarse, atol=1e-5)
+    lagging = train(fine, fine_target, voxels)
+    assert np.linalg.norm(lagging) < 0.5 * np.linalg.norm(coarse)
 
 
 def test_masked_loss_is_the_standardised_error_inside_the_mask():
