@@ -27,8 +27,8 @@ Usage (after ``spec2vol BIDS OUT participant``)::
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
 learning curve: ``--size full --variants recipe --curve``). The linear readout is trained as
 the group level trains it, by SGD (momentum 0.9, the same weight decay and schedule) while the
-network has AdamW; ``--readout-sgd LR`` changes its step size (per 4 000 mask voxels, scaled
-with the mask as the group level scales it), ``--readout-adamw`` trains it with
+network has AdamW; ``--readout-sgd LR`` changes its step size (its maps' per
+``READOUT_MASK_VOXELS`` mask voxels, scaled with the mask as the group level scales it), ``--readout-adamw`` trains it with
 AdamW instead (the residual protocol before; :mod:`spec2vol_bids.optimisers` says why). It
 learns ``--kernels`` lag profiles shared by every band feature; ``--kernels 0`` gives every
 context window its own weights (the readout before; docs/model.md's earlier ablations ran with
@@ -56,7 +56,8 @@ import torch
 from torch import nn
 
 from spec2vol_bids import devices, group, linear, optimisers, train
-from spec2vol_bids.config import LINEAR_MODELS, READOUT_KERNELS, READOUT_LR, Training
+from spec2vol_bids.config import (LINEAR_MODELS, READOUT_KERNELS, READOUT_LR, READOUT_MASK_VOXELS,
+                                  Training)
 from spec2vol_bids.data import PairedDataset, find_runs, norm_stats, resolve_channels
 from spec2vol_bids.deviations import DeviationTargets, masked_mse, target_stats
 from spec2vol_bids.models import build_model
@@ -129,9 +130,9 @@ def variant_model(variant: str, config: Training, channels, train_set, stats, co
 
 def optimiser(model, config: Training, n_samples: int, mask_voxels: int,
               readout_lr: float | None, readout_adamw: bool):
-    """The group level's optimisers (the readout on SGD, at ``readout_lr`` per the config's
-    mask size if given), or with ``readout_adamw`` AdamW for every weight (the residual
-    protocol before the SGD readout)."""
+    """The group level's optimisers (the readout on SGD, at ``readout_lr`` if given, scaled for
+    a mask of ``mask_voxels`` as the group level scales it), or with ``readout_adamw`` AdamW for
+    every weight (the residual protocol before the SGD readout)."""
     if not readout_adamw:
         return optimisers.optimiser(model, config, n_samples, 1, config.batch_size, mask_voxels,
                                     readout_lr=readout_lr or READOUT_LR)
@@ -263,8 +264,9 @@ def main() -> None:
     parser.add_argument("--curve", action="store_true",
                         help="also score the held-out subject after every epoch (a learning curve)")
     parser.add_argument("--readout-sgd", type=float, default=READOUT_LR, metavar="LR",
-                        help="the SGD step size of the linear readout per 4000 mask voxels "
-                             "(momentum 0.9; default: the group level's)")
+                        help="the SGD step size of the linear readout (its maps': per "
+                             f"{READOUT_MASK_VOXELS} mask voxels; momentum 0.9; default: the "
+                             "group level's)")
     parser.add_argument("--readout-adamw", action="store_true",
                         help="train the readout with AdamW, as the network (the residual protocol "
                              "before its SGD readout)")

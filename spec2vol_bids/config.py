@@ -44,10 +44,10 @@ READOUT_COMPONENTS = 64
 #: Lag profiles of the residual protocol's linear readout, learned and shared by every band
 #: feature (spec2vol_bids.models.residual.KernelReadout): a response shape and one that shifts it.
 READOUT_KERNELS = 2
-#: The SGD step size of that readout (spec2vol_bids.optimisers) for a brain mask of
-#: READOUT_MASK_VOXELS voxels; the network keeps AdamW at --lr. The masked loss averages over the
-#: mask, so its gradient shrinks as the mask grows: the step is scaled up with the mask's size and
-#: the readout's weight decay down, which trains the readout alike on every grid (docs/model.md).
+#: The SGD step size of that readout (spec2vol_bids.optimisers): of its lag profiles, and of its
+#: maps to the components for a brain mask of READOUT_MASK_VOXELS voxels; the network keeps AdamW
+#: at --lr. The maps' step grows with the mask and their weight decay shrinks, so that they train
+#: alike on every grid (optimisers.optimiser says why; docs/model.md).
 READOUT_LR = 0.1
 #: The mask size READOUT_LR is given for: about the demo's (3 960 voxels of 32 × 32 × 16).
 READOUT_MASK_VOXELS = 4000

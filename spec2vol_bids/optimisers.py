@@ -70,21 +70,29 @@ def optimiser(model: nn.Module, config: Training, n_samples: int, world: int, lo
     """``(optimizer, scheduler)`` for ``model``: AdamW at ``config.lr`` for the network and, when
     the model has a linear readout, SGD with momentum 0.9 for it, each with :func:`schedule`.
 
-    The readout's step is ``readout_lr`` per READOUT_MASK_VOXELS voxels of the loss's brain mask
-    (``mask_voxels``, which a readout needs): the masked loss averages over the mask, so scaling
-    the step up by the mask's size, and the weight decay down, makes each step the same on any
-    grid. AdamW's steps do not depend on the gradient's scale."""
+    The readout's lag profiles (``kernels``) step at ``readout_lr``; its maps to the components
+    at ``readout_lr`` per READOUT_MASK_VOXELS voxels of the loss's brain mask (``mask_voxels``,
+    which a readout needs), their weight decay divided by the same factor. The targets are
+    standardised per voxel and the masked loss averages over the mask, so the components'
+    scores, and the maps to them, grow as the root of the mask's size while the maps' gradient
+    shrinks as that root and its curvature as the size: scaled so, the maps take the same
+    steps relative to their size on any grid, and the profiles, whose gradient does not depend
+    on the grid, keep theirs. AdamW's steps do not depend on the gradient's scale."""
     readout = getattr(model, "readout", None)
-    readout = [] if readout is None else list(readout.parameters())
-    network = [p for p in model.parameters() if all(p is not q for q in readout)]
+    readout = {} if readout is None else dict(readout.named_parameters())
+    network = [p for p in model.parameters() if all(p is not q for q in readout.values())]
     parts = [torch.optim.AdamW(network, lr=config.lr, weight_decay=config.weight_decay)] \
         if network else []
     if readout:
         if not mask_voxels:
             raise ValueError("a model with a linear readout needs the size of its loss's mask")
         gain = mask_voxels / READOUT_MASK_VOXELS
-        parts.append(torch.optim.SGD(readout, lr=readout_lr * gain, momentum=0.9,
-                                     weight_decay=config.weight_decay / gain))
+        maps = {"params": [p for name, p in readout.items() if name != "kernels"],
+                "lr": readout_lr * gain, "weight_decay": config.weight_decay / gain}
+        profiles = {"params": [p for name, p in readout.items() if name == "kernels"]}
+        parts.append(torch.optim.SGD([maps, profiles] if profiles["params"] else [maps],
+                                     lr=readout_lr, momentum=0.9,
+                                     weight_decay=config.weight_decay))
     schedules = [schedule(part, config, n_samples, world, local_batch) for part in parts]
     if len(parts) == 1:
         return parts[0], schedules[0]

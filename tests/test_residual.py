@@ -166,8 +166,12 @@ def test_readout_is_trained_by_sgd_and_the_network_by_adamw():
     optimizer.step()  # (no gradients yet: PyTorch wants the optimiser stepped first)
     scheduler.step()  # both follow the warm-up: step 1 of 51
     assert adamw.param_groups[0]["lr"] == pytest.approx(2e-3 * 2 / 51)
-    assert sgd.param_groups[0]["lr"] == pytest.approx(2 * READOUT_LR * 2 / 51)  # twice the mask
-    assert sgd.param_groups[0]["weight_decay"] == pytest.approx(config.weight_decay / 2)
+    maps, profiles = sgd.param_groups  # twice the reference mask: the maps' step doubles
+    assert maps["params"] == [model.readout.maps.weight] and profiles["params"] == [model.readout.kernels]
+    assert maps["lr"] == pytest.approx(2 * READOUT_LR * 2 / 51)
+    assert maps["weight_decay"] == pytest.approx(config.weight_decay / 2)
+    assert profiles["lr"] == pytest.approx(READOUT_LR * 2 / 51)
+    assert profiles["weight_decay"] == pytest.approx(config.weight_decay)
     with pytest.raises(ValueError, match="mask"):
         optimisers.optimiser(model, config, 100, 1, 8)
     published = build_model("spec2vol", eeg_channels=4, freq_bins=8, out_shape=(2, 32, 32),
@@ -177,14 +181,17 @@ def test_readout_is_trained_by_sgd_and_the_network_by_adamw():
 
 
 def test_readout_trains_alike_on_a_finer_grid():
-    """The same data on a grid with every voxel split in eight (the targets' sum of squares kept,
-    the basis still orthonormal): the masked loss is then an eighth, and with the step scaled by
-    the mask's size the readout takes the same steps; with the coarse grid's step it lags."""
+    """The same standardised data on a grid with every voxel split in eight, as a finer
+    resampling gives: with the maps' step scaled by the mask's size the readout makes the same
+    predictions and learns the same lag profiles as on the coarse grid; with the coarse grid's
+    step it lags."""
     rng = np.random.default_rng(2)
-    context, features, components, voxels, split = 4, 3, 5, 40, 8
+    context, features, components, split = 4, 3, 5, 8
+    voxels = READOUT_MASK_VOXELS
     basis = np.linalg.qr(rng.normal(size=(voxels, components)))[0].T  # (k, voxels), orthonormal
     x = torch.from_numpy(rng.normal(size=(32, context * features))).float()
-    target = torch.from_numpy(rng.normal(size=(32, components)) @ basis).float()  # (32, voxels)
+    scores = x.numpy() @ rng.normal(size=(context * features, components)) / np.sqrt(12)
+    target = torch.from_numpy(scores * np.sqrt(voxels / components) @ basis).float()  # ~1 a voxel
 
     class OnGrid(torch.nn.Module):
         def __init__(self, rows):
@@ -195,22 +202,26 @@ def test_readout_trains_alike_on_a_finer_grid():
         def forward(self, x):  # (batch, context · features) → (batch, 1, 1, voxels on the grid)
             return (self.readout(x) @ self.basis)[:, None, None]
 
-    def train(rows, y, mask_voxels):
-        model, config = OnGrid(rows), Training()
+    def fit(rows, y, mask_voxels):
+        model = OnGrid(rows)
         loss = masked_mse(torch.ones(1, 1, rows.shape[1]), np.ones((1, 1, rows.shape[1]), bool))
-        optimizer, scheduler = optimisers.optimiser(model, config, 32, 1, 8, mask_voxels)
+        optimizer, scheduler = optimisers.optimiser(model, Training(), 32, 1, 8, mask_voxels)
         for _ in range(60):
             optimizer.zero_grad()
             loss(model(x), y[:, None, None]).backward()
             optimizer.step()
             scheduler.step()
-        return model.readout.maps.weight.detach().numpy()
+        with torch.no_grad():  # the predictions at the first copy of each coarse voxel
+            return model(x)[:, 0, 0, ::rows.shape[1] // voxels].numpy(), model.readout.kernels.numpy()
 
     fine = np.repeat(basis, split, axis=1) / np.sqrt(split)
-    fine_target = torch.repeat_interleave(target, split, dim=1) / np.sqrt(split)
-    coarse = train(basis, target, voxels)
-    np.testing.assert_allclose(train(fine, fine_target, voxels * split), coarse, atol=1e-5)
-    lagging = train(fine, fine_target, voxels)
+    fine_target = torch.repeat_interleave(target, split, dim=1)
+    coarse, coarse_profiles = fit(basis, target, voxels)
+    assert np.corrcoef(coarse.ravel(), target.numpy().ravel())[0, 1] > 0.5  # it learned
+    predicted, profiles = fit(fine, fine_target, voxels * split)
+    np.testing.assert_allclose(predicted, coarse, atol=1e-4 * np.abs(coarse).max())
+    np.testing.assert_allclose(profiles, coarse_profiles, atol=1e-4)
+    lagging, _ = fit(fine, fine_target, voxels)
     assert np.linalg.norm(lagging) < 0.5 * np.linalg.norm(coarse)
 
 
