@@ -282,7 +282,7 @@ def readout_recipe(config: Training) -> dict | None:
     if not config.readout_components:
         return None
     return {"components": config.readout_components, "kernels": config.readout_kernels,
-            "sgd_lr": READOUT_LR, "per_mask_voxels": READOUT_MASK_VOXELS}
+            "sgd_lr": READOUT_LR, "maps_sgd_lr_per_mask_voxels": READOUT_MASK_VOXELS}
 
 
 def selection_metric(config: Training) -> str:
