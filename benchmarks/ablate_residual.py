@@ -25,22 +25,22 @@ Usage (after ``spec2vol BIDS OUT participant``)::
         [--mixup 1.0] [--device cuda]
 
 ``--curve`` scores the held-out subject after every epoch as well (the full-size network's
-learning curve: ``--size full --variants recipe --curve``). The linear readout is trained as
-the group level trains it, by SGD (momentum 0.9, the same weight decay and schedule) while the
-network has AdamW; ``--readout-sgd LR`` changes its step size (its maps' per
-``READOUT_MASK_VOXELS`` mask voxels, scaled with the mask as the group level scales it), ``--readout-adamw`` trains it with
-AdamW instead (the residual protocol before; :mod:`spec2vol_bids.optimisers` says why). It
-learns ``--kernels`` lag profiles shared by every band feature; ``--kernels 0`` gives every
-context window its own weights (the readout before; docs/model.md's earlier ablations ran with
-``--kernels 0`` and, unless they name ``--readout-sgd``, ``--readout-adamw``). ``--select-val`` holds the last training
-subject of each fold out of training and keeps the epoch with its best dynamics (as the group
-level's ``--select val`` under the residual protocol). ``--hrf`` gives the model hrf-ridge's
+learning curve: ``--size full --variants recipe --curve``). The linear readout is trained as the
+group level trains it, by SGD (momentum 0.9, the same weight decay and schedule) while the network
+has AdamW; ``--readout-sgd LR`` changes its step size (its maps' per ``READOUT_MASK_VOXELS`` mask
+voxels, scaled with the mask as the group level scales it), ``--readout-adamw`` trains it with
+AdamW instead (the residual protocol before; :mod:`spec2vol_bids.optimisers` says why). It learns
+``--kernels`` lag profiles shared by every band feature; ``--kernels 0`` gives every context
+window its own weights (the readout before; docs/model.md's earlier ablations ran with ``--kernels
+0`` and, unless they name ``--readout-sgd``, ``--readout-adamw``). ``--select-val`` holds the last
+training subject of each fold out of training and keeps the epoch with its best dynamics (as the
+group level's ``--select val`` under the residual protocol). ``--hrf`` gives the model hrf-ridge's
 prior: its network sees one window, the context summed with the canonical HRF's weights, its
 readout reads hrf-ridge's features, and ``on-ridge`` / ``ridge-start`` use the hrf-ridge map
 (``no-projection`` is not defined with it). ``--mixup ALPHA`` trains on mixtures of pairs of
-samples of each batch, inputs and targets with the same Beta(ALPHA, ALPHA) weight. Prints the
-CPU flags, the learned readout's weight by lag for every fold, then one line per variant:
-dynamics and SSIM as mean ± SD over the held-out subjects (and seeds), and the seconds per fold.
+samples of each batch, inputs and targets with the same Beta(ALPHA, ALPHA) weight. Prints the CPU
+flags, the learned readout's weight by lag for every fold, then one line per variant: dynamics and
+SSIM as mean ± SD over the held-out subjects (and seeds), and the seconds per fold.
 """
 
 from __future__ import annotations
